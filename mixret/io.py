@@ -1,0 +1,122 @@
+"""Directory format shared by every saved object: config.json + model.safetensors (+ tokenizer.json).
+
+Weights are read with safetensors only; nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from mixret.errors import MixretError
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+TOKENIZER_NAME = "tokenizer.json"
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write text to path via a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | os.PathLike, what: str = "file") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise MixretError(f"{path}: {what} not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MixretError(f"{path}: not valid JSON ({e})") from None
+
+
+def save_weights(module: torch.nn.Module, directory: str | os.PathLike) -> None:
+    """Write module's parameters and buffers to directory/model.safetensors, atomically.
+
+    Tensors that share storage (tied embeddings) are written once.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    seen: dict[tuple, str] = {}
+    tensors = {}
+    for name, t in module.state_dict(keep_vars=False).items():
+        key = (t.data_ptr(), t.shape, t.stride()) if t.numel() else (id(t),)
+        if key in seen:
+            continue
+        seen[key] = name
+        tensors[name] = t.detach().cpu().contiguous()
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{WEIGHTS_NAME}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, directory / WEIGHTS_NAME)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_weights(module: torch.nn.Module, directory: str | os.PathLike) -> None:
+    """Fill module from directory/model.safetensors; any missing, extra or misshapen tensor is an error."""
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.is_file():
+        raise MixretError(f"{path}: weights file not found")
+    expected = module.state_dict()
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            stored = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise MixretError(f"{path}: cannot read safetensors file ({e})") from None
+    tied = {name for name in expected if name not in stored and _tied_source(module, name) in stored}
+    missing = sorted(set(expected) - set(stored) - tied)
+    extra = sorted(set(stored) - set(expected))
+    if missing or extra:
+        raise MixretError(
+            f"{path}: does not match {CONFIG_NAME} "
+            f"(missing tensors: {missing[:5]}{'...' if len(missing) > 5 else ''}; "
+            f"unexpected tensors: {extra[:5]}{'...' if len(extra) > 5 else ''})"
+        )
+    for name, t in stored.items():
+        if tuple(t.shape) != tuple(expected[name].shape):
+            raise MixretError(
+                f"{path}: tensor {name} has shape {tuple(t.shape)}, "
+                f"{CONFIG_NAME} implies {tuple(expected[name].shape)}"
+            )
+    module.load_state_dict(stored, strict=False)
+
+
+def _tied_source(module: torch.nn.Module, name: str) -> str | None:
+    """Name of the tensor that `name` shares storage with, if any."""
+    sd = module.state_dict()
+    t = sd[name]
+    for other, u in sd.items():
+        if other != name and u.data_ptr() == t.data_ptr() and u.shape == t.shape:
+            return other
+    return None
+
+
+def file_hash(path: str | os.PathLike, n: int = 16) -> str:
+    """Short sha256 of a file's bytes (identifies a model's weights in meta files)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:n]

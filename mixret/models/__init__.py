@@ -1,0 +1,68 @@
+"""The model zoo: `ModelConfig`, `build_model(cfg)`, `load(dir)`."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mixret import io
+from mixret.errors import MixretError
+from mixret.models.base import CausalLM, CausalLMOutput
+from mixret.models.config import ARCHS, ModelConfig
+from mixret.models.hypermixer import HyperMixerLM
+from mixret.models.llama import LlamaLM
+from mixret.models.masked_mixer import MaskedMixerLM
+
+MODEL_CLASSES = {"masked-mixer": MaskedMixerLM, "hypermixer": HyperMixerLM, "llama": LlamaLM}
+
+# Named variants shown by `mixret models` and used by the benchmarks: name -> config overrides.
+VARIANTS = {
+    "masked-mixer (flat)": {"arch": "masked-mixer"},
+    "masked-mixer (expanded)": {"arch": "masked-mixer", "mixer_expand": True},
+    "masked-mixer (4 heads)": {"arch": "masked-mixer", "mixer_heads": 4},
+    "masked-mixer (kernel 4)": {"arch": "masked-mixer", "mixer_kernel": 4},
+    "hypermixer": {"arch": "hypermixer"},
+    "llama": {"arch": "llama"},
+}
+
+
+def build_model(cfg: ModelConfig) -> CausalLM:
+    return MODEL_CLASSES[cfg.arch](cfg)
+
+
+def load(directory: str | os.PathLike) -> CausalLM:
+    """Load a model saved with `save_pretrained`: config.json + model.safetensors (+ tokenizer.json)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise MixretError(f"{directory}: model directory not found")
+    cfg_path = directory / io.CONFIG_NAME
+    raw = io.read_json(cfg_path, "model config")
+    kind = raw.pop("kind", None)
+    raw.pop("mixret_version", None)
+    if kind != "clm":
+        raise MixretError(f"{cfg_path}: not a mixret language model (kind={kind!r}, expected 'clm')")
+    model = build_model(ModelConfig.from_dict(raw, source=str(cfg_path)))
+    io.load_weights(model, directory)
+    tok_path = directory / io.TOKENIZER_NAME
+    if tok_path.exists():
+        from mixret.tokenizer import load_tokenizer
+        model.tokenizer = load_tokenizer(tok_path)
+        if model.tokenizer.vocab_size > model.config.vocab_size:
+            raise MixretError(f"{tok_path}: tokenizer has {model.tokenizer.vocab_size} tokens but "
+                              f"{cfg_path} says vocab_size={model.config.vocab_size}")
+    model.eval()
+    return model
+
+
+def model_table(**overrides) -> str:
+    """Markdown table of every registered variant with its parameter count (total, and without embeddings)."""
+    rows = ["| variant | arch | options | parameters | non-embedding |", "|---|---|---|---:|---:|"]
+    for name, variant in VARIANTS.items():
+        model = build_model(ModelConfig(**{**overrides, **variant}))
+        total = model.num_params()
+        emb = model.wte.weight.numel() + (0 if model.config.tie_embeddings else model.lm_head.weight.numel())
+        options = ", ".join(f"{k}={v}" for k, v in variant.items() if k != "arch") or "-"
+        rows.append(f"| {name} | {variant['arch']} | {options} | {total:,} | {total - emb:,} |")
+    return "\n".join(rows)
+
+
+__all__ = ["ARCHS", "VARIANTS", "CausalLM", "CausalLMOutput", "ModelConfig", "build_model", "load", "model_table"]

@@ -1,0 +1,106 @@
+"""CausalLM: token embedding -> blocks -> final norm -> LM head, shared by every architecture.
+
+An architecture subclasses it and provides `make_block(i)` and `make_norm()`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mixret import io
+from mixret.errors import MixretError
+from mixret.models.config import ModelConfig
+
+
+@dataclass
+class CausalLMOutput:
+    loss: torch.Tensor | None
+    logits: torch.Tensor         # [B, L, V]
+    hidden_states: torch.Tensor  # [B, L, D], last layer after the final norm
+
+
+class CausalLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tokenizer = None  # attached by mixret.load / the trainer
+        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([self.make_block(i) for i in range(config.n_layers)])
+        self.norm = self.make_norm()
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+
+    def make_block(self, i: int) -> nn.Module:
+        raise NotImplementedError
+
+    def make_norm(self) -> nn.Module:
+        return nn.LayerNorm(self.config.d_model)
+
+    # -- forward ------------------------------------------------------------------------------
+    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, L] token ids -> [B, L, D] last-layer hidden states (after the final norm)."""
+        L = input_ids.shape[1]
+        if L > self.config.context:
+            raise MixretError(f"input length {L} exceeds the model's context {self.config.context}")
+        x = self.drop(self.wte(input_ids))
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> CausalLMOutput:
+        h = self.hidden(input_ids)
+        logits = self.lm_head(h)  # [B, L, V]
+        loss = None
+        if labels is not None:
+            if attention_mask is not None:
+                labels = labels.masked_fill(attention_mask == 0, -100)
+            # position t predicts token t+1; padding (-100) is ignored
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                   labels[:, 1:].reshape(-1), ignore_index=-100)
+        return CausalLMOutput(loss=loss, logits=logits, hidden_states=h)
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, L] right-padded ids -> [B, D]: the last layer at each row's last non-pad token."""
+        h = self.hidden(input_ids)
+        if attention_mask is None:
+            return h[:, -1]
+        return h[torch.arange(h.shape[0], device=h.device), last_index(attention_mask)]
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # -- save / load --------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike, tokenizer=None) -> None:
+        """Write config.json, model.safetensors and (if there is a tokenizer) tokenizer.json."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        io.save_weights(self, directory)
+        tokenizer = tokenizer if tokenizer is not None else self.tokenizer
+        if tokenizer is not None:
+            if tokenizer.vocab_size > self.config.vocab_size:
+                raise MixretError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size "
+                                  f"is {self.config.vocab_size}")
+            tokenizer.save(directory / io.TOKENIZER_NAME)
+        from mixret import __version__
+        io.write_json(directory / io.CONFIG_NAME,
+                      {"kind": "clm", "mixret_version": __version__, **self.config.to_dict()})
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> "CausalLM":
+        from mixret.models import load
+        return load(directory)
+
+
+def last_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] 0/1 mask -> [B] index of each row's last 1 (0 for an all-zero row)."""
+    L = attention_mask.shape[1]
+    pos = torch.arange(L, device=attention_mask.device).expand_as(attention_mask)
+    return (pos * (attention_mask != 0)).amax(dim=1)

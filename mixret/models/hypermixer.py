@@ -1,0 +1,125 @@
+"""Causal HyperMixer: token-mixing weights generated per token by small hypernetworks.
+
+For each head, hypernetworks map token t (plus its position) to w1_t, w2_t in R^k'. The mixing output at t is
+    y_t = w2_t^T GELU(H_t / t),    H_t = sum_{s<=t} w1_s x_s^T   (prefix state, [k', d_head])
+so position t only sees positions <= t, and the cost is linear in L. The prefix sums run in chunks (fp32, with
+activation checkpointing per chunk while training), so memory per layer is O(chunk * k' * d), not O(L * k' * d).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from mixret.models.base import CausalLM
+from mixret.models.config import ModelConfig
+from mixret.models.layers import DropPath, FeedForward, drop_path_rates
+
+
+def hypermix_chunk(w1, w2, x, state, start: int):
+    """One chunk of the prefix-sum recurrence, in fp32.
+
+    w1, w2: [B, C, H, K]; x: [B, C, H, E]; state: [B, H, K, E] = H_{start} (sum over the positions before the chunk).
+    Returns y [B, C, H, E] and the state after the chunk.
+    """
+    C = x.shape[1]
+    outer = w1.unsqueeze(-1) * x.unsqueeze(-2)                              # [B, C, H, K, E]
+    Hs = state.unsqueeze(1) + outer.cumsum(dim=1)                           # [B, C, H, K, E]: H_t for t in chunk
+    n = torch.arange(start + 1, start + C + 1, device=x.device, dtype=Hs.dtype).view(1, C, 1, 1, 1)
+    y = (w2.unsqueeze(-1) * F.gelu(Hs / n)).sum(dim=-2)                     # [B, C, H, E]
+    return y, Hs[:, -1]
+
+
+def hypermix(w1, w2, x, chunk: int, use_checkpoint: bool = False) -> torch.Tensor:
+    """Causal hypermixing over the whole sequence, chunk by chunk. Shapes as in hypermix_chunk; returns fp32 y."""
+    B, L, H, E = x.shape
+    w1, w2, x = w1.float(), w2.float(), x.float()
+    state = x.new_zeros(B, H, w1.shape[-1], E)
+    ys = []
+    for s in range(0, L, chunk):
+        args = (w1[:, s:s + chunk], w2[:, s:s + chunk], x[:, s:s + chunk], state, s)
+        if use_checkpoint:
+            y, state = checkpoint(hypermix_chunk, *args, use_reentrant=False)
+        else:
+            y, state = hypermix_chunk(*args)
+        ys.append(y)
+    return torch.cat(ys, dim=1)
+
+
+def hypermix_recurrent(w1, w2, x) -> torch.Tensor:
+    """Token-by-token form: carry H_t, one position at a time (reference and incremental decoding)."""
+    B, L, H, E = x.shape
+    state = x.new_zeros(B, H, w1.shape[-1], E, dtype=torch.float32)
+    ys = []
+    for t in range(L):
+        state = state + w1[:, t].float().unsqueeze(-1) * x[:, t].float().unsqueeze(-2)
+        ys.append((w2[:, t].float().unsqueeze(-1) * F.gelu(state / (t + 1))).sum(dim=-2))
+    return torch.stack(ys, dim=1)
+
+
+def hypermix_naive(w1, w2, x) -> torch.Tensor:
+    """O(L^2) reference: H_t = sum_s tril[t, s] w1_s x_s^T, built for every t at once."""
+    L = x.shape[1]
+    tril = torch.tril(torch.ones(L, L, dtype=torch.float64, device=x.device))
+    Hs = torch.einsum("ts,bshk,bshe->bthke", tril, w1.double(), x.double())
+    n = torch.arange(1, L + 1, device=x.device, dtype=torch.float64).view(1, L, 1, 1, 1)
+    return torch.einsum("bthk,bthke->bthe", w2.double(), F.gelu(Hs / n)).float()
+
+
+class HyperNetwork(nn.Module):
+    """Small MLP: token representation (plus position) -> heads * k' mixing weights."""
+
+    def __init__(self, d_model: int, out: int):
+        super().__init__()
+        self.fc = nn.Linear(d_model, d_model)
+        self.proj = nn.Linear(d_model, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, D] -> [B, L, out]
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class HyperMixing(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.h, self.k, self.chunk = cfg.hyper_heads, cfg.hyper_dim, cfg.hyper_chunk
+        self.pos = nn.Embedding(cfg.context, cfg.d_model)  # position information for the hypernetworks
+        self.hyper1 = HyperNetwork(cfg.d_model, self.h * self.k)
+        self.hyper2 = self.hyper1 if cfg.hyper_tied else HyperNetwork(cfg.d_model, self.h * self.k)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+
+    def weights(self, x: torch.Tensor, start: int = 0):
+        """x [B, L, D] at positions start..start+L-1 -> w1, w2 [B, L, h, k'] and x per head [B, L, h, D/h]."""
+        B, L, D = x.shape
+        p = x + self.pos.weight[start:start + L]
+        w1 = self.hyper1(p).view(B, L, self.h, self.k)
+        w2 = self.hyper2(p).view(B, L, self.h, self.k)
+        return w1, w2, x.view(B, L, self.h, D // self.h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, D] -> [B, L, D]
+        B, L, D = x.shape
+        w1, w2, xh = self.weights(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            y = hypermix(w1, w2, xh, self.chunk, use_checkpoint=self.training and torch.is_grad_enabled())
+        return self.proj(y.to(x.dtype).reshape(B, L, D))
+
+
+class HyperMixerBlock(nn.Module):
+    """x + HyperMix(LN(x)), then x + FF(LN(x))."""
+
+    def __init__(self, cfg: ModelConfig, drop_path: float):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.mix = HyperMixing(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.ff = FeedForward(cfg.d_model, cfg.ff_mult, cfg.dropout)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, D]
+        x = x + self.drop_path(self.mix(self.ln1(x)))
+        return x + self.drop_path(self.ff(self.ln2(x)))
+
+
+class HyperMixerLM(CausalLM):
+    def make_block(self, i: int) -> nn.Module:
+        return HyperMixerBlock(self.config, drop_path_rates(self.config.drop_path, self.config.n_layers)[i])

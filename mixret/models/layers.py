@@ -1,0 +1,38 @@
+"""Building blocks shared by the architectures."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class FeedForward(nn.Module):
+    """Linear(d, m*d) GELU Linear(m*d, d), applied to each position."""
+
+    def __init__(self, d_model: int, mult: int, dropout: float):
+        super().__init__()
+        self.fc = nn.Linear(d_model, mult * d_model)
+        self.proj = nn.Linear(mult * d_model, d_model)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, D] -> [B, L, D]
+        return self.drop(self.proj(F.gelu(self.fc(x))))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a whole residual branch per sample during training."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+def drop_path_rates(p: float, n_layers: int) -> list[float]:
+    """Linearly increasing stochastic-depth rates, 0 at the first layer and p at the last."""
+    return [p * i / max(n_layers - 1, 1) for i in range(n_layers)]

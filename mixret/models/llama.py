@@ -1,0 +1,81 @@
+"""Llama-style transformer baseline: RoPE, RMSNorm, SwiGLU, causal scaled_dot_product_attention."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mixret.models.base import CausalLM
+from mixret.models.config import ModelConfig
+from mixret.models.layers import DropPath, drop_path_rates
+
+
+def rope_tables(context: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables [context, head_dim/2] for rotary position embeddings."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    angles = torch.outer(torch.arange(context).float(), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, L, E] rotated by position; cos, sin [L, E/2]."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.h = cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.dropout = cfg.dropout
+        cos, sin = rope_tables(cfg.context, cfg.d_model // cfg.n_heads, cfg.rope_theta)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, D] -> [B, L, D]
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.h, D // self.h).permute(2, 0, 3, 1, 4)  # each [B, H, L, E]
+        q, k = apply_rope(q, self.cos[:L], self.sin[:L]), apply_rope(k, self.cos[:L], self.sin[:L])
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, L, D))
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x), hidden size 2/3 of ff_mult * d (rounded up to a multiple of 8)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = -(-(2 * cfg.ff_mult * cfg.d_model // 3) // 8) * 8
+        self.w1 = nn.Linear(cfg.d_model, hidden, bias=False)
+        self.w3 = nn.Linear(cfg.d_model, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, cfg.d_model, bias=False)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, drop_path: float):
+        super().__init__()
+        self.ln1 = nn.RMSNorm(cfg.d_model)
+        self.attn = Attention(cfg)
+        self.ln2 = nn.RMSNorm(cfg.d_model)
+        self.ff = SwiGLU(cfg)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, D]
+        x = x + self.drop_path(self.attn(self.ln1(x)))
+        return x + self.drop_path(self.ff(self.ln2(x)))
+
+
+class LlamaLM(CausalLM):
+    def make_block(self, i: int) -> nn.Module:
+        return LlamaBlock(self.config, drop_path_rates(self.config.drop_path, self.config.n_layers)[i])
+
+    def make_norm(self) -> nn.Module:
+        return nn.RMSNorm(self.config.d_model)
