@@ -45,13 +45,403 @@ def models_cmd(d_model, n_layers, context, vocab_size):
 
 # --- pretrain --------------------------------------------------------------------------------
 
+def _pretrain_opt(*names, **kw):
+    """A pretrain option whose value is None unless given (so saved or --config values are not overridden);
+    the help text shows the default that then applies."""
+    default = kw.pop("show", None)
+    if default is not None:
+        kw["help"] = f"{kw['help']}  [default: {default}]"
+    return click.option(*names, default=None, **kw)
+
+
+@main.command("pretrain")
+@_pretrain_opt("--data", multiple=True, help="Corpus: .txt (one document a line, or separated by <|endoftext|>), "
+      ".jsonl/.jsonl.gz, .parquet, a folder of these, or a Hugging Face dataset name. Repeat for several. "
+      "Default: the bundled corpus (summaries and documents).")
+@_pretrain_opt("--text-field", multiple=True, help="JSONL field / column holding the text; repeat to read several "
+      "fields of each record as separate documents.", show="text")
+@_pretrain_opt("--val-fraction", type=float, help="Fraction of documents held out for validation (drawn with the seed).",
+      show=0.05)
+@_pretrain_opt("--val-max-docs", type=int, help="Most documents held out for validation.", show=5000)
+@_pretrain_opt("--pack/--no-pack", help="Concatenate documents into full-context rows instead of one document "
+      "per sequence.", show="no-pack")
+@_pretrain_opt("--tokenizer", help="bpe (trained on the training split), bytes, or the path of a tokenizer.json.",
+      show="bpe")
+@_pretrain_opt("--vocab-size", type=int, help="BPE vocabulary size.", show=4096)
+@_pretrain_opt("--arch", type=click.Choice(["masked-mixer", "hypermixer", "llama"]), help="Architecture.",
+      show="masked-mixer")
+@_pretrain_opt("--d-model", type=int, help="Model width.", show=128)
+@_pretrain_opt("--layers", type=int, help="Number of blocks.", show=4)
+@_pretrain_opt("--context", type=int, help="Longest sequence, in tokens; longer documents are truncated.", show=256)
+@_pretrain_opt("--dropout", type=float, help="Dropout rate.", show=0.0)
+@_pretrain_opt("--drop-path", type=float, help="Stochastic depth rate at the last layer.", show=0.0)
+@_pretrain_opt("--tie-embeddings/--no-tie-embeddings", help="Share the input embedding and the LM head.", show="no")
+@_pretrain_opt("--mixer-expand/--no-mixer-expand", help="masked-mixer: two mixing matrices with GELU between.",
+      show="no")
+@_pretrain_opt("--mixer-heads", type=int, help="masked-mixer: mixing heads.", show=1)
+@_pretrain_opt("--mixer-kernel", type=int, help="masked-mixer: mixing matrices convolved along d_model.", show=1)
+@_pretrain_opt("--hyper-dim", type=int, help="hypermixer: size of the generated mixing weights.", show=64)
+@_pretrain_opt("--hyper-heads", type=int, help="hypermixer: heads.", show=1)
+@_pretrain_opt("--n-heads", type=int, help="llama: attention heads.", show=4)
+@_pretrain_opt("--steps", type=int, help="Optimizer steps of the whole schedule (not of this invocation).", show=400)
+@_pretrain_opt("--epochs", type=float, help="Schedule length in passes over the training split (instead of --steps).")
+@_pretrain_opt("--batch-size", type=int, help="Sequences per micro-batch on each process.", show=16)
+@_pretrain_opt("--grad-accum", type=int, help="Micro-batches per optimizer step.", show=1)
+@_pretrain_opt("--lr", type=float, help="Peak learning rate (AdamW; cosine decay to a tenth of it).", show=2e-3)
+@_pretrain_opt("--warmup", type=int, help="Linear warmup steps.", show="5% of the steps")
+@_pretrain_opt("--weight-decay", type=float, help="AdamW weight decay, on matrices only.", show=0.1)
+@_pretrain_opt("--grad-clip", type=float, help="Gradient norm clipping.", show=1.0)
+@_pretrain_opt("--label-smoothing", type=float, help="Label smoothing of the training loss.", show=0.0)
+@_pretrain_opt("--seed", type=int, help="Seed for initialisation, data order and the validation split.", show=0)
+@_pretrain_opt("--out", help="Output directory.", show="runs/ARCH-DATE-TIME")
+@_pretrain_opt("--log-every", type=int, help="Steps between metrics.jsonl lines.", show=10)
+@_pretrain_opt("--eval-every", type=int, help="Steps between validation losses.", show=100)
+@_pretrain_opt("--checkpoint-every", type=int, help="Steps between checkpoints.", show=500)
+@_pretrain_opt("--compile/--no-compile", help="Run the model through torch.compile.", show="no")
+@_pretrain_opt("--num-workers", type=int, help="Processes for tokenization.", show=0)
+@_pretrain_opt("--stop-after", type=int, help="End this invocation after this many steps, with a checkpoint.")
+@click.option("--resume", is_flag=True, default=None, help="Continue the run in --out from its newest checkpoint.")
+@click.option("--overwrite", is_flag=True, default=None, help="Replace the run in --out.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="JSON file of options (names as the flags, e.g. {\"d_model\": 256}); flags override it.")
+@friendly
+def pretrain_cmd(config_file, **options):
+    """Pretrain a causal language model (next-token prediction) and save it with its tokenizer.
+
+    With no options: a small masked mixer on the bundled corpus, a few minutes on a CPU. Runs unchanged
+    under torchrun (DistributedDataParallel). Ctrl-C or SIGTERM writes a checkpoint before stopping;
+    --resume continues from the newest one.
+    """
+    import sys
+
+    from mixret.train import Interrupted, pretrain, resolve_options
+
+    given = {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()
+             if v is not None and v != ()}
+    cfg = resolve_options(given, config_file)
+    try:
+        path = pretrain(cfg)
+    except Interrupted as e:
+        click.echo(f"{e}\ncontinue with: mixret pretrain --out {e.checkpoint.parent.parent} --resume", err=True)
+        sys.exit(128 + e.signum)
+    if path.parent.name == "checkpoints":
+        click.echo(f"checkpoint written to {path}\ncontinue with: mixret pretrain --out {path.parent.parent} --resume")
+    else:
+        click.echo(f"model written to {path}")
+
+
 # --- generate --------------------------------------------------------------------------------
+
+@main.command("generate")
+@click.argument("prompt", default="")
+@click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False),
+              help="Model directory (config.json, model.safetensors, tokenizer.json).")
+@click.option("--max-new-tokens", default=128, show_default=True, help="Most tokens to add.")
+@click.option("--temperature", default=0.8, show_default=True, help="Sampling temperature; 0 = greedy.")
+@click.option("--top-k", default=40, show_default=True, help="Sample from the k most likely tokens; 0 = off.")
+@click.option("--top-p", default=0.9, show_default=True, help="Nucleus sampling mass; 1 = off.")
+@click.option("--seed", type=int, default=None, help="Random seed, for reproducible samples.")
+@click.option("--greedy", is_flag=True, help="Always take the most likely token (same as --temperature 0).")
+@friendly
+def generate_cmd(prompt, model_dir, max_new_tokens, temperature, top_k, top_p, seed, greedy):
+    """Continue PROMPT with a pretrained language model and print the text.
+
+    Stops at the end-of-text token, after --max-new-tokens, or when the model's context is full.
+    """
+    import mixret
+    from mixret.generate import generate_text
+    model = mixret.load(model_dir)
+    if model.tokenizer is None:
+        raise MixretError(f"{model_dir}: no tokenizer.json; generate needs the tokenizer saved with the model")
+    text, out = generate_text(model, prompt, max_new_tokens=max_new_tokens, temperature=0.0 if greedy else temperature,
+                              top_k=top_k, top_p=top_p, seed=seed)
+    click.echo(text)
+    if out.context_full:
+        click.echo(f"[stopped: the model's context of {model.config.context} tokens is full]", err=True)
+
 
 # --- embed -----------------------------------------------------------------------------------
 
+@main.command("embed")
+@click.argument("corpus")
+@click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None,
+              help="Model folder (default: the newest model under ./runs).")
+@click.option("--field", default="text", show_default=True,
+              help="JSONL field / column with the texts; for a TinyStoriesInstruct .txt: summary or document.")
+@click.option("--id-field", default="id", show_default=True,
+              help="Field with the ids (line or row numbers when a record has none).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Output EMB_DIR (default: emb/MODEL/CORPUS-FIELD).")
+@click.option("--batch-size", default=64, show_default=True, help="Texts per forward pass.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="Stored embedding type.")
+@click.option("--max-length", type=int, default=None, help="Tokens per text, bos included (default: context).")
+@click.option("--pooling", type=click.Choice(["last", "eos", "mean"]), default="last", show_default=True,
+              help="last content token, an appended eos (for comparison), or mean over tokens.")
+@click.option("--device", default=None, help="torch device (default: the GPU if there is one).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing EMB_DIR once the new one is complete.")
+@friendly
+def embed_cmd(corpus, model_dir, field, id_field, out_dir, batch_size, dtype, max_length, pooling, device, overwrite):
+    """Embed CORPUS (.jsonl, .jsonl.gz, .parquet, .txt or a Hugging Face dataset name) into an EMB_DIR:
+    embeddings.safetensors [N, D], ids.jsonl and meta.json. Run under torchrun to split the corpus
+    across processes."""
+    import warnings
+
+    from mixret.embed import default_model_dir, default_out_dir, embed_corpus
+
+    model_dir = model_dir or default_model_dir()
+    out_dir = out_dir or default_out_dir(model_dir, corpus, field)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            meta = embed_corpus(model_dir, corpus, out_dir, field=field, id_field=id_field, batch_size=batch_size,
+                                dtype=dtype, max_length=max_length, pooling=pooling, overwrite=overwrite,
+                                device=device)
+        finally:
+            for w in caught:
+                if issubclass(w.category, UserWarning):
+                    click.echo(f"warning: {w.message}", err=True)
+    if meta:  # torchrun: rank 0 reports
+        click.echo(f"{out_dir}: {meta['count']} embeddings of dim {meta['dim']} ({meta['arch']}, pooling "
+                   f"{meta['pooling']}, max_length {meta['max_length']}); {meta['truncated']} truncated, "
+                   f"{meta['skipped_empty']} empty skipped")
+
 # --- train-matcher ---------------------------------------------------------------------------
 
+@main.command("train-matcher")
+@click.option("--pairs", "pairs_path", required=True, type=click.Path(dir_okay=False),
+              help="Pairs file: .jsonl, .jsonl.gz, .parquet or TinyStoriesInstruct .txt.")
+@click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None,
+              help="Language model folder that embeds both sides (default: the newest model under ./runs).")
+@click.option("--query-emb", type=click.Path(file_okay=False), default=None,
+              help="EMB_DIR of the query texts (from `mixret embed`), used instead of --model; rows matched by id.")
+@click.option("--target-emb", type=click.Path(file_okay=False), default=None,
+              help="EMB_DIR of the target texts, used with --query-emb.")
+@click.option("--query-field", default="summary", show_default=True, help="Pairs field with the queries.")
+@click.option("--target-field", default="document", show_default=True, help="Pairs field with the targets.")
+@click.option("--context", default=32, show_default=True, help="Matcher slots: the query and context-1 candidates.")
+@click.option("--epochs", default=10, show_default=True)
+@click.option("--batch-size", default=256, show_default=True, help="Queries (candidate sets) per step.")
+@click.option("--lr", default=1e-3, show_default=True, help="Peak learning rate (warmup, then cosine decay).")
+@click.option("--d-model", default=256, show_default=True, help="Matcher width.")
+@click.option("--layers", "n_layers", default=4, show_default=True, help="Mixer blocks.")
+@click.option("--hard-negatives", default=0, show_default=True,
+              help="Candidates per set drawn from the query's nearest training targets.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Output folder (default: matchers/MODEL); an earlier matcher there is replaced.")
+@click.option("--seed", default=0, show_default=True, help="Seed for initialisation, sampling and the test sets.")
+@click.option("--test-fraction", default=0.1, show_default=True, help="Share of pairs held out, by a hash of the id.")
+@friendly
+def train_matcher_cmd(pairs_path, model_dir, query_emb, target_emb, query_field, target_field, context, epochs,
+                      batch_size, lr, d_model, n_layers, hard_negatives, out_dir, seed, test_fraction):
+    """Train a matcher that picks each query's target among context-1 candidates, on the embeddings of
+    (query, target) pairs. Pairs repeating an earlier query are dropped (the count is printed); the
+    held-out split is scored on fixed candidate sets against chance and cosine similarity."""
+    import warnings
+    from pathlib import Path
+
+    from mixret.data import load_pairs, split_pairs
+    from mixret.matcher import (MatcherConfig, check_out_dir, check_split_sizes, dedupe_queries,
+                                drop_repeated_queries, embed_pairs, format_summary, train_matcher)
+
+    if query_emb is None and target_emb is None and model_dir is None:
+        from mixret.embed import default_model_dir
+        model_dir = default_model_dir()
+    if out_dir is None:
+        name = Path(model_dir).resolve().name if model_dir else Path(query_emb or target_emb).resolve().parent.name
+        out_dir = Path("matchers") / name
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            pairs, n_repeated = drop_repeated_queries(load_pairs(pairs_path, query_field, target_field))
+            if n_repeated:
+                click.echo(f"{pairs_path}: dropped {n_repeated} pairs repeating an earlier query", err=True)
+            train, test = split_pairs(pairs, test_fraction)
+            click.echo(f"{len(train)} train pairs, {len(test)} test pairs", err=True)
+            check_split_sizes(len(train), len(test), context)
+            check_out_dir(Path(out_dir))
+            q, t, embedder = embed_pairs(train + test, model_dir, query_emb, target_emb)
+        finally:
+            for w in caught:
+                if issubclass(w.category, UserWarning):
+                    click.echo(f"warning: {w.message}", err=True)
+    splits = {}
+    for name, rows in (("train", slice(0, len(train))), ("test", slice(len(train), None))):
+        sq, st, keep = dedupe_queries(q[rows], t[rows])
+        if len(keep) < len(q[rows]):
+            click.echo(f"{name} split: dropped {len(q[rows]) - len(keep)} pairs whose query embedding repeats "
+                       "an earlier one", err=True)
+        splits[name] = (sq, st)
+    config = MatcherConfig(emb_dim=int(q.shape[1]), d_model=d_model, n_layers=n_layers, context=context,
+                           embedder=embedder)
+    _, metrics = train_matcher(*splits["train"], *splits["test"], config, epochs=epochs, batch_size=batch_size,
+                               lr=lr, seed=seed, hard_negatives=hard_negatives, out_dir=out_dir)
+    click.echo(format_summary(metrics))
+    click.echo(f"matcher written to {out_dir}")
+
+
 # --- index / search / evaluate ---------------------------------------------------------------
+
+class _Warnings:
+    """Collect Python warnings (IVF shrinking, query truncation, ...) and print each as `warning: ...`."""
+
+    def __enter__(self):
+        import warnings
+        self._ctx = warnings.catch_warnings(record=True)
+        self._caught = self._ctx.__enter__()
+        warnings.simplefilter("always")
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+        for w in self._caught:
+            if issubclass(w.category, UserWarning):
+                click.echo(f"warning: {w.message}", err=True)
+        return False
+
+
+@main.command("index")
+@click.argument("emb_dir", type=click.Path(file_okay=False))
+@click.option("--factory", default="Flat", show_default=True,
+              help="FAISS index factory string: Flat, HNSW32, IVF1024,Flat, IVF4096,PQ32, ...")
+@click.option("--metric", type=click.Choice(["ip", "l2"]), default="ip", show_default=True,
+              help="ip: inner product of L2-normalised embeddings (cosine); l2: Euclidean distance.")
+@friendly
+def index_cmd(emb_dir, factory, metric):
+    """Build a FAISS index over the embeddings in EMB_DIR (from `mixret embed`) and save it there
+    as index.faiss + index.json. IVF and PQ indexes are trained on the embeddings themselves; an IVF
+    with more lists than the corpus can train is shrunk, with a warning."""
+    from mixret.embed import load_emb_dir
+    from mixret.search import VectorIndex
+
+    emb, ids, _, meta = load_emb_dir(emb_dir)
+    with _Warnings():
+        index = VectorIndex.build(emb, factory, metric, meta={"model_hash": meta.get("model_hash"),
+                                                              "model_path": meta.get("model_path")})
+    index.save(emb_dir)
+    click.echo(f"{emb_dir}: {index.factory} index ({metric}) over {index.count} vectors of dim {index.dim}")
+
+
+def _search_options(fn):
+    """Options shared by search and evaluate."""
+    for option in reversed([
+        click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None,
+                     help="Language model folder that embeds the queries."),
+        click.option("--matcher", "matcher_dir", type=click.Path(file_okay=False), default=None,
+                     help="Matcher folder (from `mixret train-matcher`), for tree and hybrid."),
+        click.option("--shortlist", default=256, show_default=True,
+                     help="hybrid: candidates the matcher's tournament ranks."),
+        click.option("--shortlist-from", type=click.Choice(["vector", "bm25"]), default="vector",
+                     show_default=True, help="hybrid: where the shortlist comes from."),
+        click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+@main.command("search")
+@click.argument("query")
+@click.option("--index", "emb_dir", required=True, type=click.Path(file_okay=False),
+              help="EMB_DIR of the corpus (with an index from `mixret index` for vector and hybrid).")
+@click.option("--mode", type=click.Choice(["vector", "tree", "hybrid", "bm25"]), default="vector",
+              show_default=True, help="vector: FAISS; tree: matcher tournament over the whole corpus; "
+                                      "hybrid: shortlist ranked by the matcher; bm25: lexical baseline.")
+@click.option("-k", "k", default=10, show_default=True, help="Results to return.")
+@_search_options
+@friendly
+def search_cmd(query, emb_dir, mode, k, model_dir, matcher_dir, shortlist, shortlist_from, as_json):
+    """Search the corpus in EMB_DIR for QUERY and print rank, id, score and the start of each text
+    (--json: one JSON object a line). The model defaults to the one that embedded the corpus."""
+    import json
+
+    from mixret.embed import load_emb_dir
+    from mixret.search import Retriever, VectorIndex, format_hits, load_matcher_checked, load_model_checked
+
+    if not query.strip():
+        raise MixretError("empty query; expected some text to search for")
+    emb, ids, texts, meta = load_emb_dir(emb_dir)
+    query_emb = index = matcher = None
+    with _Warnings():
+        if mode != "bm25":
+            model_dir = model_dir or meta.get("model_path")
+            if model_dir is None:
+                raise MixretError(f"{emb_dir}: meta.json names no model; pass --model DIR")
+            model, model_hash = load_model_checked(model_dir, meta, emb_dir)
+            if mode in ("vector", "hybrid") and (mode == "vector" or shortlist_from == "vector"):
+                index = VectorIndex.load(emb_dir, expected_dim=emb.shape[1], expected_model_hash=model_hash,
+                                         expected_count=len(ids))
+            if mode in ("tree", "hybrid"):
+                if matcher_dir is None:
+                    raise MixretError(f"{mode} search ranks with a matcher: pass --matcher DIR")
+                matcher = load_matcher_checked(matcher_dir, model_hash)
+            query_emb = model.encode([query], batch_size=1, pooling=meta.get("pooling", "last"),
+                                     show_progress_bar=False)
+        retriever = Retriever(emb if mode != "bm25" else None, texts, index=index, matcher=matcher)
+        result = retriever.search(mode, k, query_emb=query_emb, queries=[query], shortlist=shortlist,
+                                  shortlist_from=shortlist_from)
+    indices, scores = result.indices[0], result.scores[0]
+    if as_json:
+        for rank, (i, s) in enumerate(zip(indices, scores), 1):
+            if i >= 0:
+                click.echo(json.dumps({"rank": rank, "id": ids[i], "score": float(s), "text": texts[i]},
+                                      ensure_ascii=False))
+    else:
+        click.echo(format_hits(ids, texts, indices, scores))
+    if mode in ("tree", "hybrid"):
+        click.echo(f"{mode}: {int(result.passes[0])} matcher forward passes "
+                   f"(groups of {matcher.config.context - 1}) in {result.seconds:.3f} s", err=True)
+
+
+@main.command("evaluate")
+@click.option("--pairs", "pairs_path", required=True, type=click.Path(dir_okay=False),
+              help="Pairs file: .jsonl, .jsonl.gz, .parquet or TinyStoriesInstruct .txt.")
+@click.option("--mode", type=click.Choice(["vector", "tree", "hybrid", "bm25", "all"]), default="all",
+              show_default=True, help="all: vector, bm25 and, with --matcher, tree and hybrid.")
+@click.option("--limit", type=int, default=None, help="Evaluate the first Q queries (the corpus stays whole).")
+@click.option("--query-field", default="summary", show_default=True, help="Pairs field with the queries.")
+@click.option("--target-field", default="document", show_default=True, help="Pairs field with the targets.")
+@click.option("--test-fraction", default=0.1, show_default=True,
+              help="Evaluate the held-out split train-matcher leaves out (1: every pair).")
+@click.option("--batch-size", default=64, show_default=True, help="Texts per embedding forward pass.")
+@click.option("--pooling", type=click.Choice(["last", "eos", "mean"]), default="last", show_default=True,
+              help="How texts are embedded: as for `mixret embed`, and as the matcher's training pairs were.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")
+@_search_options
+@friendly
+def evaluate_cmd(pairs_path, mode, limit, query_field, target_field, test_fraction, batch_size, pooling, out_path,
+                 model_dir, matcher_dir, shortlist, shortlist_from, as_json):
+    """Search every held-out query of the pairs among all the held-out targets and report R@1, R@10,
+    MRR@10 and nDCG@10 (ranx), queries/s and, for tree and hybrid, matcher passes per query."""
+    import json
+
+    from mixret import io
+    from mixret.data import load_pairs, split_pairs
+    from mixret.evaluate import evaluate_pairs, format_table, resolve_modes
+    from mixret.search import load_matcher_checked, load_model_checked
+
+    modes = resolve_modes(mode, matcher_dir is not None)
+    if mode == "all" and matcher_dir is None:
+        click.echo("tree and hybrid skipped: they need --matcher", err=True)
+    model = model_hash = matcher = None
+    with _Warnings():
+        _, test = split_pairs(load_pairs(pairs_path, query_field, target_field), test_fraction)
+        if not test:
+            raise MixretError(f"{pairs_path}: no pairs in the held-out split (--test-fraction {test_fraction}); "
+                              f"expected at least one")
+        if modes != ["bm25"]:
+            if model_dir is None:
+                from mixret.embed import default_model_dir
+                model_dir = default_model_dir()
+            model, model_hash = load_model_checked(model_dir)
+        if matcher_dir is not None:
+            matcher = load_matcher_checked(matcher_dir, model_hash)
+        report = evaluate_pairs(test, model, matcher, modes, shortlist=shortlist, shortlist_from=shortlist_from,
+                                limit=limit, batch_size=batch_size, pooling=pooling)
+    report = {"pairs": str(pairs_path), "test_fraction": test_fraction,
+              "model": str(model_dir) if model is not None else None, "matcher": matcher_dir, **report}
+    click.echo(json.dumps(report) if as_json else format_table(report))
+    if out_path is not None:
+        io.write_json(out_path, report)
 
 # --- quickstart ------------------------------------------------------------------------------
 

@@ -21,13 +21,27 @@ WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_NAME = "tokenizer.json"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _make_temp(directory: Path, name: str) -> str:
+    """A temporary file beside the target, with the permissions a plain open() would give."""
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())
+    return tmp
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write text to path via a temporary file in the same folder and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = _make_temp(path.parent, path.name)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:
@@ -64,8 +78,7 @@ def save_weights(module: torch.nn.Module, directory: str | os.PathLike) -> None:
             continue
         seen[key] = name
         tensors[name] = t.detach().cpu().contiguous()
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{WEIGHTS_NAME}.", suffix=".tmp")
-    os.close(fd)
+    tmp = _make_temp(directory, WEIGHTS_NAME)
     try:
         save_file(tensors, tmp, metadata={"format": "pt"})
         os.replace(tmp, directory / WEIGHTS_NAME)

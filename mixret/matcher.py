@@ -7,9 +7,13 @@ softmax cross-entropy against the slot of the true target. Token mixing is a lea
 
 Embeddings from a causal LM share a large mean component, so the matcher standardises them with
 per-dimension mean and std fitted on the training split (buffers, saved with the weights). Each
-candidate slot is also fed the elementwise product of the standardised candidate and query: this
-gives the head a direct query-candidate similarity signal. Without it the model must first learn
-to route the query through random token mixing, and it can sit at chance loss for a long time.
+candidate slot is fed proj(c) + proj'(c * A q), the standardised candidate and its elementwise
+product with a learned linear map A of the standardised query (A starts as the identity). The
+product gives the head a direct query-candidate similarity signal from the first step; without it
+the model must first learn to route the query through token mixing and sits at chance loss for
+hundreds of steps. A lets it learn a full bilinear match when targets are not simply close to
+their queries. Token mixing starts at zero, so nothing but training makes one slot differ from
+another and the logits follow their candidate when the slots are permuted.
 
 Duplicates: `train_matcher` refuses repeated query embeddings (`dedupe_queries` drops them and says
 how many); identical target embeddings are treated as one target, so a candidate set never holds
@@ -21,6 +25,8 @@ import dataclasses
 import json
 import math
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,11 +83,17 @@ class MatcherConfig:
 # -- model ------------------------------------------------------------------------------------
 
 class TokenMix(nn.Module):
-    """A learned (context x context) matrix plus bias along the slot axis; no mask."""
+    """A learned (context x context) matrix plus bias along the slot axis; no mask.
+
+    Starts at zero: slots are exchangeable, so a random start would only add position-specific
+    noise that training has no reason to remove.
+    """
 
     def __init__(self, context: int):
         super().__init__()
         self.mix = nn.Linear(context, context)
+        nn.init.zeros_(self.mix.weight)
+        nn.init.zeros_(self.mix.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, D] -> [B, C, D]
         return self.mix(x.transpose(1, 2)).transpose(1, 2)
@@ -125,7 +137,10 @@ class Matcher(nn.Module):
         self.register_buffer("target_std", torch.ones(E))
         self.query_in = nn.Linear(E, D)
         self.cand_in = nn.Linear(E, D)
-        self.prod_in = nn.Linear(E, D) if config.query_product else None
+        if config.query_product:
+            self.query_map = nn.Linear(E, E, bias=False)  # starts as the identity: c * q
+            nn.init.eye_(self.query_map.weight)
+            self.prod_in = nn.Linear(E, D)
         self.blocks = nn.ModuleList([MixerBlock(config) for _ in range(config.n_layers)])
         self.ln_f = nn.LayerNorm(D)
         self.head = nn.Linear(D, 1)
@@ -151,10 +166,10 @@ class Matcher(nn.Module):
         q = self.standardize(query, "query")            # [B, E]
         c = self.standardize(candidates, "target")      # [B, N, E]
         slots = self.cand_in(c)                         # [B, N, D]
-        if self.prod_in is not None:
-            slots = slots + self.prod_in(c * q[:, None, :])
+        if self.config.query_product:
+            slots = slots + self.prod_in(c * self.query_map(q)[:, None, :])
         if candidate_mask is not None:
-            slots = slots * candidate_mask[..., None].to(slots.dtype)
+            slots = slots.masked_fill(~candidate_mask[..., None], 0.0)  # absent = padding, whatever it holds
         slots = F.pad(slots, (0, 0, 0, self.config.n_candidates - N))     # [B, C-1, D]
         x = torch.cat([self.query_in(q)[:, None, :], slots], dim=1)      # [B, C, D]
         for block in self.blocks:
@@ -215,21 +230,24 @@ class Matcher(nn.Module):
 
 
 @torch.no_grad()
-def score_candidates(matcher: Matcher, query_emb, cand_embs, batch_size: int = 1024) -> np.ndarray:
+def score_candidates(matcher: Matcher, query_emb, cand_embs, batch_size: int = 1024,
+                     candidate_mask=None) -> np.ndarray:
     """Matcher logits for query_emb [Q, E] against cand_embs [Q, N, E] -> np.ndarray [Q, N] float32.
 
-    Batched, without gradients, in eval mode (the matcher's mode is restored afterwards).
+    Arrays or tensors; batched, without gradients, in eval mode (the matcher's mode is restored
+    afterwards). candidate_mask [Q, N] bool marks present candidates; absent ones score -inf.
     """
-    q = torch.as_tensor(np.asarray(query_emb, dtype=np.float32))
-    c = torch.as_tensor(np.asarray(cand_embs, dtype=np.float32))
+    q, c = torch.as_tensor(query_emb).float(), torch.as_tensor(cand_embs).float()
     if q.ndim != 2 or c.ndim != 3 or c.shape[0] != q.shape[0]:
         raise MixretError(f"score_candidates expects query_emb [Q, E] and cand_embs [Q, N, E], "
                           f"got {tuple(q.shape)} and {tuple(c.shape)}")
+    mask = None if candidate_mask is None else torch.as_tensor(candidate_mask)
     device = next(matcher.parameters()).device
     was_training = matcher.training
     matcher.eval()
     try:
-        out = [matcher(q[i:i + batch_size].to(device), c[i:i + batch_size].to(device)).float().cpu()
+        out = [matcher(q[i:i + batch_size].to(device), c[i:i + batch_size].to(device),
+                       None if mask is None else mask[i:i + batch_size].to(device)).float().cpu()
                for i in range(0, len(q), batch_size)]
     finally:
         matcher.train(was_training)
@@ -350,6 +368,15 @@ def as_pair_set(queries, targets, name: str, context: int) -> PairSet:
     return PairSet(q, uniq, inverse)
 
 
+def check_split_sizes(n_train: int, n_test: int, context: int) -> None:
+    """Refuse splits too small for candidate sets of context-1 distinct targets, before embedding them."""
+    for name, n in (("train", n_train), ("test", n_test)):
+        if n < context - 1:
+            raise MixretError(f"the {name} split has {n} pairs, but context {context} needs at least {context - 1} "
+                              f"(one true target and {context - 2} negatives); use more pairs, a smaller context"
+                              + (" or a larger test fraction" if name == "test" else ""))
+
+
 def dedupe_queries(queries, targets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Keep the first pair of each distinct query embedding -> (queries, targets, kept row indices)."""
     q = np.asarray(queries)
@@ -358,25 +385,86 @@ def dedupe_queries(queries, targets) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return q[keep], np.asarray(targets)[keep], keep
 
 
+def drop_repeated_queries(pairs: list) -> tuple[list, int]:
+    """Keep the first pair of each query text -> (pairs, number dropped)."""
+    seen: set[str] = set()
+    kept = []
+    for p in pairs:
+        if p.query not in seen:
+            seen.add(p.query)
+            kept.append(p)
+    return kept, len(pairs) - len(kept)
+
+
+def embed_pairs(pairs: list, model: str | os.PathLike | None = None,
+                query_emb: str | os.PathLike | None = None, target_emb: str | os.PathLike | None = None,
+                batch_size: int = 64) -> tuple[np.ndarray, np.ndarray, str | None]:
+    """Embeddings of each pair's query and target -> (queries [N, E], targets [N, E], embedder hash).
+
+    Either embeds both sides with the language model folder `model`, or takes the rows of two
+    embedding folders written by `mixret embed`, matched to the pairs by id. The embedder hash is the
+    file hash of the language model's weights.
+    """
+    if model is not None and (query_emb is None and target_emb is None):
+        from mixret.embed import encode
+        from mixret.models import load
+        lm = load(model)
+        q = encode(lm, [p.query for p in pairs], batch_size=batch_size)
+        t = encode(lm, [p.target for p in pairs], batch_size=batch_size)
+        return q, t, io.file_hash(Path(model) / io.WEIGHTS_NAME)
+    if model is None and query_emb is not None and target_emb is not None:
+        (q, q_meta), (t, t_meta) = (_emb_rows(pairs, query_emb, "query"), _emb_rows(pairs, target_emb, "target"))
+        if q_meta.get("model_hash") != t_meta.get("model_hash"):
+            raise MixretError(f"{query_emb} and {target_emb} were embedded with different models "
+                              f"(hashes {q_meta.get('model_hash')} and {t_meta.get('model_hash')}); "
+                              "expected both sides from the same model")
+        return q, t, q_meta.get("model_hash")
+    raise MixretError("give either a model to embed with, or both a query and a target embedding folder")
+
+
+def _emb_rows(pairs: list, emb_dir, role: str) -> tuple[np.ndarray, dict]:
+    """Rows of an embedding folder for each pair's `role` ('query' or 'target') text, by pair id."""
+    from mixret.embed import load_emb_dir
+    emb, ids, texts, meta = load_emb_dir(emb_dir)
+    row = {i: k for k, i in enumerate(ids)}
+    if len(row) != len(ids):
+        raise MixretError(f"{emb_dir}: {len(ids) - len(row)} repeated ids; expected one row per pair id")
+    missing = [p.id for p in pairs if p.id not in row]
+    if missing:
+        raise MixretError(f"{emb_dir}: no embedding for {len(missing)} of {len(pairs)} pair ids "
+                          f"(e.g. {missing[:3]}); expected the pairs' {role} texts embedded with their ids")
+    idx = np.array([row[p.id] for p in pairs], dtype=np.int64)
+    differ = [p.id for p, k in zip(pairs, idx) if texts[k] != getattr(p, role)]
+    if differ:
+        raise MixretError(f"{emb_dir}: the embedded text of {len(differ)} pair ids differs from the pairs' "
+                          f"{role} text (e.g. id {differ[0]!r}); expected embeddings of the {role} field")
+    return emb[idx], meta
+
+
 # -- evaluation -------------------------------------------------------------------------------
 
 @torch.no_grad()
 def evaluate(matcher: Matcher, pairs: PairSet, sets: torch.Tensor, positions: torch.Tensor,
              batch_size: int = 512) -> dict:
-    """Cross-entropy, top-1 accuracy and MRR of the matcher on fixed candidate sets."""
-    logits = torch.from_numpy(score_candidates(matcher, pairs.queries, pairs.targets[sets], batch_size))
+    """Cross-entropy, top-1 accuracy and MRR of the matcher on fixed candidate sets [Q, N]."""
+    logits = torch.cat([
+        torch.from_numpy(score_candidates(matcher, pairs.queries[i:i + batch_size],
+                                          pairs.targets[sets[i:i + batch_size]], batch_size))
+        for i in range(0, len(sets), batch_size)])                                # [Q, N]
     return _set_metrics(logits, positions, with_ce=True)
 
 
 def cosine_baseline(pairs: PairSet, sets: torch.Tensor, positions: torch.Tensor,
-                    query_mean: torch.Tensor | None = None, target_mean: torch.Tensor | None = None) -> dict:
+                    query_mean: torch.Tensor | None = None, target_mean: torch.Tensor | None = None,
+                    batch_size: int = 512) -> dict:
     """Top-1 and MRR when candidates are ranked by cosine similarity to the query (no training);
     with means given, the embeddings are centred first."""
     q, t = pairs.queries, pairs.targets
     if query_mean is not None:
         q, t = q - query_mean.cpu(), t - target_mean.cpu()
     q, t = F.normalize(q, dim=-1), F.normalize(t, dim=-1)
-    scores = torch.einsum("qe,qne->qn", q, t[sets])
+    scores = torch.cat([torch.einsum("qe,qne->qn", q[i:i + batch_size], t[sets[i:i + batch_size]])
+                        for i in range(0, len(sets), batch_size)])                # [Q, N]
     return _set_metrics(scores, positions, with_ce=False)
 
 
@@ -400,7 +488,8 @@ def train_matcher(train_q, train_t, test_q, test_t, config: MatcherConfig, epoch
     Each step every query gets a fresh set of context-1 distinct candidates: its target plus
     context-2 negatives from the other training targets (`hard_negatives` of them drawn from the
     query's nearest targets), shuffled. Evaluation uses fixed sets built from `seed`. With out_dir,
-    writes the matcher, one line per epoch to metrics.jsonl and the final metrics.json.
+    writes the matcher, metrics.jsonl (one line per epoch) and metrics.json into a temporary
+    folder that replaces out_dir when training has finished.
     """
     C = config.context
     train = as_pair_set(train_q, train_t, "train split", C)
@@ -413,7 +502,33 @@ def train_matcher(train_q, train_t, test_q, test_t, config: MatcherConfig, epoch
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise MixretError(f"epochs and batch_size must be positive and lr > 0, got {epochs}, {batch_size}, {lr}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args = dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, hard_negatives=hard_negatives,
+                progress=progress, device=device)
+    if out_dir is None:
+        return _fit(train, test, config, log_dir=None, **args)
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_dir, 0o777 & ~umask)  # mkdtemp creates 0700; give the folder ordinary permissions
+    try:
+        matcher, metrics = _fit(train, test, config, log_dir=tmp_dir, **args)
+        matcher.save_pretrained(tmp_dir)
+        io.write_json(tmp_dir / "metrics.json", metrics)
+        publish_dir(tmp_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return matcher, metrics
 
+
+def _fit(train: PairSet, test: PairSet, config: MatcherConfig, epochs: int, batch_size: int, lr: float,
+         seed: int, hard_negatives: int, progress: bool, device: torch.device,
+         log_dir: Path | None) -> tuple[Matcher, dict]:
+    """The training loop of `train_matcher`, on validated inputs."""
+    C = config.context
     torch.manual_seed(seed)
     matcher = Matcher(config).to(device)
     matcher.fit_standardization(train.queries, train.targets)
@@ -436,6 +551,7 @@ def train_matcher(train_q, train_t, test_q, test_t, config: MatcherConfig, epoch
         "chance_ce": math.log(C - 1), "chance_top1": 1.0 / (C - 1),
         "n_train": len(train.queries), "n_test": len(test.queries),
         "n_train_targets": len(train.targets), "n_test_targets": len(test.targets),
+        "n_train_eval": len(train_eval.queries),
         "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
         "hard_negatives": hard_negatives, "params": matcher.num_params(),
         "config": config.to_dict(),
@@ -444,14 +560,17 @@ def train_matcher(train_q, train_t, test_q, test_t, config: MatcherConfig, epoch
                                                 matcher.query_mean, matcher.target_mean),
         "untrained_test": evaluate(matcher, test, test_sets, test_pos),
     }
-    log: list[dict] = []
-    step_losses: list[float] = []
 
     steps_per_epoch = math.ceil(len(train.queries) / batch_size)
     total = epochs * steps_per_epoch
-    opt = torch.optim.AdamW(matcher.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    decay = [p for p in matcher.parameters() if p.ndim >= 2]      # matrices; not biases or norms
+    rest = [p for p in matcher.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total))
     targets_dev = train.targets.to(device)
+    log: list[dict] = []
+    step_losses: list[float] = []
 
     from tqdm.auto import tqdm
     bar = tqdm(total=total, desc="train-matcher", unit="step", disable=None if progress else True)
@@ -463,7 +582,7 @@ def train_matcher(train_q, train_t, test_q, test_t, config: MatcherConfig, epoch
             rows = order[i:i + batch_size]                                        # [B]
             sets, pos = sample_candidates(train.true_index[rows], len(train.targets), C - 1, g,
                                           hard_pool[rows] if hard_pool is not None else None,
-                                          hard_negatives)
+                                          hard_negatives)                         # [B, C-1], [B]
             logits = matcher(train.queries[rows].to(device), targets_dev[sets.to(device)])  # [B, C-1]
             loss = F.cross_entropy(logits, pos.to(device))
             opt.zero_grad(set_to_none=True)
@@ -472,29 +591,46 @@ def train_matcher(train_q, train_t, test_q, test_t, config: MatcherConfig, epoch
             opt.step()
             sched.step()
             step_losses.append(loss.item())
-            epoch_loss += loss.item() * len(rows)
+            epoch_loss += step_losses[-1] * len(rows)
             bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
+            bar.set_postfix(epoch=epoch, loss=f"{step_losses[-1]:.3f}")
         matcher.eval()
-        entry = {"epoch": epoch, "step": epoch * steps_per_epoch,
-                 "train_loss": epoch_loss / len(order), "lr": sched.get_last_lr()[0],
-                 "test": evaluate(matcher, test, test_sets, test_pos)}
-        log.append(entry)
-        if out_dir is not None:
-            io.atomic_write_text(Path(out_dir) / "metrics.jsonl", "".join(json.dumps(e) + "\n" for e in log))
+        log.append({"epoch": epoch, "step": epoch * steps_per_epoch, "train_loss": epoch_loss / len(order),
+                    "lr": sched.get_last_lr()[0], "test": evaluate(matcher, test, test_sets, test_pos)})
+        if log_dir is not None:
+            io.atomic_write_text(log_dir / "metrics.jsonl", "".join(json.dumps(e) + "\n" for e in log))
     bar.close()
 
     metrics.update({
-        "test": evaluate(matcher, test, test_sets, test_pos),
+        "test": log[-1]["test"],
         "train": evaluate(matcher, train_eval, train_sets, train_pos),
-        "n_train_eval": len(train_eval.queries),
         "steps": total,
         "steps_to_leave_chance": steps_to_leave_chance(step_losses, math.log(C - 1)),
     })
-    if out_dir is not None:
-        matcher.save_pretrained(out_dir)
-        io.write_json(Path(out_dir) / "metrics.json", metrics)
     return matcher, metrics
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """An output folder must be new, empty, or hold an earlier matcher (which gets replaced)."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise MixretError(f"{out_dir}: exists and is not a directory; expected a matcher output folder")
+    cfg = out_dir / io.CONFIG_NAME
+    if any(out_dir.iterdir()) and (not cfg.is_file() or io.read_json(cfg).get("kind") != "matcher"):
+        raise MixretError(f"{out_dir}: exists and does not hold a matcher; choose another output folder "
+                          "or remove it")
+
+
+def publish_dir(tmp_dir: Path, out_dir: Path) -> None:
+    """Move a finished output folder into place, replacing an earlier one, by renames."""
+    if not out_dir.exists():
+        os.replace(tmp_dir, out_dir)
+        return
+    old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".old"))
+    os.replace(out_dir, old / "previous")
+    os.replace(tmp_dir, out_dir)
+    shutil.rmtree(old)
 
 
 def warmup_cosine(total: int, warmup_frac: float = 0.05, floor: float = 0.1):
@@ -509,9 +645,27 @@ def warmup_cosine(total: int, warmup_frac: float = 0.05, floor: float = 0.1):
     return f
 
 
-def steps_to_leave_chance(losses: list[float], chance: float, window: int = 20, margin: float = 0.9) -> int | None:
+def steps_to_leave_chance(losses: list[float], chance: float, window: int = 10, margin: float = 0.9) -> int | None:
     """First step at which the mean loss over the last `window` steps is below margin * chance."""
     for i in range(window, len(losses) + 1):
         if sum(losses[i - window:i]) / window < margin * chance:
             return i
     return None
+
+
+def format_summary(metrics: dict) -> str:
+    """A short table of test (and train) scores against chance and the cosine baselines."""
+    rows = [
+        ("matcher, test", metrics["test"]),
+        ("matcher, train subset", metrics["train"]),
+        ("untrained matcher, test", metrics["untrained_test"]),
+        ("cosine, test", metrics["test_cosine"]),
+        ("centred cosine, test", metrics["test_centered_cosine"]),
+        ("chance", {"ce": metrics["chance_ce"], "top1": metrics["chance_top1"]}),
+    ]
+    lines = [f"{metrics['n_test']} test queries, {metrics['n_candidates']} candidates each "
+             f"(context {metrics['context']})", f"{'':<26}{'CE':>8}{'top-1':>8}{'MRR':>8}"]
+    for name, m in rows:
+        cells = [f"{m[k]:8.3f}" if k in m else f"{'-':>8}" for k in ("ce", "top1", "mrr")]
+        lines.append(f"{name:<26}" + "".join(cells))
+    return "\n".join(lines)

@@ -5,6 +5,7 @@ An architecture subclasses it and provides `make_block(i)` and `make_norm()`.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,14 @@ class CausalLMOutput:
     loss: torch.Tensor | None
     logits: torch.Tensor         # [B, L, V]
     hidden_states: torch.Tensor  # [B, L, D], last layer after the final norm
+
+
+@dataclass
+class Cache:
+    """Incremental-decoding state for `CausalLM.step`: one entry per block, and how many positions it holds."""
+    batch_size: int
+    layers: list[dict]
+    pos: int = 0
 
 
 class CausalLM(nn.Module):
@@ -74,8 +83,52 @@ class CausalLM(nn.Module):
             return h[:, -1]
         return h[torch.arange(h.shape[0], device=h.device), last_index(attention_mask)]
 
+    def encode(self, texts, **kwargs):
+        """Texts -> [N, D] embeddings in input order (needs `self.tokenizer`); see `mixret.embed.encode`."""
+        from mixret.embed import encode
+        return encode(self, texts, **kwargs)
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    # -- incremental decoding -----------------------------------------------------------------
+    def new_cache(self, batch_size: int) -> Cache:
+        """An empty cache for `step`, on the model's device and dtype."""
+        w = self.wte.weight
+        return Cache(batch_size, [block.new_cache(batch_size, w.device, w.dtype) for block in self.blocks])
+
+    def step(self, input_ids: torch.Tensor, cache: Cache) -> torch.Tensor:
+        """[B, T] ids at positions cache.pos..cache.pos+T-1 -> [B, T, V] logits, reusing the cached positions.
+
+        Pass the prompt first (prefill), then one token at a time. The logits equal those of `forward` on the
+        whole sequence so far (up to float rounding). Use in eval mode.
+        """
+        B, T = input_ids.shape
+        if B != cache.batch_size:
+            raise MixretError(f"step got a batch of {B} rows but the cache was made for {cache.batch_size}")
+        if cache.pos + T > self.config.context:
+            raise MixretError(f"{cache.pos} cached positions + {T} new ones exceed the model's context "
+                              f"{self.config.context}")
+        x = self.drop(self.wte(input_ids))
+        for block, entry in zip(self.blocks, cache.layers):
+            x = block.step(x, entry, cache.pos)
+        cache.pos += T
+        return self.lm_head(self.norm(x))
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 128, temperature: float = 0.8,
+                 top_k: int | None = 40, top_p: float | None = 0.9, *, generator: torch.Generator | None = None,
+                 eos_id: int | None = None) -> torch.Tensor:
+        """[B, P] prompt ids -> [B, P + n]: the prompt followed by the new tokens (temperature 0 = greedy).
+
+        See `mixret.generate.generate`; warns when the context filled up before max_new_tokens.
+        """
+        from mixret.generate import generate
+        out = generate(self, input_ids, max_new_tokens, temperature, top_k, top_p, generator=generator,
+                       eos_id=eos_id)
+        if out.context_full:
+            warnings.warn(f"generation stopped at the model's context of {self.config.context} tokens",
+                          stacklevel=2)
+        return out.ids
 
     # -- save / load --------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike, tokenizer=None) -> None:

@@ -4,6 +4,7 @@ For each head, hypernetworks map token t (plus its position) to w1_t, w2_t in R^
     y_t = w2_t^T GELU(H_t / t),    H_t = sum_{s<=t} w1_s x_s^T   (prefix state, [k', d_head])
 so position t only sees positions <= t, and the cost is linear in L. The prefix sums run in chunks (fp32, with
 activation checkpointing per chunk while training), so memory per layer is O(chunk * k' * d), not O(L * k' * d).
+Incremental decoding (`step`) carries H_t per layer and head: O(k' * d) per token, whatever the position.
 """
 from __future__ import annotations
 
@@ -103,6 +104,22 @@ class HyperMixing(nn.Module):
             y = hypermix(w1, w2, xh, self.chunk, use_checkpoint=self.training and torch.is_grad_enabled())
         return self.proj(y.to(x.dtype).reshape(B, L, D))
 
+    def new_cache(self, batch_size: int, device, dtype) -> dict:
+        """The prefix state H_t per head, fp32: "state" [B, h, k', D/h] (the position t comes with each step)."""
+        D = self.proj.in_features
+        return {"state": torch.zeros(batch_size, self.h, self.k, D // self.h, device=device, dtype=torch.float32)}
+
+    def step(self, x: torch.Tensor, cache: dict, t: int) -> torch.Tensor:  # [B, T, D] at t..t+T-1 -> [B, T, D]
+        B, T, D = x.shape
+        w1, w2, xh = self.weights(x, start=t)
+        ys = []
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            for s in range(0, T, self.chunk):
+                y, cache["state"] = hypermix_chunk(w1[:, s:s + self.chunk].float(), w2[:, s:s + self.chunk].float(),
+                                                   xh[:, s:s + self.chunk].float(), cache["state"], t + s)
+                ys.append(y)
+        return self.proj(torch.cat(ys, dim=1).to(x.dtype).reshape(B, T, D))
+
 
 class HyperMixerBlock(nn.Module):
     """x + HyperMix(LN(x)), then x + FF(LN(x))."""
@@ -117,6 +134,13 @@ class HyperMixerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, D]
         x = x + self.drop_path(self.mix(self.ln1(x)))
+        return x + self.drop_path(self.ff(self.ln2(x)))
+
+    def new_cache(self, batch_size: int, device, dtype) -> dict:
+        return self.mix.new_cache(batch_size, device, dtype)
+
+    def step(self, x: torch.Tensor, cache: dict, t: int) -> torch.Tensor:  # [B, T, D] at positions t..t+T-1
+        x = x + self.drop_path(self.mix.step(self.ln1(x), cache, t))
         return x + self.drop_path(self.ff(self.ln2(x)))
 
 

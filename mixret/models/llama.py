@@ -1,4 +1,7 @@
-"""Llama-style transformer baseline: RoPE, RMSNorm, SwiGLU, causal scaled_dot_product_attention."""
+"""Llama-style transformer baseline: RoPE, RMSNorm, SwiGLU, causal scaled_dot_product_attention.
+
+Incremental decoding (`step`) keeps a KV cache: rotated keys and values of every position so far.
+"""
 from __future__ import annotations
 
 import torch
@@ -43,6 +46,24 @@ class Attention(nn.Module):
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, L, D))
 
+    def new_cache(self, batch_size: int, device, dtype) -> dict:
+        """Rotated keys "k" and values "v" so far: [B, H, context, E] each."""
+        D = self.proj.in_features
+        shape = (batch_size, self.h, self.cos.shape[0], D // self.h)
+        return {name: torch.zeros(shape, device=device, dtype=dtype) for name in ("k", "v")}
+
+    def step(self, x: torch.Tensor, cache: dict, t: int) -> torch.Tensor:  # [B, T, D] at t..t+T-1 -> [B, T, D]
+        B, T, D = x.shape
+        end = t + T
+        q, k, v = self.qkv(x).view(B, T, 3, self.h, D // self.h).permute(2, 0, 3, 1, 4)  # each [B, H, T, E]
+        cos, sin = self.cos[t:end], self.sin[t:end]
+        cache["k"][:, :, t:end] = apply_rope(k, cos, sin)
+        cache["v"][:, :, t:end] = v
+        sees = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=t)  # position t+i sees 0..t+i
+        y = F.scaled_dot_product_attention(apply_rope(q, cos, sin), cache["k"][:, :, :end], cache["v"][:, :, :end],
+                                           attn_mask=sees)
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
 
 class SwiGLU(nn.Module):
     """w2(silu(w1 x) * w3 x), hidden size 2/3 of ff_mult * d (rounded up to a multiple of 8)."""
@@ -70,6 +91,13 @@ class LlamaBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, D]
         x = x + self.drop_path(self.attn(self.ln1(x)))
+        return x + self.drop_path(self.ff(self.ln2(x)))
+
+    def new_cache(self, batch_size: int, device, dtype) -> dict:
+        return self.attn.new_cache(batch_size, device, dtype)
+
+    def step(self, x: torch.Tensor, cache: dict, t: int) -> torch.Tensor:  # [B, T, D] at positions t..t+T-1
+        x = x + self.drop_path(self.attn.step(self.ln1(x), cache, t))
         return x + self.drop_path(self.ff(self.ln2(x)))
 
 

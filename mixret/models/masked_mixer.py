@@ -2,6 +2,10 @@
 
 The mask is applied functionally (W * tril) in every forward pass, so masked entries get exactly zero
 gradient. An input of length L <= context uses the top-left L x L block of each mixing matrix.
+
+Incremental decoding (`step`) keeps, per layer, the mixing inputs seen so far (the normalised inputs; for
+the expanded mixer also the first matrix's GELU outputs; per-head projections; or the d_model-shifted copies
+for kernel k). A new position t then needs only row t of each matrix times the cached column: O(t * d).
 """
 from __future__ import annotations
 
@@ -32,12 +36,21 @@ class MaskedMixing(nn.Module):
     def masked(self, L: int) -> torch.Tensor:  # [n, L, L]
         return self.weight[:, :L, :L] * self.tril[:L, :L]
 
+    def rows(self, start: int, end: int) -> torch.Tensor:  # [n, end - start, end]
+        """Masked rows start..end-1 (columns 0..end-1): the weights that mix positions start..end-1."""
+        return self.weight[:, start:end, :end] * self.tril[start:end, :end]
+
+    @property
+    def context(self) -> int:
+        return self.weight.shape[-1]
+
 
 class FlatMix(nn.Module):
     """One masked matrix, or two with GELU between them (expanded)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.d_model = cfg.d_model
         self.mats = MaskedMixing(2 if cfg.mixer_expand else 1, cfg.context)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, D] -> [B, L, D]
@@ -47,6 +60,22 @@ class FlatMix(nn.Module):
         if W.shape[0] == 2:
             x = torch.einsum("ts,bsd->btd", W[1], F.gelu(x)) + b[1, :, None]
         return x
+
+    def new_cache(self, batch_size: int, device, dtype) -> dict:
+        """Inputs so far, [B, context, D]: "x" (normalised inputs) and, when expanded, "g" (first GELU outputs)."""
+        names = ("x", "g") if self.mats.weight.shape[0] == 2 else ("x",)
+        shape = (batch_size, self.mats.context, self.d_model)
+        return {name: torch.zeros(shape, device=device, dtype=dtype) for name in names}
+
+    def step(self, x: torch.Tensor, cache: dict, t: int) -> torch.Tensor:  # [B, T, D] at t..t+T-1 -> [B, T, D]
+        end = t + x.shape[1]
+        W, b = self.mats.rows(t, end), self.mats.bias[:, t:end]
+        cache["x"][:, t:end] = x
+        y = torch.einsum("ts,bsd->btd", W[0], cache["x"][:, :end]) + b[0, :, None]
+        if W.shape[0] == 2:
+            cache["g"][:, t:end] = F.gelu(y)
+            y = torch.einsum("ts,bsd->btd", W[1], cache["g"][:, :end]) + b[1, :, None]
+        return y
 
 
 class HeadsMix(nn.Module):
@@ -66,6 +95,20 @@ class HeadsMix(nn.Module):
         y = y + self.mats.bias[:, :L].T[None, :, :, None]
         return self.proj_out(y.reshape(B, L, D))
 
+    def new_cache(self, batch_size: int, device, dtype) -> dict:
+        """Projected inputs so far, per head: "x" [B, context, h, D/h]."""
+        D = self.proj_in.out_features
+        shape = (batch_size, self.mats.context, self.h, D // self.h)
+        return {"x": torch.zeros(shape, device=device, dtype=dtype)}
+
+    def step(self, x: torch.Tensor, cache: dict, t: int) -> torch.Tensor:  # [B, T, D] at t..t+T-1 -> [B, T, D]
+        B, T, D = x.shape
+        end = t + T
+        cache["x"][:, t:end] = self.proj_in(x).view(B, T, self.h, D // self.h)
+        y = torch.einsum("hts,bshe->bthe", self.mats.rows(t, end), cache["x"][:, :end])  # [B, T, h, D/h]
+        y = y + self.mats.bias[:, t:end].T[None, :, :, None]
+        return self.proj_out(y.reshape(B, T, D))
+
 
 class KernelMix(nn.Module):
     """k masked matrices convolved along d_model:
@@ -74,15 +117,31 @@ class KernelMix(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.k = cfg.mixer_kernel
+        self.d_model = cfg.d_model
         self.mats = MaskedMixing(self.k, cfg.context)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, D] -> [B, L, D]
-        L, D = x.shape[1], x.shape[2]
+    def shifted(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, D] -> [B, k, L, D]
+        """x[..., f + tau - k//2] for each tau, zero outside 0..D-1."""
+        D = x.shape[-1]
         left = self.k // 2
         xp = F.pad(x, (left, self.k - 1 - left))                              # [B, L, D + k - 1]
-        shifted = torch.stack([xp[..., tau:tau + D] for tau in range(self.k)], dim=1)  # [B, k, L, D]
-        y = torch.einsum("kts,bksd->btd", self.mats.masked(L), shifted)
+        return torch.stack([xp[..., tau:tau + D] for tau in range(self.k)], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, D] -> [B, L, D]
+        L = x.shape[1]
+        y = torch.einsum("kts,bksd->btd", self.mats.masked(L), self.shifted(x))
         return y + self.mats.bias[0, :L, None]
+
+    def new_cache(self, batch_size: int, device, dtype) -> dict:
+        """Shifted inputs so far: "x" [B, k, context, D]."""
+        shape = (batch_size, self.k, self.mats.context, self.d_model)
+        return {"x": torch.zeros(shape, device=device, dtype=dtype)}
+
+    def step(self, x: torch.Tensor, cache: dict, t: int) -> torch.Tensor:  # [B, T, D] at t..t+T-1 -> [B, T, D]
+        end = t + x.shape[1]
+        cache["x"][:, :, t:end] = self.shifted(x)
+        y = torch.einsum("kts,bksd->btd", self.mats.rows(t, end), cache["x"][:, :, :end])
+        return y + self.mats.bias[0, t:end, None]
 
 
 class MixerBlock(nn.Module):
@@ -103,6 +162,13 @@ class MixerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, D]
         x = x + self.drop_path(self.mix(self.ln1(x)))
+        return x + self.drop_path(self.ff(self.ln2(x)))
+
+    def new_cache(self, batch_size: int, device, dtype) -> dict:
+        return self.mix.new_cache(batch_size, device, dtype)
+
+    def step(self, x: torch.Tensor, cache: dict, t: int) -> torch.Tensor:  # [B, T, D] at positions t..t+T-1
+        x = x + self.drop_path(self.mix.step(self.ln1(x), cache, t))
         return x + self.drop_path(self.ff(self.ln2(x)))
 
 

@@ -1,0 +1,553 @@
+"""Text embeddings from a causal LM: the last layer at the last content token.
+
+A text becomes `[bos] + tokenizer.encode(text)`, the same prefix a training sequence starts with, and is
+truncated to `max_length` tokens (the first ones are kept). Pooling:
+    last  hidden state at the last content token (default)
+    eos   append eos and take its hidden state; eos never predicts anything in training, so this is
+          offered only for comparison
+    mean  mean hidden state over all tokens of the text (bos included)
+Texts are batched by length and right-padded; every architecture is causal, so padding never changes an
+embedding, and results come back in input order.
+
+`embed_corpus` writes an EMB_DIR:
+    embeddings.safetensors  one tensor "embeddings" [N, D], float32 or float16
+    ids.jsonl               {"id": str, "text": str} a line, in the same order
+    meta.json               model path and hash, arch, dim, pooling, max_length, count, truncated, ...
+It is built in a hidden sibling folder and renamed into place at the end, so an interrupted run never
+leaves an EMB_DIR that looks complete. Under torchrun each process embeds a contiguous shard, and rank 0
+merges the shards.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from mixret import io
+from mixret.errors import MixretError, where
+
+POOLINGS = ("last", "eos", "mean")
+EMB_NAME, IDS_NAME, META_NAME = "embeddings.safetensors", "ids.jsonl", "meta.json"
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
+PAIR_FIELDS = ("summary", "document")  # fields of a TinyStoriesInstruct .txt file read as pairs
+_CHUNK = 16384  # texts tokenized, length-sorted and embedded at a time (bounds the memory for token lists)
+
+
+# --- the encode API ---------------------------------------------------------------------------
+
+def encode(
+    model,
+    texts: str | Sequence[str],
+    batch_size: int = 64,
+    normalize_embeddings: bool = False,
+    convert_to_numpy: bool = True,
+    max_length: int | None = None,
+    pooling: str = "last",
+    show_progress_bar: bool | None = None,
+    device: str | torch.device | None = None,
+) -> np.ndarray | torch.Tensor:
+    """Embed texts with a causal LM (which needs `model.tokenizer`), sentence-transformers style.
+
+    Returns [N, D] float32 in input order (a numpy array, or a CPU tensor when convert_to_numpy=False);
+    a single string gives [D]. max_length defaults to the model's context; longer texts keep their first
+    tokens, with a warning giving the count. The model is moved to `device` (default: the GPU if there is
+    one and the model is on the CPU) and left there. Empty texts raise MixretError naming their index.
+    show_progress_bar=None shows a bar on a terminal when there is more than one batch.
+    """
+    single = isinstance(texts, str)
+    texts = check_texts([texts] if single else texts)
+    max_length = check_options(model, batch_size, max_length, pooling)
+    device = pick_device(model, device)
+    disable = not show_progress_bar if show_progress_bar is not None else (None if len(texts) > batch_size else True)
+    with tqdm(total=len(texts), unit="text", desc="embed", disable=disable) as bar:
+        E, truncated = encode_texts(model, texts, batch_size, max_length, pooling, device, bar)
+    if truncated:
+        warnings.warn(truncation_message(truncated, len(texts), max_length), stacklevel=2)
+    if normalize_embeddings:
+        E = F.normalize(E, dim=-1)
+    if single:
+        E = E[0]
+    return E.numpy() if convert_to_numpy else E
+
+
+def check_texts(texts: Sequence[str]) -> list[str]:
+    """texts as a list, or a MixretError naming the first one that is not a non-empty string."""
+    texts = list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise MixretError(f"text {i} is a {type(t).__name__}; expected a string")
+        if not t.strip():
+            raise MixretError(f"text {i} is empty; expected non-empty text (an empty text has nothing to embed)")
+    return texts
+
+
+def check_options(model, batch_size: int, max_length: int | None, pooling: str) -> int:
+    """Validate the options shared by encode and embed_corpus; returns the effective max_length."""
+    if getattr(model, "tokenizer", None) is None:
+        raise MixretError("the model has no tokenizer: load it with mixret.load from a folder with "
+                          f"{io.TOKENIZER_NAME}, or set model.tokenizer")
+    if pooling not in POOLINGS:
+        raise MixretError(f"unknown pooling {pooling!r}; expected one of {', '.join(POOLINGS)}")
+    if batch_size < 1:
+        raise MixretError(f"batch_size must be a positive integer, got {batch_size}")
+    context = model.config.context
+    max_length = context if max_length is None else max_length
+    shortest = 3 if pooling == "eos" else 2  # bos + one content token (+ eos)
+    if not shortest <= max_length <= context:
+        raise MixretError(f"max_length must be between {shortest} and the model's context {context} "
+                          f"for pooling {pooling!r}, got {max_length}")
+    return max_length
+
+
+def pick_device(model, device: str | torch.device | None) -> torch.device:
+    """The requested device, else the model's, except that a CPU model goes to the GPU when there is one."""
+    if device is None:
+        device = next(model.parameters()).device
+        if device.type == "cpu" and torch.cuda.is_available():
+            device = torch.device("cuda")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MixretError(f"device {device} requested but no CUDA GPU is available; use --device cpu")
+    model.to(device)
+    return device
+
+
+def truncation_message(truncated: int, total: int, max_length: int) -> str:
+    return (f"{truncated} of {total} texts were longer than {max_length} tokens and were truncated "
+            "(the start of each text was kept)")
+
+
+# --- tokens -> embeddings ---------------------------------------------------------------------
+
+def token_sequences(tokenizer, texts: list[str], max_length: int, pooling: str) -> tuple[list[list[int]], int]:
+    """Model inputs `[bos] + ids` (+ `[eos]` for pooling "eos") of at most max_length tokens.
+
+    Returns (sequences, number of texts that did not fit and lost their last tokens).
+    """
+    tail = [tokenizer.eos_id] if pooling == "eos" else []
+    room = max_length - 1 - len(tail)  # content tokens that fit
+    seqs, truncated = [], 0
+    for ids in tokenizer.encode_batch(texts):
+        truncated += len(ids) > room
+        seqs.append([tokenizer.bos_id] + ids[:room] + tail)
+    return seqs, truncated
+
+
+def pool(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """[B, L] right-padded ids and 0/1 mask -> [B, D] float32."""
+    if pooling == "mean":
+        h = model.hidden(input_ids).float()             # [B, L, D]
+        m = attention_mask.unsqueeze(-1).to(h.dtype)    # [B, L, 1]
+        return (h * m).sum(dim=1) / m.sum(dim=1)
+    # "last" and "eos": the last real token is the last content token, or the appended eos
+    return model.embed(input_ids, attention_mask).float()
+
+
+def embed_sequences(model, seqs: list[list[int]], batch_size: int, pooling: str, pad_id: int,
+                    device: torch.device, bar=None) -> torch.Tensor:
+    """[N] token sequences -> [N, D] float32 on the CPU, in input order.
+
+    Sequences are sorted longest first, so each batch pads little and memory peaks on the first batch.
+    """
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    out = torch.empty(len(seqs), model.config.d_model)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        L = len(seqs[idx[0]])
+        ids = torch.full((len(idx), L), pad_id, dtype=torch.long)   # [B, L]
+        mask = torch.zeros((len(idx), L), dtype=torch.long)        # [B, L]
+        for row, i in enumerate(idx):
+            ids[row, :len(seqs[i])] = torch.tensor(seqs[i])
+            mask[row, :len(seqs[i])] = 1
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out[idx] = pool(model, ids.to(device), mask.to(device), pooling).cpu()
+        if bar is not None:
+            bar.update(len(idx))
+    return out
+
+
+def encode_texts(model, texts: list[str], batch_size: int, max_length: int, pooling: str,
+                 device: torch.device, bar=None) -> tuple[torch.Tensor, int]:
+    """Checked texts -> ([N, D] float32 CPU tensor in input order, number of truncated texts).
+
+    Runs in eval mode under inference_mode (bf16 autocast on CUDA) and restores the model's mode after.
+    """
+    tokenizer = model.tokenizer
+    out = torch.empty(len(texts), model.config.d_model)
+    truncated = 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for s in range(0, len(texts), _CHUNK):
+                seqs, t = token_sequences(tokenizer, texts[s:s + _CHUNK], max_length, pooling)
+                out[s:s + len(seqs)] = embed_sequences(model, seqs, batch_size, pooling, tokenizer.pad_id,
+                                                       device, bar)
+                truncated += t
+    finally:
+        model.train(was_training)
+    return out, truncated
+
+
+# --- corpora ----------------------------------------------------------------------------------
+
+@dataclass
+class Corpus:
+    """Texts to embed with their ids; `skipped` counts records left out because their text was empty."""
+    ids: list[str]
+    texts: list[str]
+    skipped: int
+
+
+def read_corpus(corpus: str | os.PathLike, field: str = "text", id_field: str = "id") -> Corpus:
+    """Texts of `field` with ids from `id_field` (or the record's line / row number when it has none).
+
+    corpus is a .jsonl, .jsonl.gz or .parquet file, a Hugging Face dataset name ("train" split), or a
+    .txt file: with field "text" its documents (one a line, or `<|endoftext|>`-separated; ids are
+    document numbers), with field "summary" or "document" the Summary or Story of each
+    TinyStoriesInstruct record (ids as mixret.data.load_pairs gives them). Empty texts are skipped and
+    counted; malformed files, missing fields, repeated ids and a corpus without text raise MixretError.
+    """
+    from mixret import data
+
+    path = Path(corpus).expanduser()
+    if path.is_dir():
+        raise MixretError(f"{path}: is a folder; expected a {', '.join(data.SUFFIXES)} file or a dataset name")
+    local = path.exists() or data._suffix(path) in data.SUFFIXES or str(corpus).startswith((".", "/", "~"))
+    if not local:
+        rows, source = _hub_rows(str(corpus), field, id_field), str(corpus)
+    else:
+        suffix, source = data._check_file(path), path
+        if suffix == ".txt":
+            rows = _txt_rows(path, field)
+        elif suffix == ".parquet":
+            rows = _table_rows(data._parquet_table(path), field, id_field, path)
+        else:
+            rows = ((n, data._field(rec, field, path, n, "text"), rec.get(id_field))
+                    for n, rec in data._jsonl_records(path))
+    ids, texts, skipped, first = [], [], 0, {}
+    for n, text, rec_id in rows:
+        if not (text and text.strip()):
+            skipped += 1
+            continue
+        rec_id = str(n) if rec_id is None else str(rec_id)
+        if rec_id in first:
+            raise MixretError(f"{where(source, n)}: id {rec_id!r} repeats the id at {where(source, first[rec_id])}; "
+                              f"expected unique values in field {id_field!r}")
+        first[rec_id] = n
+        ids.append(rec_id)
+        texts.append(text)
+    if not texts:
+        raise MixretError(f"{source}: no texts to embed in field {field!r} ({skipped} empty); "
+                          "expected at least one non-empty text")
+    return Corpus(ids, texts, skipped)
+
+
+def _txt_rows(path: Path, field: str):
+    from mixret import data
+
+    if field == "text":
+        return ((n, t, None) for n, t in enumerate(data.load_texts(path)["text"], 1))
+    if field in PAIR_FIELDS:
+        pairs = data.load_pairs(path)
+        return ((n, p.query if field == "summary" else p.target, p.id) for n, p in enumerate(pairs, 1))
+    raise MixretError(f"{path}: a .txt file has no field {field!r}; expected 'text' (its documents) or "
+                      f"{' or '.join(repr(f) for f in PAIR_FIELDS)} (TinyStoriesInstruct summaries or stories)")
+
+
+def _table_rows(table, field: str, id_field: str, source):
+    """(row number from 1, text, id or None) for an Arrow table."""
+    import pyarrow as pa
+
+    if field not in table.column_names:
+        raise MixretError(f"{source}: no column {field!r} (columns: {', '.join(table.column_names)})")
+    kind = table.schema.field(field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise MixretError(f"{source}: column {field!r} should be text, got {kind}")
+    texts = table.column(field).to_pylist()
+    ids = table.column(id_field).to_pylist() if id_field in table.column_names else [None] * len(texts)
+    return zip(range(1, len(texts) + 1), texts, ids)
+
+
+def _hub_rows(name: str, field: str, id_field: str):
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split="train")
+    except Exception as e:  # network, missing repo or a bad builder: report whatever went wrong
+        raise MixretError(f"{name}: not a local file, and loading it as a Hugging Face dataset failed "
+                          f"({type(e).__name__}: {e})") from None
+    return _table_rows(ds.with_format("arrow")[:], field, id_field, name)
+
+
+# --- EMB_DIR ----------------------------------------------------------------------------------
+
+def embed_corpus(
+    model_dir: str | os.PathLike,
+    corpus: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    field: str = "text",
+    id_field: str = "id",
+    batch_size: int = 64,
+    dtype: str = "float32",
+    max_length: int | None = None,
+    pooling: str = "last",
+    overwrite: bool = False,
+    device: str | None = None,
+    show_progress_bar: bool | None = None,
+) -> dict:
+    """Embed a corpus (see read_corpus) with the model in model_dir and write out_dir as an EMB_DIR.
+
+    An existing out_dir is an error unless overwrite=True, and even then only an EMB_DIR is replaced,
+    once the new one is complete. Empty texts are skipped and counted in meta.json; truncation is
+    reported there and in a warning. Under torchrun (WORLD_SIZE > 1) each process embeds a contiguous
+    shard on its own GPU (or the CPU, with gloo) and rank 0 merges; the output folder must be on a file
+    system every process sees. Returns the meta dict.
+    """
+    from mixret.models import load
+
+    if dtype not in DTYPES:
+        raise MixretError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    model = load(model_dir)
+    max_length = check_options(model, batch_size, max_length, pooling)
+    check_out_dir(out_dir, overwrite)
+    corpus_data = read_corpus(corpus, field, id_field)
+    if corpus_data.skipped:
+        warnings.warn(f"{corpus}: skipped {corpus_data.skipped} records with empty {field!r} text", stacklevel=2)
+
+    group = Group.from_env()
+    try:
+        device = pick_device(model, device if device is not None else group.device)
+        n = len(corpus_data.texts)
+        lo, hi = n * group.rank // group.world, n * (group.rank + 1) // group.world
+        tmp = group.broadcast(tempfile.mkdtemp(dir=_parent(out_dir), prefix=f".{out_dir.name}.", suffix=".partial")
+                              if group.rank == 0 else None)
+        try:
+            # rank 0 only; None: shown on a terminal
+            disable = None if show_progress_bar is None else not show_progress_bar
+            with tqdm(total=hi - lo, unit="text", desc="embed", disable=disable if group.rank == 0 else True) as bar:
+                E, truncated = encode_texts(model, corpus_data.texts[lo:hi], batch_size, max_length, pooling,
+                                            device, bar)
+            if group.world > 1:
+                E, truncated = group.gather_shards(Path(tmp), E, truncated)
+            meta = None
+            if group.rank == 0:
+                meta = emb_meta(model_dir, model, corpus, field, id_field, pooling, max_length, dtype,
+                                count=E.shape[0], truncated=truncated, skipped=corpus_data.skipped)
+                write_emb_dir(Path(tmp), E.to(DTYPES[dtype]), corpus_data.ids, corpus_data.texts, meta)
+                install(Path(tmp), out_dir)
+            group.barrier()
+        except BaseException:
+            if group.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        group.close()
+    if meta is not None and truncated:
+        warnings.warn(f"{corpus}: " + truncation_message(truncated, meta["count"], max_length), stacklevel=2)
+    return meta if meta is not None else {}
+
+
+def emb_meta(model_dir: Path, model, corpus, field: str, id_field: str, pooling: str, max_length: int,
+             dtype: str, count: int, truncated: int, skipped: int) -> dict:
+    """meta.json of an EMB_DIR: where the embeddings came from and how they were made."""
+    from mixret import __version__
+
+    kept = f"[bos] + the first {max_length - 1} text tokens" if pooling != "eos" else \
+        f"[bos] + the first {max_length - 2} text tokens + [eos]"
+    return {
+        "kind": "embeddings",
+        "mixret_version": __version__,
+        "model_path": str(model_dir.resolve()),
+        "model_hash": io.file_hash(model_dir / io.WEIGHTS_NAME),
+        "arch": model.config.arch,
+        "dim": model.config.d_model,
+        "pooling": pooling,
+        "max_length": max_length,
+        "truncation": f"longer texts keep {kept}",
+        "count": count,
+        "truncated": truncated,
+        "skipped_empty": skipped,
+        "dtype": dtype,
+        "corpus": str(corpus),
+        "field": field,
+        "id_field": id_field,
+    }
+
+
+def default_model_dir(runs: str | os.PathLike = "runs") -> Path:
+    """The most recently written language model folder under `runs` (a folder whose config.json is a clm)."""
+    found = []
+    for cfg in Path(runs).glob(f"*/{io.CONFIG_NAME}"):
+        try:
+            if json.loads(cfg.read_text(encoding="utf-8")).get("kind") == "clm":
+                found.append((cfg.stat().st_mtime, cfg.parent))
+        except (OSError, ValueError):
+            continue
+    if not found:
+        raise MixretError(f"no model given and no model found in {Path(runs).resolve()}; pass --model DIR")
+    return max(found)[1]
+
+
+def default_out_dir(model_dir: str | os.PathLike, corpus: str | os.PathLike, field: str) -> Path:
+    """emb/MODEL/CORPUS-FIELD, e.g. emb/small/pairs-document for data/pairs.jsonl.gz."""
+    stem = Path(str(corpus).rstrip("/")).name.split(".")[0] or "corpus"
+    return Path("emb") / Path(model_dir).resolve().name / f"{stem}-{field}"
+
+
+def _parent(out_dir: Path) -> Path:
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return out_dir.parent
+
+
+def check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse an existing out_dir unless overwrite, and never replace a folder that is not an EMB_DIR."""
+    if not out_dir.exists():
+        return
+    if not overwrite:
+        raise MixretError(f"{out_dir}: already exists; pass --overwrite (overwrite=True) to replace it")
+    meta = out_dir / META_NAME
+    is_emb_dir = out_dir.is_dir() and meta.is_file() and io.read_json(meta).get("kind") == "embeddings"
+    if not is_emb_dir and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise MixretError(f"{out_dir}: exists and is not an embeddings folder (no {META_NAME} of kind "
+                          "'embeddings'); refusing to replace it, choose another output folder")
+
+
+def install(tmp: Path, out_dir: Path) -> None:
+    """Move the finished folder tmp to out_dir, replacing an old out_dir only now that tmp is complete."""
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".old"))
+        os.replace(out_dir, old / "old")
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out_dir)
+
+
+def write_emb_dir(directory: Path, E: torch.Tensor, ids: list[str], texts: list[str], meta: dict) -> None:
+    """Write embeddings, ids and (last) meta.json into directory."""
+    from safetensors.torch import save_file
+
+    save_file({"embeddings": E.contiguous()}, str(directory / EMB_NAME))
+    with open(directory / IDS_NAME, "w", encoding="utf-8") as f:
+        for i, t in zip(ids, texts):
+            f.write(json.dumps({"id": i, "text": t}, ensure_ascii=False) + "\n")
+    io.write_json(directory / META_NAME, meta)
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [directory, *directory.iterdir()]:  # mkdtemp and mkstemp create private (0700 / 0600) entries
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def load_emb_dir(directory: str | os.PathLike) -> tuple[np.ndarray, list[str], list[str], dict]:
+    """(embeddings [N, D] float32, ids, texts, meta) of an EMB_DIR written by embed_corpus."""
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise MixretError(f"{directory}: embeddings folder not found")
+    meta = io.read_json(directory / META_NAME, "embeddings meta file (is this a complete EMB_DIR?)")
+    emb_path, ids_path = directory / EMB_NAME, directory / IDS_NAME
+    for p in (emb_path, ids_path):
+        if not p.is_file():
+            raise MixretError(f"{p}: not found; expected an EMB_DIR with {EMB_NAME}, {IDS_NAME} and {META_NAME}")
+    try:
+        with safe_open(str(emb_path), framework="np") as f:
+            if "embeddings" not in f.keys():
+                raise MixretError(f"{emb_path}: no tensor named 'embeddings' (found {', '.join(f.keys()) or 'none'})")
+            E = f.get_tensor("embeddings")
+    except MixretError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise MixretError(f"{emb_path}: cannot read safetensors file ({e})") from None
+    if E.ndim != 2:
+        raise MixretError(f"{emb_path}: 'embeddings' has shape {E.shape}; expected [N, D]")
+    ids, texts = [], []
+    with open(ids_path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                rec = json.loads(raw.decode("utf-8"))
+                ids.append(str(rec["id"]))
+                texts.append(rec["text"])
+            except (UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError) as e:
+                raise MixretError(f"{where(ids_path, n)}: expected a JSON object with 'id' and 'text' "
+                                  f"({type(e).__name__}: {e})") from None
+    if len(ids) != E.shape[0] or meta.get("count", E.shape[0]) != E.shape[0]:
+        raise MixretError(f"{directory}: {E.shape[0]} embeddings but {len(ids)} lines in {IDS_NAME} "
+                          f"and count {meta.get('count')} in {META_NAME}; expected the same number")
+    return E.astype(np.float32), ids, texts, meta
+
+
+# --- torchrun ---------------------------------------------------------------------------------
+
+class Group:
+    """The torchrun process group (WORLD_SIZE > 1: nccl on GPUs, gloo on CPUs) or a single process."""
+
+    def __init__(self, rank: int, world: int, device: str | None, owned: bool):
+        self.rank, self.world, self.device, self.owned = rank, world, device, owned
+
+    @classmethod
+    def from_env(cls) -> "Group":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls(0, 1, None, False)
+        import torch.distributed as dist
+
+        device = None
+        if torch.cuda.is_available():
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            torch.cuda.set_device(device)
+        owned = not dist.is_initialized()
+        if owned:
+            dist.init_process_group("nccl" if device else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size(), device, owned)
+
+    def broadcast(self, obj):
+        """rank 0's obj, on every rank."""
+        if self.world == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.barrier()
+
+    def gather_shards(self, tmp: Path, E: torch.Tensor, truncated: int) -> tuple[torch.Tensor, int]:
+        """Each rank writes tmp/shard-{rank}.safetensors; rank 0 returns them concatenated in rank order."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file, save_file
+
+        save_file({"embeddings": E.contiguous()}, str(tmp / f"shard-{self.rank}.safetensors"),
+                  metadata={"truncated": str(truncated)})
+        self.barrier()
+        if self.rank != 0:
+            return E, truncated
+        parts, total = [], 0
+        for r in range(self.world):
+            path = tmp / f"shard-{r}.safetensors"
+            with safe_open(str(path), framework="pt") as f:
+                total += int(f.metadata()["truncated"])
+            parts.append(load_file(str(path))["embeddings"])
+            path.unlink()
+        return torch.cat(parts), total
+
+    def close(self) -> None:
+        if self.owned:
+            import torch.distributed as dist
+            dist.destroy_process_group()

@@ -1,0 +1,520 @@
+"""Search a corpus of embeddings four ways: vector (FAISS), tree (matcher tournament), hybrid, bm25.
+
+- vector: FAISS top-k over the corpus embeddings, the index built from a factory string
+  ("Flat", "HNSW32", "IVF1024,Flat", "IVF4096,PQ32", ...). With metric "ip" the corpus and the
+  queries are L2-normalised first (cosine similarity).
+- tree: a knockout tournament over the whole corpus with the matcher, no vector index.
+- hybrid: a shortlist from the vector index (or BM25), ranked by the same tournament.
+- bm25: BM25 over the corpus texts with bm25s (English stopwords), a lexical baseline.
+
+The tournament. The matcher scores one query against up to G = context-1 candidates at once, and
+its logits are relative to the other candidates of the set (softmax over the slots), so logits from
+different sets are never compared. Each round takes the survivors in order, splits off as many full
+groups of G as there are, scores every group of every query in one batched call and keeps the top k
+of each group; the survivors that did not fill a group wait for the next round. When at most G
+survivors are left, one last pass over them gives the final ranking and scores. Every pass but the
+last turns G candidates into k, so a corpus of M > G costs
+
+    passes(M, k, G) = ceil((M - k) / (G - k))     (1 when M <= G)
+
+matcher forward passes per query: ceil((M - 1) / (context - 2)) for k = 1. It needs k < G when
+M > G. When the matcher's logit for a candidate does not depend on the other candidates, the top k
+of the corpus are never knocked out (each is in the top k of every group it plays in), so the
+tournament returns exactly the corpus top k.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from mixret import io
+from mixret.errors import MixretError
+
+INDEX_NAME = "index.faiss"
+INDEX_META_NAME = "index.json"
+MODES = ("vector", "tree", "hybrid", "bm25")
+SHORTLIST_SOURCES = ("vector", "bm25")
+IVF_MIN_POINTS_PER_LIST = 39   # FAISS's own minimum of training points per k-means centroid
+IVF_NPROBE = 16                # inverted lists visited per query (at most nlist)
+HNSW_EF_SEARCH = 64            # HNSW search breadth (raised to k when k is larger)
+
+# score_fn(queries [B, E], candidates [B, N, E], mask [B, N] bool) -> logits [B, N]
+ScoreFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+# -- vector index -----------------------------------------------------------------------------
+
+def _as_matrix(x, what: str) -> np.ndarray:
+    x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+    if x.ndim != 2 or x.shape[1] == 0:
+        raise MixretError(f"{what} must be a [N, D] matrix, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise MixretError(f"{what} contain NaN or infinite values")
+    return x
+
+
+def _normalized(x: np.ndarray) -> np.ndarray:
+    import faiss
+    x = x.copy()
+    faiss.normalize_L2(x)
+    return x
+
+
+def _fit_factory(factory: str, count: int, dim: int) -> str:
+    """The factory string, with IVF nlist shrunk (with a warning) to what `count` vectors can train.
+
+    An IVF index with nlist lists needs IVF_MIN_POINTS_PER_LIST * nlist training vectors; with fewer,
+    nlist becomes count // IVF_MIN_POINTS_PER_LIST (at least 1). PQ needs dim divisible by its
+    number of sub-quantizers and 2**nbits training vectors; otherwise it is an error.
+    """
+    m = re.search(r"IVF(\d+)", factory)
+    if m:
+        nlist = int(m.group(1))
+        if count < IVF_MIN_POINTS_PER_LIST * nlist:
+            fitted = max(1, count // IVF_MIN_POINTS_PER_LIST)
+            warnings.warn(f"{m.group(0)} needs at least {IVF_MIN_POINTS_PER_LIST * nlist} vectors to train, "
+                          f"the corpus has {count}: using IVF{fitted} instead", stacklevel=3)
+            factory = factory[:m.start()] + f"IVF{fitted}" + factory[m.end():]
+    m = re.search(r"PQ(\d+)(?:x(\d+))?", factory)
+    if m:
+        n_sub, nbits = int(m.group(1)), int(m.group(2) or 8)
+        if dim % n_sub:
+            raise MixretError(f"FAISS factory {factory!r}: {m.group(0)} splits vectors into {n_sub} parts, "
+                              f"but the embedding dim {dim} is not divisible by {n_sub}")
+        if count < 2 ** nbits:
+            raise MixretError(f"FAISS factory {factory!r}: {m.group(0)} trains {2 ** nbits} centroids per part "
+                              f"and needs at least {2 ** nbits} vectors, the corpus has {count} "
+                              f"(use Flat or HNSW32 for a corpus this small)")
+    return factory
+
+
+class VectorIndex:
+    """A FAISS index over corpus embeddings, with the facts needed to check it matches its queries."""
+
+    def __init__(self, index, factory: str, metric: str, normalize: bool, meta: dict | None = None):
+        self.index = index
+        self.factory = factory
+        self.metric = metric
+        self.normalize = normalize
+        self.meta = dict(meta or {})
+
+    @property
+    def dim(self) -> int:
+        return self.index.d
+
+    @property
+    def count(self) -> int:
+        return self.index.ntotal
+
+    @classmethod
+    def build(cls, embeddings, factory: str = "Flat", metric: str = "ip", normalize: bool | None = None,
+              meta: dict | None = None) -> "VectorIndex":
+        """Index embeddings [N, D]. normalize (default: metric == "ip") L2-normalises the vectors;
+        IVF and PQ indexes are trained on the embeddings themselves."""
+        import faiss
+        x = _as_matrix(embeddings, "embeddings")
+        if metric not in ("ip", "l2"):
+            raise MixretError(f"unknown metric {metric!r}; expected 'ip' or 'l2'")
+        normalize = metric == "ip" if normalize is None else normalize
+        if normalize:
+            x = _normalized(x)
+        fitted = _fit_factory(factory, len(x), x.shape[1])
+        faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
+        try:
+            index = faiss.index_factory(x.shape[1], fitted, faiss_metric)
+        except RuntimeError as e:
+            raise MixretError(f"invalid FAISS factory string {factory!r} ({_faiss_message(e)}); "
+                              f"expected e.g. Flat, HNSW32, IVF1024,Flat or IVF4096,PQ32") from None
+        if hasattr(index, "pq"):
+            _quiet_pq_training(index.pq, len(x), fitted)
+        try:
+            if not index.is_trained:
+                index.train(x)
+            index.add(x)
+        except RuntimeError as e:
+            raise MixretError(f"cannot build FAISS index {fitted!r} on {len(x)} vectors: {_faiss_message(e)}") from None
+        return cls(index, fitted, metric, normalize, meta)
+
+    def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """queries [Q, D] -> (scores [Q, k] float32, indices [Q, k] int64; -1 where an approximate
+        index found fewer than k). Scores are inner products, or squared L2 distances (lower is nearer)."""
+        import faiss
+        q = _as_matrix(queries, "query embeddings")
+        if q.shape[1] != self.dim:
+            raise MixretError(f"query embeddings have dim {q.shape[1]} but the index has dim {self.dim} "
+                              f"(embed queries with the model that embedded the corpus)")
+        if not 1 <= k <= self.count:
+            raise MixretError(f"k must be between 1 and the corpus size {self.count}, got {k}")
+        if self.normalize:
+            q = _normalized(q)
+        ivf = faiss.try_extract_index_ivf(self.index)
+        if ivf is not None:
+            ivf.nprobe = min(IVF_NPROBE, ivf.nlist)
+        if hasattr(self.index, "hnsw"):
+            self.index.hnsw.efSearch = max(HNSW_EF_SEARCH, k)
+        scores, indices = self.index.search(q, k)
+        return scores, indices.astype(np.int64)
+
+    # -- save / load --------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write directory/index.faiss, then directory/index.json, each atomically."""
+        import faiss
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{INDEX_NAME}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            faiss.write_index(self.index, tmp)
+            os.replace(tmp, directory / INDEX_NAME)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        io.write_json(directory / INDEX_META_NAME, {
+            **self.meta, "factory": self.factory, "metric": self.metric, "normalize": self.normalize,
+            "dim": self.dim, "count": self.count,
+        })
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, expected_dim: int | None = None,
+             expected_model_hash: str | None = None, expected_count: int | None = None) -> "VectorIndex":
+        """Read an index written by `save`; refuse one whose dim, model hash or size differ from the expected."""
+        import faiss
+        directory = Path(directory)
+        meta_path, index_path = directory / INDEX_META_NAME, directory / INDEX_NAME
+        for path in (meta_path, index_path):
+            if not path.is_file():
+                raise MixretError(f"{path}: index file not found (build the index with `mixret index {directory}`)")
+        meta = io.read_json(meta_path, "index metadata")
+        missing = [key for key in ("factory", "metric", "normalize", "dim", "count") if key not in meta]
+        if missing:
+            raise MixretError(f"{meta_path}: index metadata lacks {', '.join(missing)} "
+                              f"(rebuild it with `mixret index {directory}`)")
+        if expected_dim is not None and meta["dim"] != expected_dim:
+            raise MixretError(f"{meta_path}: the index holds {meta['dim']}-dim vectors but the model gives "
+                              f"{expected_dim}-dim embeddings: it was built from another model")
+        stored_hash = meta.get("model_hash")
+        if expected_model_hash is not None and stored_hash is not None and stored_hash != expected_model_hash:
+            raise MixretError(f"{meta_path}: the index was built from embeddings of model {stored_hash}, "
+                              f"not of this model ({expected_model_hash}); search with the model that "
+                              f"embedded the corpus, or re-embed and re-index")
+        if expected_count is not None and meta["count"] != expected_count:
+            raise MixretError(f"{meta_path}: the index holds {meta['count']} vectors but the corpus has "
+                              f"{expected_count} (rebuild it with `mixret index {directory}`)")
+        try:
+            index = faiss.read_index(str(index_path))
+        except RuntimeError as e:
+            raise MixretError(f"{index_path}: cannot read FAISS index ({_faiss_message(e)})") from None
+        if index.d != meta["dim"] or index.ntotal != meta["count"]:
+            raise MixretError(f"{index_path}: holds {index.ntotal} vectors of dim {index.d} but {meta_path} "
+                              f"says {meta['count']} of dim {meta['dim']} (rebuild it with `mixret index {directory}`)")
+        known = ("factory", "metric", "normalize", "dim", "count")
+        return cls(index, meta["factory"], meta["metric"], bool(meta["normalize"]),
+                   {k: v for k, v in meta.items() if k not in known})
+
+
+def _quiet_pq_training(pq, count: int, factory: str) -> None:
+    """One Python warning, instead of one FAISS message per sub-quantizer, when PQ training is thin."""
+    wanted = IVF_MIN_POINTS_PER_LIST * pq.ksub
+    if count < wanted:
+        warnings.warn(f"{factory}: product quantizer trains {pq.ksub} centroids per part on {count} vectors "
+                      f"(FAISS recommends at least {wanted}); its distances will be coarse", stacklevel=4)
+        pq.cp.min_points_per_centroid = 1
+
+
+def _faiss_message(e: Exception) -> str:
+    """The first informative line of a FAISS C++ exception."""
+    text = " ".join(str(e).split())
+    m = re.search(r" at \S+:\d+: (.*)", text)
+    return (m.group(1) if m else text) or type(e).__name__
+
+
+# -- BM25 -------------------------------------------------------------------------------------
+
+class BM25Index:
+    """BM25 (bm25s, Lucene variant) over texts tokenised with bm25s.tokenize and English stopwords."""
+
+    def __init__(self, texts: Sequence[str]):
+        import bm25s
+        if len(texts) == 0:
+            raise MixretError("cannot build a BM25 index over an empty corpus")
+        self.count = len(texts)
+        self.retriever = bm25s.BM25()
+        tokens = bm25s.tokenize(list(texts), stopwords="en", show_progress=False)
+        self.retriever.index(tokens, show_progress=False)
+
+    def search(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """queries -> (scores [Q, k] float32, indices [Q, k] int64), best first."""
+        import bm25s
+        if not 1 <= k <= self.count:
+            raise MixretError(f"k must be between 1 and the corpus size {self.count}, got {k}")
+        tokens = bm25s.tokenize(list(queries), stopwords="en", return_ids=False, show_progress=False)
+        indices, scores = self.retriever.retrieve(tokens, k=k, show_progress=False, n_threads=1)
+        return scores.astype(np.float32), indices.astype(np.int64)
+
+
+# -- tournament -------------------------------------------------------------------------------
+
+def tournament_passes(n: int, k: int, group_size: int) -> int:
+    """Matcher forward passes per query of a tournament over n candidates (see the module docstring)."""
+    if n <= 0:
+        return 0
+    if n <= group_size:
+        return 1
+    return math.ceil((n - k) / (group_size - k))
+
+
+def check_tournament(n: int, k: int, group_size: int) -> None:
+    if group_size < 2:
+        raise MixretError(f"tournament groups need at least 2 candidates, got group size {group_size}")
+    if k < 1:
+        raise MixretError(f"k must be at least 1, got {k}")
+    if n > group_size and k >= group_size:
+        raise MixretError(f"the tournament keeps the top k of each group of {group_size} candidates "
+                          f"(matcher context - 1), so k must be below {group_size}; got k={k}")
+
+
+def tournament(score_fn: ScoreFn, queries, corpus, k: int, group_size: int,
+               candidates: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rank candidates for each query by a knockout tournament of matcher passes.
+
+    queries [Q, E], corpus [M, E], candidates [Q, S] corpus indices (-1 = none; default: the whole
+    corpus for every query) -> (indices [Q, k'] int64, scores [Q, k'] float32, passes [Q] int64) with
+    k' = min(k, S), best first; indices are -1 (scores -inf) where a query had fewer candidates.
+    passes counts, per query, the groups holding at least one candidate.
+    """
+    q = np.asarray(queries, dtype=np.float32)
+    corpus = np.asarray(corpus, dtype=np.float32)
+    if candidates is None:
+        candidates = np.broadcast_to(np.arange(len(corpus)), (len(q), len(corpus)))
+    survivors = np.asarray(candidates, dtype=np.int64)                  # [Q, S]
+    Q, G = len(q), group_size
+    check_tournament(survivors.shape[1], k, G)
+    if Q == 0:
+        width = min(k, survivors.shape[1])
+        return np.zeros((0, width), np.int64), np.zeros((0, width), np.float32), np.zeros(0, np.int64)
+    passes = np.zeros(Q, dtype=np.int64)
+    while survivors.shape[1] > G:
+        n_groups = survivors.shape[1] // G
+        groups = survivors[:, :n_groups * G].reshape(Q * n_groups, G)  # [Q*g, G]
+        logits = _score_groups(score_fn, np.repeat(q, n_groups, axis=0), corpus, groups)
+        passes += (groups >= 0).any(1).reshape(Q, n_groups).sum(1)
+        best = np.argsort(-logits, axis=1, kind="stable")[:, :k]        # [Q*g, k]
+        winners = np.take_along_axis(groups, best, axis=1).reshape(Q, n_groups * k)
+        survivors = np.concatenate([survivors[:, n_groups * G:], winners], axis=1)
+    logits = _score_groups(score_fn, q, corpus, survivors)              # [Q, n <= G]
+    passes += (survivors >= 0).any(1)
+    order = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    indices = np.take_along_axis(survivors, order, axis=1)
+    scores = np.take_along_axis(logits, order, axis=1)
+    return indices, scores.astype(np.float32), passes
+
+
+def tree_search(score_fn: ScoreFn, query, corpus, k: int, group_size: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Tournament of one query [E] over the whole corpus [M, E] -> (indices [k], scores [k], passes)."""
+    corpus = np.asarray(corpus, dtype=np.float32)
+    if not 1 <= k <= len(corpus):
+        raise MixretError(f"k must be between 1 and the corpus size {len(corpus)}, got {k}")
+    indices, scores, passes = tournament(score_fn, np.asarray(query, dtype=np.float32)[None], corpus, k, group_size)
+    return indices[0], scores[0], int(passes[0])
+
+
+def _score_groups(score_fn: ScoreFn, queries: np.ndarray, corpus: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """score_fn over groups [B, N] of corpus indices (-1 = empty slot) -> logits [B, N], -inf at empty slots."""
+    mask = groups >= 0
+    logits = np.asarray(score_fn(queries, corpus[np.where(mask, groups, 0)], mask), dtype=np.float32)
+    return np.where(mask, logits, -np.inf)
+
+
+def matcher_score_fn(matcher, batch_size: int = 1024) -> ScoreFn:
+    """A ScoreFn running the matcher without gradients, batch_size candidate sets per forward call."""
+    device = next(matcher.parameters()).device
+
+    @torch.no_grad()
+    def score(queries: np.ndarray, cands: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        was_training = matcher.training
+        matcher.eval()
+        try:
+            out = []
+            for i in range(0, len(queries), batch_size):
+                m = torch.from_numpy(np.ascontiguousarray(mask[i:i + batch_size])).to(device)
+                out.append(matcher(torch.from_numpy(queries[i:i + batch_size]).to(device),
+                                   torch.from_numpy(np.ascontiguousarray(cands[i:i + batch_size])).to(device),
+                                   None if bool(m.all()) else m).float().cpu())
+        finally:
+            matcher.train(was_training)
+        return torch.cat(out).numpy()
+    return score
+
+
+# -- retriever --------------------------------------------------------------------------------
+
+@dataclass
+class SearchResult:
+    """Ranked corpus rows per query: indices [Q, k] int64 (-1 = none), scores [Q, k] float32,
+    passes [Q] int64 matcher forward passes (0 for vector and bm25), seconds spent searching."""
+    indices: np.ndarray
+    scores: np.ndarray
+    passes: np.ndarray
+    seconds: float = 0.0
+
+
+class Retriever:
+    """A corpus searchable in every mode: texts and their embeddings [M, E] (None for bm25 only), plus
+    whatever each mode needs (a VectorIndex, built as Flat on first use when not given; a matcher for
+    tree and hybrid)."""
+
+    def __init__(self, embeddings, texts: Sequence[str], index: VectorIndex | None = None,
+                 matcher=None, query_chunk_bytes: int = 1 << 28):
+        self.texts = list(texts)
+        self.embeddings = None if embeddings is None else _as_matrix(embeddings, "corpus embeddings")
+        if not self.texts:
+            raise MixretError("the corpus is empty")
+        if self.embeddings is None:
+            if index is not None or matcher is not None:
+                raise MixretError("a vector index or a matcher needs the corpus embeddings")
+        elif len(self.texts) != len(self.embeddings):
+            raise MixretError(f"the corpus has {len(self.embeddings)} embeddings but {len(self.texts)} texts")
+        if index is not None and (index.count, index.dim) != self.embeddings.shape:
+            raise MixretError(f"the index holds {index.count} vectors of dim {index.dim}, the corpus "
+                              f"{self.embeddings.shape[0]} of dim {self.embeddings.shape[1]}")
+        if matcher is not None and matcher.config.emb_dim != self.embeddings.shape[1]:
+            raise MixretError(f"the matcher takes {matcher.config.emb_dim}-dim embeddings but the corpus has "
+                              f"{self.embeddings.shape[1]}-dim ones: it was trained on another model's embeddings")
+        self._index = index
+        self._bm25: BM25Index | None = None
+        self.matcher = matcher
+        self.query_chunk_bytes = query_chunk_bytes  # bound on the candidate embeddings gathered at once
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @property
+    def index(self) -> VectorIndex:
+        if self._index is None:
+            self._index = VectorIndex.build(self.embeddings)
+        return self._index
+
+    @property
+    def bm25(self) -> BM25Index:
+        if self._bm25 is None:
+            self._bm25 = BM25Index(self.texts)
+        return self._bm25
+
+    @property
+    def group_size(self) -> int:
+        return self.matcher.config.context - 1
+
+    def search(self, mode: str, k: int, query_emb=None, queries: Sequence[str] | None = None,
+               shortlist: int = 256, shortlist_from: str = "vector") -> SearchResult:
+        """Top k per query. vector and tree need query_emb [Q, E]; bm25 needs the query texts;
+        hybrid needs query_emb and, with shortlist_from="bm25", the texts as well."""
+        import time
+        if mode not in MODES:
+            raise MixretError(f"unknown search mode {mode!r}; expected one of {', '.join(MODES)}")
+        if not 1 <= k <= len(self):
+            raise MixretError(f"k={k} but the corpus has {len(self)} texts; k must be between 1 and {len(self)}")
+        if mode in ("tree", "hybrid") and self.matcher is None:
+            raise MixretError(f"{mode} search needs a matcher (--matcher DIR)")
+        start = time.perf_counter()
+        if mode == "bm25":
+            scores, indices = self.bm25.search(self._texts(queries), k)
+            passes = np.zeros(len(indices), dtype=np.int64)
+        elif mode == "vector":
+            scores, indices = self.index.search(self._query_emb(query_emb), k)
+            passes = np.zeros(len(indices), dtype=np.int64)
+        elif mode == "tree":
+            q = self._query_emb(query_emb)
+            check_tournament(len(self), k, self.group_size)
+            indices, scores, passes = self._tournament(q, None, k)
+        else:
+            q = self._query_emb(query_emb)
+            if shortlist_from not in SHORTLIST_SOURCES:
+                raise MixretError(f"unknown shortlist source {shortlist_from!r}; expected vector or bm25")
+            size = min(shortlist, len(self))
+            if size < k:
+                raise MixretError(f"the shortlist ({shortlist}) must hold at least k={k} candidates")
+            check_tournament(size, k, self.group_size)
+            if shortlist_from == "vector":
+                _, cands = self.index.search(q, size)
+            else:
+                _, cands = self.bm25.search(self._texts(queries), size)
+            indices, scores, passes = self._tournament(q, cands, k)
+        return SearchResult(indices, scores, passes, time.perf_counter() - start)
+
+    def _tournament(self, q: np.ndarray, cands: np.ndarray | None, k: int):
+        """The tournament in chunks of queries, so that the gathered candidates stay within budget."""
+        score_fn = matcher_score_fn(self.matcher)
+        n = len(self) if cands is None else cands.shape[1]
+        chunk = max(1, self.query_chunk_bytes // (4 * n * self.embeddings.shape[1]))
+        parts = [tournament(score_fn, q[i:i + chunk], self.embeddings, k, self.group_size,
+                            None if cands is None else cands[i:i + chunk])
+                 for i in range(0, len(q), chunk)]
+        return tuple(np.concatenate(p) for p in zip(*parts))
+
+    def _query_emb(self, query_emb) -> np.ndarray:
+        if query_emb is None or self.embeddings is None:
+            raise MixretError("this search mode needs the query and corpus embeddings")
+        q = _as_matrix(query_emb, "query embeddings")
+        if q.shape[1] != self.embeddings.shape[1]:
+            raise MixretError(f"query embeddings have dim {q.shape[1]} but the corpus embeddings have dim "
+                              f"{self.embeddings.shape[1]} (embed queries with the model that embedded the corpus)")
+        return q
+
+    def _texts(self, queries) -> list[str]:
+        if queries is None:
+            raise MixretError("bm25 search needs the query texts")
+        return list(queries)
+
+
+# -- loading what a search needs --------------------------------------------------------------
+
+def load_model_checked(model_dir: str | os.PathLike, emb_meta: dict | None = None, emb_dir=None):
+    """Load the language model in model_dir -> (model, weights hash); refuse it when emb_meta (the
+    meta.json of the EMB_DIR it will be searched against) names another model or dim."""
+    from mixret.models import load
+    model = load(model_dir)
+    model_hash = io.file_hash(Path(model_dir) / io.WEIGHTS_NAME)
+    if emb_meta is not None:
+        meta_path = Path(emb_dir) / "meta.json" if emb_dir is not None else "the embeddings"
+        stored = emb_meta.get("model_hash")
+        if stored is not None and stored != model_hash:
+            raise MixretError(f"{meta_path}: the corpus was embedded with model {stored} "
+                              f"({emb_meta.get('model_path', 'path unknown')}), not with {model_dir} ({model_hash}); "
+                              f"queries must be embedded with the same model")
+        dim = emb_meta.get("dim")
+        if dim is not None and dim != model.config.d_model:
+            raise MixretError(f"{meta_path}: the corpus embeddings have dim {dim} but {model_dir} gives "
+                              f"{model.config.d_model}-dim embeddings")
+    return model, model_hash
+
+
+def load_matcher_checked(matcher_dir: str | os.PathLike, model_hash: str | None = None):
+    """Load a matcher; refuse it when it records an embedding model other than model_hash."""
+    from mixret.matcher import Matcher
+    matcher = Matcher.from_pretrained(matcher_dir)
+    embedder = matcher.config.embedder
+    if model_hash is not None and embedder is not None and embedder != model_hash:
+        raise MixretError(f"{matcher_dir}: the matcher was trained on embeddings of model {embedder}, "
+                          f"not of this model ({model_hash}); use the model it was trained with")
+    return matcher
+
+
+def format_hits(ids: Sequence[str], texts: Sequence[str], indices: np.ndarray, scores: np.ndarray,
+                width: int = 80) -> str:
+    """One query's results [k] as an aligned table: rank, id, score and the text's first `width` characters."""
+    rows = [(r, ids[i], s, " ".join(texts[i].split())) for r, (i, s) in enumerate(zip(indices, scores), 1) if i >= 0]
+    id_width = max([2] + [len(row[1]) for row in rows])
+    lines = [f"{'rank':>4}  {'id':<{id_width}}  {'score':>9}  text"]
+    for r, doc_id, s, text in rows:
+        snippet = text if len(text) <= width else text[:width - 3] + "..."
+        lines.append(f"{r:>4}  {doc_id:<{id_width}}  {s:>9.4f}  {snippet}")
+    return "\n".join(lines)

@@ -1,0 +1,162 @@
+import json
+import math
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from mixret.data import Pair
+from mixret.errors import MixretError
+from mixret.evaluate import corpus_and_qrels, evaluate_pairs, format_table, ir_metrics, resolve_modes, run_from
+from mixret.matcher import Matcher, MatcherConfig
+
+
+class BagOfWords:
+    """A stand-in embedding model: hashed word counts, so a query shares dimensions with its target."""
+
+    def __init__(self, dim: int = 64):
+        self.dim = dim
+
+    def encode(self, texts, batch_size=64, **kwargs):
+        out = np.zeros((len(texts), self.dim), np.float32)
+        for i, t in enumerate(texts):
+            for w in t.lower().split():
+                out[i, zlib.crc32(w.encode()) % self.dim] += 1.0
+        return out + 0.01
+
+
+def test_ir_metrics_match_hand_computed_values():
+    qrels = {"q1": {"a": 1}, "q2": {"c": 1}, "q3": {"z": 1}, "q4": {"b": 1}}
+    run = {
+        "q1": {"a": 3.0, "b": 2.0, "c": 1.0},                        # relevant at rank 1
+        "q2": {"a": 3.0, "b": 2.0, "c": 1.0},                        # rank 3
+        "q3": {f"d{i}": 20.0 - i for i in range(10)} | {"z": 0.5},   # rank 11: outside every cut-off
+        "q4": {f"d{i}": 20.0 - i for i in range(9)} | {"b": 0.5},    # rank 10
+    }
+    m = ir_metrics(qrels, run)
+    assert m["R@1"] == pytest.approx(1 / 4)
+    assert m["R@10"] == pytest.approx(3 / 4)
+    assert m["MRR@10"] == pytest.approx((1 + 1 / 3 + 0 + 1 / 10) / 4)
+    assert m["nDCG@10"] == pytest.approx((1 + 1 / math.log2(4) + 0 + 1 / math.log2(11)) / 4)
+    # a query with no results scores zero rather than being dropped
+    assert ir_metrics({"q1": {"a": 1}, "q2": {"b": 1}}, {"q1": {"a": 1.0}})["R@1"] == pytest.approx(0.5)
+
+
+def test_run_from_keeps_our_order_despite_ties():
+    run = run_from(np.array([[4, 2, -1], [0, 1, 2]]))
+    assert run["q0"] == {"d4": 3.0, "d2": 2.0}
+    m = ir_metrics({"q0": {"d2": 1}, "q1": {"d0": 1}}, run)
+    assert m["MRR@10"] == pytest.approx((1 / 2 + 1) / 2)
+
+
+def test_corpus_merges_repeated_targets():
+    pairs = [Pair("1", "qa", "doc A"), Pair("2", "qb", "doc B"), Pair("3", "qc", "doc A")]
+    queries, docs, qrels = corpus_and_qrels(pairs)
+    assert queries == ["qa", "qb", "qc"] and docs == ["doc A", "doc B"]
+    assert qrels == {"q0": {"d0": 1}, "q1": {"d1": 1}, "q2": {"d0": 1}}
+
+
+def pairs_fixture(n=60):
+    rng = np.random.default_rng(0)
+    vocab = [f"w{i}" for i in range(400)]
+    pairs = []
+    for i in range(n):
+        words = list(rng.choice(vocab, 12, replace=False))
+        pairs.append(Pair(str(i), " ".join(words[:4]), " ".join(words)))
+    return pairs
+
+
+def test_evaluate_pairs_all_modes_and_table():
+    torch.manual_seed(0)
+    matcher = Matcher(MatcherConfig(emb_dim=64, d_model=32, n_layers=1, context=16)).eval()
+    report = evaluate_pairs(pairs_fixture(), BagOfWords(), matcher, "all", shortlist=30, limit=40)
+    assert list(report["modes"]) == ["vector", "bm25", "tree", "hybrid"]
+    assert report["n_queries"] == 40 and report["corpus_size"] == 60
+    for mode in ("vector", "bm25"):  # the query's words are in its target: both find it nearly always
+        assert report["modes"][mode]["R@1"] > 0.8
+        assert report["modes"][mode]["passes_per_query"] is None
+    assert report["modes"]["tree"]["passes_per_query"] == math.ceil((60 - 10) / (15 - 10))
+    assert report["modes"]["hybrid"]["passes_per_query"] == math.ceil((30 - 10) / (15 - 10))
+    for m in report["modes"].values():
+        assert 0 <= m["R@1"] <= m["R@10"] <= 1 and m["queries_per_s"] > 0
+    table = format_table(report)
+    assert table.splitlines()[2].startswith("| mode | R@1 | R@10 | MRR@10 | nDCG@10 |")
+    assert "| tree |" in table and "| chance | 0.017 | 0.167 |" in table
+
+
+def test_evaluate_pairs_bad_input():
+    with pytest.raises(MixretError, match="pass --matcher"):
+        resolve_modes("tree", have_matcher=False)
+    assert resolve_modes("all", have_matcher=False) == ["vector", "bm25"]
+    with pytest.raises(MixretError, match="unknown mode"):
+        resolve_modes("exhaustive", have_matcher=True)
+    with pytest.raises(MixretError, match="pass --model"):
+        evaluate_pairs(pairs_fixture(), None, None, "vector")
+    assert evaluate_pairs(pairs_fixture(), None, None, "bm25")["modes"]["bm25"]["R@1"] > 0.8
+    with pytest.raises(MixretError, match="no pairs"):
+        evaluate_pairs([], BagOfWords(), None, "vector")
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+def invoke(*args):
+    from click.testing import CliRunner
+
+    from mixret.cli import main
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory):
+    """200 bundled pairs, an untrained tiny byte-level model and a matcher trained on it for one epoch."""
+    import warnings
+
+    from mixret.data import bundled_pairs_path, load_pairs, write_pairs_jsonl
+    from mixret.models import ModelConfig, build_model
+    from mixret.tokenizer import ByteTokenizer
+    root = tmp_path_factory.mktemp("eval")
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    write_pairs_jsonl(load_pairs(bundled_pairs_path())[:200], root / "pairs.jsonl")
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=260, d_model=32, n_layers=2, context=64))
+    model.save_pretrained(root / "lm", tokenizer=ByteTokenizer())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = invoke("train-matcher", "--pairs", root / "pairs.jsonl", "--model", root / "lm", "--context", 16,
+                     "--epochs", 1, "--d-model", 32, "--layers", 1, "--out", root / "matcher")
+    assert res.exit_code == 0, res.output
+    yield root
+    torch.set_num_threads(n_threads)
+
+
+def test_cli_evaluate_all_modes(small_world):
+    root = small_world
+    res = invoke("evaluate", "--pairs", root / "pairs.jsonl", "--model", root / "lm", "--matcher", root / "matcher",
+                 "--test-fraction", 1, "--limit", 50, "--shortlist", 40, "--out", root / "report.json")
+    assert res.exit_code == 0, res.output
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| ")]
+    assert [r.split("|")[1].strip() for r in rows] == ["mode", "vector", "bm25", "tree", "hybrid", "chance"]
+    report = json.loads((root / "report.json").read_text())
+    assert report["n_queries"] == 50 and report["corpus_size"] == 200 and report["matcher_context"] == 16
+    assert report["modes"]["tree"]["passes_per_query"] == math.ceil((200 - 10) / (15 - 10))
+    assert report["modes"]["hybrid"]["passes_per_query"] == math.ceil((40 - 10) / (15 - 10))
+    assert report["modes"]["bm25"]["R@10"] > 5 * report["chance"]["R@10"]
+    assert "warning:" in res.stderr  # the documents are longer than the tiny context
+
+    res = invoke("evaluate", "--pairs", root / "pairs.jsonl", "--mode", "bm25", "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert list(report["modes"]) == ["bm25"] and report["model"] is None
+    assert report["n_queries"] == report["corpus_size"] < 200  # the held-out tenth
+
+
+def test_cli_evaluate_bad_input(small_world, tmp_path):
+    root = small_world
+    res = invoke("evaluate", "--pairs", root / "pairs.jsonl", "--model", root / "lm", "--mode", "tree")
+    assert res.exit_code == 1 and "pass --matcher DIR" in res.output
+    res = invoke("evaluate", "--pairs", tmp_path / "none.jsonl", "--mode", "bm25")
+    assert res.exit_code == 1 and "none.jsonl: file not found" in res.output
+    res = invoke("evaluate", "--pairs", root / "pairs.jsonl", "--mode", "bm25", "--test-fraction", 0)
+    assert res.exit_code == 1 and "no pairs in the held-out split" in res.output
