@@ -112,6 +112,7 @@ def pretrain_cmd(config_file, **options):
     under torchrun (DistributedDataParallel). Ctrl-C or SIGTERM writes a checkpoint before stopping;
     --resume continues from the newest one.
     """
+    import os
     import sys
 
     from mixret.train import Interrupted, pretrain, resolve_options
@@ -119,11 +120,15 @@ def pretrain_cmd(config_file, **options):
     given = {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()
              if v is not None and v != ()}
     cfg = resolve_options(given, config_file)
+    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun, one process reports
     try:
         path = pretrain(cfg)
     except Interrupted as e:
-        click.echo(f"{e}\ncontinue with: mixret pretrain --out {e.checkpoint.parent.parent} --resume", err=True)
+        if main_process:
+            click.echo(f"{e}\ncontinue with: mixret pretrain --out {e.checkpoint.parent.parent} --resume", err=True)
         sys.exit(128 + e.signum)
+    if not main_process:
+        return
     if path.parent.name == "checkpoints":
         click.echo(f"checkpoint written to {path}\ncontinue with: mixret pretrain --out {path.parent.parent} --resume")
     else:
@@ -326,7 +331,8 @@ def _search_options(fn):
     """Options shared by search and evaluate."""
     for option in reversed([
         click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None,
-                     help="Language model folder that embeds the queries."),
+                     help="Language model folder that embeds the texts (search: default the model named in "
+                          "EMB_DIR/meta.json; evaluate: the newest model under ./runs)."),
         click.option("--matcher", "matcher_dir", type=click.Path(file_okay=False), default=None,
                      help="Matcher folder (from `mixret train-matcher`), for tree and hybrid."),
         click.option("--shortlist", default=256, show_default=True,
@@ -367,7 +373,7 @@ def search_cmd(query, emb_dir, mode, k, model_dir, matcher_dir, shortlist, short
             if model_dir is None:
                 raise MixretError(f"{emb_dir}: meta.json names no model; pass --model DIR")
             model, model_hash = load_model_checked(model_dir, meta, emb_dir)
-            if mode in ("vector", "hybrid") and (mode == "vector" or shortlist_from == "vector"):
+            if mode == "vector" or (mode == "hybrid" and shortlist_from == "vector"):
                 index = VectorIndex.load(emb_dir, expected_dim=emb.shape[1], expected_model_hash=model_hash,
                                          expected_count=len(ids))
             if mode in ("tree", "hybrid"):
@@ -442,6 +448,7 @@ def evaluate_cmd(pairs_path, mode, limit, query_field, target_field, test_fracti
     click.echo(json.dumps(report) if as_json else format_table(report))
     if out_path is not None:
         io.write_json(out_path, report)
+
 
 # --- quickstart ------------------------------------------------------------------------------
 

@@ -114,7 +114,7 @@ def evaluate_pairs(pairs: Sequence, model=None, matcher=None, modes: str | Seque
         seconds = result.seconds + (embed_seconds if mode != "bm25" else 0.0)
         report["modes"][mode] = {
             **ir_metrics(qrels, run_from(result.indices)),
-            "queries_per_s": n / seconds if seconds > 0 else float("inf"),
+            "queries_per_s": n / seconds if seconds > 0 else None,
             "seconds": seconds,
             "passes_per_query": float(result.passes.mean()) if mode in MATCHER_MODES else None,
         }
@@ -128,8 +128,8 @@ def format_table(report: dict) -> str:
              "|---|" + "---:|" * (len(cols) + 2)]
     for mode, m in report["modes"].items():
         passes = f"{m['passes_per_query']:.1f}" if m["passes_per_query"] is not None else "-"
-        lines.append(f"| {mode} | " + " | ".join(f"{m[c]:.3f}" for c in cols)
-                     + f" | {m['queries_per_s']:.1f} | {passes} |")
+        speed = f"{m['queries_per_s']:.1f}" if m["queries_per_s"] is not None else "-"
+        lines.append(f"| {mode} | " + " | ".join(f"{m[c]:.3f}" for c in cols) + f" | {speed} | {passes} |")
     chance = report["chance"]
     lines.append("| chance | " + " | ".join(f"{chance[c]:.3f}" if c in chance else "-" for c in cols) + " | - | - |")
     head = (f"{report['n_queries']} queries against {report['corpus_size']} documents"

@@ -457,7 +457,7 @@ class Retriever:
         chunk = max(1, self.query_chunk_bytes // (4 * n * self.embeddings.shape[1]))
         parts = [tournament(score_fn, q[i:i + chunk], self.embeddings, k, self.group_size,
                             None if cands is None else cands[i:i + chunk])
-                 for i in range(0, len(q), chunk)]
+                 for i in range(0, max(len(q), 1), chunk)]  # no queries: one empty call
         return tuple(np.concatenate(p) for p in zip(*parts))
 
     def _query_emb(self, query_emb) -> np.ndarray:

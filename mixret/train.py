@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import math
 import os
 import resource
@@ -280,13 +281,16 @@ def init_distributed() -> Dist:
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
+        torch.set_float32_matmul_precision("high")  # TF32 for what runs outside bf16 autocast
     else:
         device = torch.device("cpu")
     if world == 1:
         return Dist(device=device)
     owns = not dist.is_initialized()
     if owns:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # generous timeout: the other ranks wait while rank 0 trains the tokenizer and tokenizes a corpus
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(hours=1))
     return Dist(rank=dist.get_rank(), local_rank=local_rank, world=dist.get_world_size(), device=device,
                 owns_group=owns)
 

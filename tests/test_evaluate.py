@@ -160,3 +160,45 @@ def test_cli_evaluate_bad_input(small_world, tmp_path):
     assert res.exit_code == 1 and "none.jsonl: file not found" in res.output
     res = invoke("evaluate", "--pairs", root / "pairs.jsonl", "--mode", "bm25", "--test-fraction", 0)
     assert res.exit_code == 1 and "no pairs in the held-out split" in res.output
+
+
+@pytest.mark.slow
+def test_whole_pipeline_through_the_cli(tmp_path):
+    """1000 bundled pairs: pretrain a tiny model, embed both sides, train a matcher, index, search,
+    evaluate; every mode must rank far above chance on the held-out pairs."""
+    from mixret.data import bundled_pairs_path, load_pairs, write_pairs_jsonl
+    pairs = load_pairs(bundled_pairs_path())[:1000]
+    write_pairs_jsonl(pairs, tmp_path / "pairs.jsonl")
+
+    def ok(*args):
+        res = invoke(*args)
+        assert res.exit_code == 0, res.output
+        return res
+
+    ok("pretrain", "--data", tmp_path / "pairs.jsonl", "--text-field", "summary", "--text-field", "document",
+       "--tokenizer", "bpe", "--vocab-size", 1024, "--d-model", 64, "--layers", 2, "--context", 64,
+       "--steps", 200, "--eval-every", 1000, "--out", tmp_path / "lm")
+    for field in ("summary", "document"):
+        ok("embed", tmp_path / "pairs.jsonl", "--model", tmp_path / "lm", "--field", field, "--pooling", "mean",
+           "--out", tmp_path / f"emb-{field}")
+    ok("train-matcher", "--pairs", tmp_path / "pairs.jsonl", "--query-emb", tmp_path / "emb-summary",
+       "--target-emb", tmp_path / "emb-document", "--context", 16, "--epochs", 10, "--d-model", 64, "--layers", 2,
+       "--out", tmp_path / "matcher")
+    ok("index", tmp_path / "emb-document")
+
+    docs = tmp_path / "emb-document"
+    res = ok("search", pairs[5].target, "--index", docs, "--json")  # the model comes from the EMB_DIR's meta.json
+    hits = [json.loads(line) for line in res.stdout.splitlines()]
+    assert len(hits) == 10 and hits[0]["id"] == pairs[5].id
+    for mode in ("tree", "hybrid"):
+        res = ok("search", pairs[5].query, "--index", docs, "--mode", mode, "--matcher", tmp_path / "matcher")
+        assert len(res.stdout.splitlines()) == 11 and "matcher forward passes" in res.stderr
+
+    ok("evaluate", "--pairs", tmp_path / "pairs.jsonl", "--model", tmp_path / "lm", "--matcher", tmp_path / "matcher",
+       "--pooling", "mean", "--shortlist", 30, "--out", tmp_path / "report.json")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["modes"]) == {"vector", "bm25", "tree", "hybrid"} and report["n_queries"] > 50
+    chance = report["chance"]
+    for mode, m in report["modes"].items():
+        assert m["R@1"] > 5 * chance["R@1"], (mode, m)
+        assert m["R@10"] > 2 * chance["R@10"], (mode, m)

@@ -295,7 +295,7 @@ def corpus(tmp_path_factory):
     tiny_lm(48, 2).save_pretrained(root / "wide_lm")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # documents longer than the tiny context
-        for lm, out in (("lm", "emb"), ("wide_lm", "wide_emb")):
+        for lm, out in (("lm", "emb"), ("other_lm", "other_emb"), ("wide_lm", "wide_emb")):
             res = invoke("embed", root / "pairs.jsonl", "--model", root / lm, "--field", "document", "--out", root / out)
             assert res.exit_code == 0, res.output
     res = invoke("index", root / "emb")
@@ -370,13 +370,15 @@ def test_cli_bad_input(corpus, tmp_path):
     fails("search", "perl", "--index", corpus / "wide_emb", "--mode", "tree", "--matcher", corpus / "matcher",
           match="trained on embeddings of model")
 
-    # an index built from another model's embeddings is refused
+    # an index built from another model's embeddings is refused, whether the dim differs or only the model
     import shutil
-    mixed = tmp_path / "mixed"
-    shutil.copytree(corpus / "wide_emb", mixed)
-    for name in ("index.faiss", "index.json"):
-        shutil.copy(emb / name, mixed / name)
-    fails("search", "perl", "--index", mixed, match="it was built from another model")
+    for other, match in (("wide_emb", "it was built from another model"),
+                         ("other_emb", "the index was built from embeddings of model")):
+        mixed = tmp_path / other
+        shutil.copytree(corpus / other, mixed)
+        for name in ("index.faiss", "index.json"):
+            shutil.copy(emb / name, mixed / name)
+        fails("search", "perl", "--index", mixed, match=match)
 
     long_query = "perl " * 40  # 200 bytes, context 64
     res = invoke("search", long_query, "--index", emb, "-k", 2)

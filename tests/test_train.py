@@ -222,8 +222,8 @@ def test_tokenization_is_cached_on_disk(tmp_path, monkeypatch):
     assert list((tmp_path / "cache" / "tokens").glob("*.arrow"))
     pretrain(tiny(tmp_path, steps=1, out=str(tmp_path / "b"), seed=1))  # same corpus and tokenizer
     assert sum(calls) == 120
-    write_corpus(tmp_path / "corpus.txt", seed=5)  # the corpus changed: tokenized again
-    pretrain(tiny(tmp_path, steps=1, out=str(tmp_path / "c")))
+    other = write_corpus(tmp_path / "other.txt", seed=5)  # another corpus: tokenized
+    pretrain(tiny(tmp_path, steps=1, out=str(tmp_path / "c"), data=[str(other)]))
     assert sum(calls) == 240
 
 
@@ -325,10 +325,11 @@ def test_output_directory_holding_another_model(tmp_path):
 
 
 def test_resume_refuses_a_changed_corpus(tmp_path):
-    pretrain(tiny(tmp_path, stop_after=2))
-    write_corpus(tmp_path / "corpus.txt", seed=3)
+    corpus = write_corpus(tmp_path / "data" / "corpus.txt")
+    pretrain(tiny(tmp_path, data=[str(corpus)], stop_after=2))
+    write_corpus(corpus, seed=3)
     with pytest.raises(MixretError, match="corpus has changed"):
-        pretrain(tiny(tmp_path, resume=True))
+        pretrain(tiny(tmp_path, data=[str(corpus)], resume=True))
 
 
 # --- pieces ---------------------------------------------------------------------------------------

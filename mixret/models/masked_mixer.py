@@ -6,6 +6,10 @@ gradient. An input of length L <= context uses the top-left L x L block of each 
 Incremental decoding (`step`) keeps, per layer, the mixing inputs seen so far (the normalised inputs; for
 the expanded mixer also the first matrix's GELU outputs; per-head projections; or the d_model-shifted copies
 for kernel k). A new position t then needs only row t of each matrix times the cached column: O(t * d).
+
+On the CPU, from BLOCKED_MIN_LEN positions on, the flat and expanded mixers multiply by the masked matrix
+block by block (`tril_matmul`): the all-zero blocks above the diagonal are never computed, which skips about
+half of the product in the forward and the backward pass (see docs/benchmarks.md for the measured gain).
 """
 from __future__ import annotations
 
@@ -18,6 +22,66 @@ import torch.nn.functional as F
 from mixret.models.base import CausalLM
 from mixret.models.config import ModelConfig
 from mixret.models.layers import DropPath, FeedForward, drop_path_rates
+
+
+BLOCK = 256             # rows (and columns) per block of `tril_matmul`
+BLOCKED_MIN_LEN = 512   # sequence length from which FlatMix uses `tril_matmul` on the CPU
+
+
+class _TrilMatmul(torch.autograd.Function):
+    """tril(w) @ x, one row block at a time; under autocast the products run in the autocast dtype."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, x: torch.Tensor, block: int) -> torch.Tensor:  # [L, L], [L, N] -> [L, N]
+        on = torch.is_autocast_enabled(x.device.type)
+        dtype = torch.get_autocast_dtype(x.device.type) if on else torch.promote_types(w.dtype, x.dtype)
+        wc, xc = w.to(dtype), x.to(dtype)
+        L = xc.shape[0]
+        out = torch.empty_like(xc)
+        for s in range(0, L, block):
+            e = min(s + block, L)
+            torch.mm(wc[s:e, s:e].tril(), xc[s:e], out=out[s:e])   # diagonal block, masked
+            if s:
+                out[s:e].addmm_(wc[s:e, :s], xc[:s])                 # blocks left of the diagonal, all kept
+        ctx.save_for_backward(wc, xc)
+        ctx.block, ctx.dtypes = block, (w.dtype, x.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        wc, xc = ctx.saved_tensors
+        g = grad.to(wc.dtype)                                          # [L, N]
+        L, block = wc.shape[0], ctx.block
+        gw = gx = None
+        if ctx.needs_input_grad[0]:                                    # tril(g @ x^T): zero above the diagonal
+            gw = g.new_zeros(L, L)
+            for s in range(0, L, block):
+                e = min(s + block, L)
+                gw[s:e, :e] = g[s:e] @ xc[:e].T
+                gw[s:e, s:e].tril_()
+            gw = gw.to(ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:                                    # tril(w)^T @ g, one column block at a time
+            gx = torch.empty_like(g)
+            for s in range(0, L, block):
+                e = min(s + block, L)
+                torch.mm(wc[s:e, s:e].tril().T, g[s:e], out=gx[s:e])
+                if e < L:
+                    gx[s:e].addmm_(wc[e:, s:e].T, g[e:])
+            gx = gx.to(ctx.dtypes[1])
+        return gw, gx, None
+
+
+def tril_matmul(w: torch.Tensor, x: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
+    """tril(w) @ x for w [L, L] and x [L, N] -> [L, N], skipping the blocks above the diagonal.
+
+    Entries of w above the diagonal are never read and get zero gradient, as with `w * tril`.
+    """
+    return _TrilMatmul.apply(w, x, block)
+
+
+def use_blocked(x: torch.Tensor) -> bool:
+    """Whether FlatMix multiplies block by block for this input [B, L, D]."""
+    return x.device.type == "cpu" and x.shape[1] >= BLOCKED_MIN_LEN and not torch.compiler.is_compiling()
 
 
 class MaskedMixing(nn.Module):
@@ -40,6 +104,15 @@ class MaskedMixing(nn.Module):
         """Masked rows start..end-1 (columns 0..end-1): the weights that mix positions start..end-1."""
         return self.weight[:, start:end, :end] * self.tril[start:end, :end]
 
+    def mix(self, x: torch.Tensor, i: int) -> torch.Tensor:  # [B, L, D] -> [B, L, D]
+        """Matrix i along the sequence axis, plus its bias (`tril_matmul` on long inputs, see `use_blocked`)."""
+        B, L, D = x.shape
+        if use_blocked(x):
+            y = tril_matmul(self.weight[i, :L, :L], x.transpose(0, 1).reshape(L, B * D), BLOCK)  # [L, B*D]
+            return (y.view(L, B, D) + self.bias[i, :L, None, None]).transpose(0, 1).contiguous()
+        W = self.weight[i, :L, :L] * self.tril[:L, :L]
+        return torch.einsum("ts,bsd->btd", W, x) + self.bias[i, :L, None]
+
     @property
     def context(self) -> int:
         return self.weight.shape[-1]
@@ -54,11 +127,9 @@ class FlatMix(nn.Module):
         self.mats = MaskedMixing(2 if cfg.mixer_expand else 1, cfg.context)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, D] -> [B, L, D]
-        L = x.shape[1]
-        W, b = self.mats.masked(L), self.mats.bias[:, :L]
-        x = torch.einsum("ts,bsd->btd", W[0], x) + b[0, :, None]
-        if W.shape[0] == 2:
-            x = torch.einsum("ts,bsd->btd", W[1], F.gelu(x)) + b[1, :, None]
+        x = self.mats.mix(x, 0)
+        if self.mats.weight.shape[0] == 2:
+            x = self.mats.mix(F.gelu(x), 1)
         return x
 
     def new_cache(self, batch_size: int, device, dtype) -> dict:

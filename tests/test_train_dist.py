@@ -1,0 +1,57 @@
+"""`mixret pretrain` under torchrun: 2 CPU processes (gloo) train like one process with the same global batch."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import mixret
+from mixret.train import TrainConfig, pretrain
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+
+
+def write_corpus(path: Path, n: int = 200) -> Path:
+    rng = np.random.default_rng(0)
+    path.write_text("\n".join(" ".join(rng.choice(WORDS, size=rng.integers(2, 12))) for _ in range(n)) + "\n")
+    return path
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+OPTIONS = dict(tokenizer="bytes", d_model=32, layers=2, context=40, steps=6, grad_accum=2, log_every=1,
+               eval_every=3, lr=3e-3)
+
+
+def test_torchrun_two_processes_match_one_process(tmp_path, monkeypatch):
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MIXRET_CACHE": str(tmp_path / "cache")}
+    flags = [x for k, v in OPTIONS.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    # 2 processes x 3 sequences x 2 micro-batches = a global batch of 12
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "mixret.cli", "pretrain", "--data", str(corpus), *flags, "--batch-size", "3",
+           "--out", str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("model written to") == 1  # rank 0 reports
+
+    monkeypatch.setenv("MIXRET_CACHE", str(tmp_path / "cache"))
+    torch.set_num_threads(1)
+    single = pretrain(TrainConfig(data=[str(corpus)], batch_size=6, out=str(tmp_path / "one"), **OPTIONS))
+    ddp, one = metrics(tmp_path / "ddp"), metrics(single)
+    assert [r["step"] for r in ddp] == [r["step"] for r in one] == list(range(1, 7))
+    assert [r["loss"] for r in ddp] == pytest.approx([r["loss"] for r in one], abs=1e-4)
+    assert [r["val_loss"] for r in ddp if r["val_loss"]] == pytest.approx([r["val_loss"] for r in one if r["val_loss"]],
+                                                                          abs=1e-4)
+    assert one[-1]["loss"] < one[0]["loss"] - 0.5  # it learned something, so the comparison means something
+    ids = torch.randint(0, 256, (2, 40))
+    torch.testing.assert_close(mixret.load(tmp_path / "ddp")(ids).logits, mixret.load(single)(ids).logits,
+                               atol=1e-4, rtol=1e-4)
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == sorted(p.name for p in single.iterdir())
