@@ -452,7 +452,60 @@ def evaluate_cmd(pairs_path, mode, limit, query_field, target_field, test_fracti
 
 # --- quickstart ------------------------------------------------------------------------------
 
+@main.command("quickstart")
+@click.option("--out", default="quickstart-out", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for everything the run writes (models, matchers, embeddings, results).")
+@click.option("--budget-minutes", default=12.0, show_default=True,
+              help="Target wall-clock time; pretraining steps are sized to about half of it on this machine.")
+@click.option("--d-model", default=128, show_default=True, help="Width of both language models.")
+@click.option("--layers", default=4, show_default=True, help="Blocks of both language models.")
+@click.option("--context", default=256, show_default=True, help="Context of both language models.")
+@click.option("--max-pairs", default=None, type=int, help="Use only this many bundled training pairs.")
+@click.option("--tree-queries", default=100, show_default=True, help="Queries evaluated in tree mode.")
+@click.option("--matcher-epochs", default=30, show_default=True, help="Matcher training epochs.")
+@click.option("--seed", default=0, show_default=True)
+@friendly
+def quickstart_cmd(out, budget_minutes, d_model, layers, context, max_pairs, tree_queries, matcher_epochs, seed):
+    """Run the whole pipeline on the bundled corpus: pretrain a masked mixer and a llama baseline of the same
+    size and compute, embed, train a matcher for each, index, evaluate every mode and BM25, print one
+    comparison table (also saved as OUT/results.md and OUT/results.json), then one example search."""
+    from mixret.quickstart import QuickstartConfig, example_search, run
+    cfg = QuickstartConfig(out=out, budget_minutes=budget_minutes, d_model=d_model, layers=layers,
+                           context=context, max_pairs=max_pairs, tree_queries=tree_queries,
+                           matcher_epochs=matcher_epochs, seed=seed)
+    report = run(cfg, echo=click.echo)
+    args = example_search(report, cfg)
+    click.echo("\n$ mixret " + " ".join(_shell_quote(a) for a in args))
+    main.main(args=args, standalone_mode=False)
+
+
+def _shell_quote(arg: str) -> str:
+    import shlex
+    return shlex.quote(arg)
+
+
 # --- bench -----------------------------------------------------------------------------------
+
+BENCHMARKS = ("train", "mixing", "hypermixer", "retrieval", "generate")
+
+
+@main.command("bench", context_settings={"ignore_unknown_options": True})
+@click.argument("name", type=click.Choice(BENCHMARKS))
+@click.argument("script_args", nargs=-1, type=click.UNPROCESSED)
+@friendly
+def bench_cmd(name, script_args):
+    """Run the benchmark scripts/bench_NAME.py of a source checkout; the arguments after NAME go to the
+    script (e.g. `mixret bench train --quick`; `mixret bench train -- --help` lists them). Tables and
+    plots go to docs/bench/ (see docs/benchmarks.md)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / f"bench_{name}.py"
+    if not script.is_file():
+        raise MixretError(f"{script}: benchmark script not found; the benchmarks run from a source checkout "
+                          f"of mixret (an installed wheel has no scripts/ folder)")
+    sys.exit(subprocess.call([sys.executable, str(script), *script_args]))
 
 
 if __name__ == "__main__":

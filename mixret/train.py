@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import json
 import math
 import os
 import resource
@@ -350,7 +351,6 @@ class MetricsLog:
 
     def __init__(self, path: Path, enabled: bool, keep_until: int):
         """Opens the log, keeping only complete lines with step <= keep_until (0: a fresh log)."""
-        import json
         self.path, self.enabled = path, enabled
         if not enabled:
             return
@@ -366,7 +366,6 @@ class MetricsLog:
         io.atomic_write_text(path, "".join(kept))
 
     def write(self, record: dict) -> None:
-        import json
         if self.enabled:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
@@ -374,7 +373,6 @@ class MetricsLog:
 
 def plot_curve(metrics_path: Path, png_path: Path, unigram: float | None) -> None:
     """training_curve.png: train and validation loss against step (written atomically)."""
-    import json
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -422,13 +420,21 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def token_loss_sum(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   label_smoothing: float = 0.0) -> torch.Tensor:
-    """Sum over predicted tokens of the cross-entropy; position t predicts token t+1; padding is ignored.
-    logits [B, L, V]; input_ids, attention_mask [B, L]."""
-    targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
-                           reduction="sum", label_smoothing=label_smoothing)
+class NextTokenLoss(torch.nn.Module):
+    """The training objective around a causal LM: a batch's summed next-token cross-entropy.
+
+    The LM head runs only at the positions that predict a real token, so padding costs no head compute.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
+                label_smoothing: float = 0.0) -> torch.Tensor:
+        h = self.model.hidden(input_ids).flatten(0, 1)                # [B*L, D]
+        logits = self.model.lm_head(h.index_select(0, positions))     # [N, V]
+        return F.cross_entropy(logits.float(), targets, reduction="sum", label_smoothing=label_smoothing)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -440,7 +446,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def progress_line(step: int, total: int, record: dict, elapsed: float, steps_done: int) -> str:
-    """'step 20/400: loss 5.1234, val 5.2345, 12,345 tok/s, 1m05s left' from a metrics record."""
+    """'step 20/400: loss 5.1234, validation loss 5.2345, 12,345 tok/s, 1m05s left' from a metrics record."""
     parts = [f"loss {record['loss']:.4f}"] if "loss" in record else []
     if "val_loss" in record:
         parts.append(f"validation loss {record['val_loss']:.4f}")
@@ -448,7 +454,8 @@ def progress_line(step: int, total: int, record: dict, elapsed: float, steps_don
         parts.append(f"{record['tokens_per_s']:,} tok/s")
     if steps_done and step < total:
         left = round(elapsed / steps_done * (total - step))
-        parts.append(f"{left // 3600}h{left // 60 % 60:02d}m left" if left >= 3600 else f"{left // 60}m{left % 60:02d}s left")
+        parts.append(f"{left // 3600}h{left // 60 % 60:02d}m left" if left >= 3600
+                     else f"{left // 60}m{left % 60:02d}s left")
     return f"step {step}/{total}: " + ", ".join(parts)
 
 
@@ -620,11 +627,12 @@ class Trainer:
         torch.manual_seed(cfg.seed + d.rank)  # dropout differs between ranks
         if self.resume_from is not None:
             self.restore(self.resume_from)
-        self.net = torch.compile(self.model, dynamic=True) if cfg.compile else self.model
-        self.train_net = self.net
+        objective = NextTokenLoss(self.model)
+        self.loss_fn = torch.compile(objective, dynamic=True) if cfg.compile else objective
+        self.train_loss_fn = self.loss_fn
         if d.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
-            self.train_net = DDP(self.net, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+            self.train_loss_fn = DDP(self.loss_fn, device_ids=[d.device.index] if d.device.type == "cuda" else None)
 
     def restore(self, directory: Path) -> None:
         """Continue from a checkpoint: weights, optimizer, scheduler, RNG states, step and data position."""
@@ -661,11 +669,6 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def to_device(self, t: torch.Tensor) -> torch.Tensor:
-        if self.d.device.type == "cuda":
-            return t.pin_memory().to(self.d.device, non_blocking=True)
-        return t
-
     def train_step(self) -> tuple[torch.Tensor, int, int]:
         """One optimizer step on the next global batch. Returns (this rank's summed loss, the step's predicted
         tokens over all ranks, its input tokens over all ranks)."""
@@ -677,13 +680,11 @@ class Trainer:
         scale = W / n_targets  # DDP averages gradients over ranks; this makes the average the global mean
         loss_sum = torch.zeros((), device=d.device)
         for k, part in enumerate(micro_batches(idx, B, K, W, d.rank)):
-            ids, mask = self.train_seqs.batch(part, self.tokenizer.pad_id)
-            ids, mask = self.to_device(ids), self.to_device(mask)
-            sync = contextlib.nullcontext() if k == K - 1 or W == 1 else self.train_net.no_sync()
+            batch = self.train_seqs.batch(part, self.tokenizer.pad_id).to(d.device)
+            sync = contextlib.nullcontext() if k == K - 1 or W == 1 else self.train_loss_fn.no_sync()
             with sync:
                 with self.autocast():
-                    logits = self.train_net(ids).logits  # [B, L, V]
-                loss = token_loss_sum(logits, ids, mask, cfg.label_smoothing)
+                    loss = self.train_loss_fn(batch.input_ids, batch.positions, batch.targets, cfg.label_smoothing)
                 (loss * scale).backward()
             loss_sum += loss.detach()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -702,12 +703,10 @@ class Trainer:
         self.model.eval()
         total = torch.zeros(2, dtype=torch.float64, device=d.device)  # [loss sum, predicted tokens]
         for b in range(d.rank, math.ceil(len(self.val_seqs) / B), d.world):
-            ids, mask = self.val_seqs.batch(self.val_order[b * B:(b + 1) * B], self.tokenizer.pad_id)
-            ids, mask = self.to_device(ids), self.to_device(mask)
+            batch = self.val_seqs.batch(self.val_order[b * B:(b + 1) * B], self.tokenizer.pad_id).to(d.device)
             with self.autocast():
-                logits = self.net(ids).logits
-            total[0] += token_loss_sum(logits, ids, mask).double()
-            total[1] += mask[:, 1:].sum()
+                total[0] += self.loss_fn(batch.input_ids, batch.positions, batch.targets).double()
+            total[1] += batch.targets.numel()
         d.sum(total)
         self.model.train()
         return float(total[0] / total[1])

@@ -42,14 +42,18 @@ class Sequences:
     def n_tokens(self) -> int:
         return int((self.ends - self.starts).sum())
 
-    def batch(self, idx: np.ndarray, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sequences idx, right-padded to the longest: input_ids [B, L] and attention_mask [B, L]."""
+    def batch(self, idx: np.ndarray, pad_id: int) -> "Batch":
+        """Sequences idx, right-padded to the longest."""
         lengths = self.lengths(idx)
-        ids = np.full((len(idx), int(lengths.max())), pad_id, dtype=np.int64)
+        B, L = len(idx), int(lengths.max())
+        ids = np.full((B, L), pad_id, dtype=np.int64)
         for row, (start, n) in enumerate(zip(self.starts[idx], lengths)):
             ids[row, :n] = self.tokens[start:start + n]
-        mask = (np.arange(ids.shape[1]) < lengths[:, None]).astype(np.int64)
-        return torch.from_numpy(ids), torch.from_numpy(mask)
+        positions = np.flatnonzero(np.arange(L) < lengths[:, None] - 1)  # b * L + t for t < length_b - 1
+        return Batch(input_ids=torch.from_numpy(ids),
+                     attention_mask=torch.from_numpy((np.arange(L) < lengths[:, None]).astype(np.int64)),
+                     positions=torch.from_numpy(positions),
+                     targets=torch.from_numpy(ids.reshape(-1)[positions + 1]))
 
     def targets(self, max_tokens: int) -> np.ndarray:
         """The predicted tokens (all but each sequence's first), of the first sequences up to max_tokens."""
@@ -60,6 +64,21 @@ class Sequences:
             if total >= max_tokens:
                 break
         return np.concatenate(parts)
+
+
+@dataclass
+class Batch:
+    """A right-padded batch, with the positions whose next token is a real token (not padding)."""
+    input_ids: torch.Tensor       # [B, L]
+    attention_mask: torch.Tensor  # [B, L]
+    positions: torch.Tensor       # [N] flat indices b * L + t of the positions that predict a token
+    targets: torch.Tensor         # [N] the token each of them predicts: input_ids[b, t + 1]
+
+    def to(self, device: torch.device) -> "Batch":
+        if device.type == "cpu":
+            return self
+        tensors = (self.input_ids, self.attention_mask, self.positions, self.targets)
+        return Batch(*(t.pin_memory().to(device, non_blocking=True) for t in tensors))
 
 
 def document_sequences(values: np.ndarray, offsets: np.ndarray, docs: np.ndarray, context: int) -> Sequences:

@@ -28,8 +28,9 @@ from mixret.io import atomic_write_text, write_json
 
 RESULT_PREFIX = "BENCH_RESULT "
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# dense bf16 tensor-core peak in FLOP/s, by a substring of torch.cuda.get_device_name()
-BF16_PEAK = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
+# dense bf16 tensor-core peak in FLOP/s, by the first substring of torch.cuda.get_device_name() that matches
+BF16_PEAK = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989.4e12, "H200": 989.4e12, "A100": 312e12,
+             "L40S": 362e12, "L4": 121e12}
 
 
 # -- arguments, device, threads ---------------------------------------------------------------

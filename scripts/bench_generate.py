@@ -1,6 +1,6 @@
 """Generation speed, cached vs uncached, for every registered model variant.
 
-    python scripts/bench_generate.py [--out docs/bench/] [--context 512] [--d-model 128] [--threads N]
+    python scripts/bench_generate.py [--out docs/bench/] [--context 512] [--d-model 128] [--threads N] [--quick]
 
 Each variant (randomly initialised, eval mode, fp32) greedily continues a one-token prompt until the context is
 full, once with the incremental-decoding cache (`model.step`) and once recomputing the full forward pass at
@@ -10,15 +10,11 @@ OUT/generate.md and OUT/generate.json. The two runs must produce the same tokens
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
-import time
-from pathlib import Path
 
 import torch
 
+import bench_common as bc
 from mixret.generate import generate
-from mixret.io import atomic_write_text, write_json
 from mixret.models import VARIANTS, ModelConfig, build_model
 
 
@@ -29,22 +25,22 @@ def cache_bytes(model, batch_size: int) -> int:
 
 def time_generation(model, prompt: torch.Tensor, use_cache: bool, repeats: int) -> tuple[torch.Tensor, float]:
     """Greedy generation until the context is full; returns the ids and the new tokens per second (best run)."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = generate(model, prompt, max_new_tokens=model.config.context, temperature=0, use_cache=use_cache)
-        best = min(best, time.perf_counter() - start)
-    return out.ids, (out.ids.shape[1] - prompt.shape[1]) * prompt.shape[0] / best
+    def run():
+        return generate(model, prompt, max_new_tokens=model.config.context, temperature=0, use_cache=use_cache)
+
+    seconds = bc.best_time(run, prompt.device, repeats, warmup=0)
+    ids = run().ids
+    return ids, (ids.shape[1] - prompt.shape[1]) * prompt.shape[0] / seconds
 
 
-def bench(args) -> list[dict]:
+def bench(args, device: torch.device) -> list[dict]:
     rows = []
     for name, variant in VARIANTS.items():
         torch.manual_seed(0)
         cfg = ModelConfig(**{**variant, "vocab_size": args.vocab_size, "d_model": args.d_model,
                              "n_layers": args.layers, "context": args.context})
-        model = build_model(cfg).eval()
-        prompt = torch.randint(0, args.vocab_size, (args.batch_size, 1))
+        model = build_model(cfg).to(device).eval()
+        prompt = torch.randint(0, args.vocab_size, (args.batch_size, 1), device=device)
         for use_cache in (True, False):  # warm-up
             generate(model, prompt, max_new_tokens=8, temperature=0, use_cache=use_cache)
         cached_ids, cached = time_generation(model, prompt, use_cache=True, repeats=args.repeats)
@@ -57,41 +53,34 @@ def bench(args) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], setup: str) -> str:
-    lines = [setup, "", "| variant | cached tok/s | uncached tok/s | speedup | same tokens | cache KiB |",
-             "|---|---:|---:|---:|---|---:|"]
-    for r in rows:
-        lines.append(f"| {r['variant']} | {r['cached_tok_s']} | {r['uncached_tok_s']} | {r['speedup']}x | "
-                     f"{'yes' if r['same_tokens'] else 'NO'} | {r['cache_kib']} |")
-    return "\n".join(lines) + "\n"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("docs/bench"), help="folder for generate.{md,json}")
+    bc.add_common_args(parser, "generate")
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3, help="time each run this often and keep the best")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = bc.setup(args)
+    if args.quick:
+        args.context, args.d_model, args.layers, args.vocab_size, args.repeats = 16, 16, 1, 64, 1
 
-    rows = bench(args)
-    setup = (f"Greedy generation from a 1-token prompt to a full context of {args.context} tokens; "
+    info = bc.machine_info(device)
+    rows = bench(args, device)
+    info = bc.finish_info(info)
+    intro = (f"Greedy generation from a 1-token prompt to a full context of {args.context} tokens; "
              f"d_model={args.d_model}, layers={args.layers}, vocab={args.vocab_size}, batch={args.batch_size}, "
-             f"fp32, best of {args.repeats}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads "
-             f"({platform.machine()}), "
-             f"{datetime.date.today().isoformat()}.")
-    table = markdown(rows, setup)
-    print(table)
-    atomic_write_text(args.out / "generate.md", table)
-    write_json(args.out / "generate.json", {"setup": setup, **{k: v for k, v in vars(args).items() if k != "out"},
-                                            "torch": torch.__version__, "threads": torch.get_num_threads(),
-                                            "date": datetime.date.today().isoformat(), "rows": rows})
+             f"fp32, best of {args.repeats}. `same tokens`: the cached and the recomputing runs produced the "
+             f"same tokens.")
+    table = bc.markdown_table(rows, [("variant", "variant"), ("cached_tok_s", "cached tok/s"),
+                                     ("uncached_tok_s", "uncached tok/s"), ("speedup", "speedup"),
+                                     ("same_tokens", "same tokens"), ("cache_kib", "cache KiB")])
+    text = bc.write_report(args.out, "generate", "Generation with and without the cache", info, intro,
+                           [("Tokens per second", table)],
+                           {"args": {k: v for k, v in vars(args).items() if k not in ("out", "child")},
+                            "rows": rows})
+    print(text)
 
 
 if __name__ == "__main__":

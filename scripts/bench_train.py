@@ -7,9 +7,10 @@ One training step = forward + backward + AdamW step on random tokens, with `--to
 (batch = tokens // context, at least 1), fp32 on the CPU and bf16 autocast on CUDA. Every (architecture,
 context) runs in a fresh child process: the best of --repeats timed steps (each --steps steps long) after
 warm-up, and the peak memory of the whole run (params, gradients, AdamW state, activations): CUDA
-max_memory_allocated on a GPU, max RSS minus that of an idle child (torch and mixret imported) on the CPU.
-On the CPU a context is skipped when a step would take longer than --max-step-s (estimated from the previous
-context, or measured on the warm-up step).
+max_memory_allocated on a GPU; on the CPU, max RSS minus that of a child that trained a tiny model of the same
+architecture for one step (which holds the interpreter, torch and the kernels, but none of the data).
+On the CPU a context is skipped when a step would take longer than --max-step-s: estimated from the previous
+context (time per token times L / L_prev, except for the HyperMixer), or measured on the warm-up step.
 
 Model FLOPs per token (training = 3x forward), written down in docs/benchmarks.md:
     6 * (weights of every nn.Linear, LM head included)  +  n_layers * mixing term, with the mixing term
@@ -119,11 +120,14 @@ def sweep(args, device: torch.device) -> list[dict]:
     rows = []
     for arch in args.archs:
         base_rss = tiny_rss_mib(args, device, arch) if device.type == "cpu" else 0.0
-        previous = None  # (step seconds, tokens per step) of the last context measured
+        quadratic = VARIANTS[ARCHS[arch]]["arch"] != "hypermixer"  # work per token grows with L
+        previous = None  # (step seconds, tokens per step, context) of the last context measured
         for L in args.contexts:
             B = max(1, args.tokens // L)
             row = {"arch": arch, "variant": ARCHS[arch], "context": L, "batch": B}
-            estimate = previous[0] * B * L / previous[1] if previous else 0.0
+            estimate = 0.0
+            if previous:
+                estimate = previous[0] * B * L / previous[1] * (L / previous[2] if quadratic else 1.0)
             if device.type == "cpu" and args.max_step_s and estimate > args.max_step_s:
                 row["status"] = f"skipped: a step would take over {estimate:.0f} s (limit {args.max_step_s:g} s)"
             else:
@@ -133,7 +137,7 @@ def sweep(args, device: torch.device) -> list[dict]:
                     if device.type == "cpu":
                         row["peak_mib"] = result["max_rss_mib"] - base_rss
                         row["baseline_rss_mib"] = base_rss
-                    previous = (row["step_s"], B * L)
+                    previous = (row["step_s"], B * L, L)
                     row["gflop_s"] = row["flops_per_token"] * row["tok_s"] / 1e9
                     row["mfu"] = row["gflop_s"] * 1e9 / peak if peak else None
             rows.append(row)

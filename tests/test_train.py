@@ -19,7 +19,7 @@ from mixret.checkpoint import latest_checkpoint, list_checkpoints, optimizer_fro
 from mixret.cli import main
 from mixret.errors import MixretError
 from mixret.tokenizer import ByteTokenizer
-from mixret.train import TrainConfig, lr_factor, pretrain, resolve_options, token_loss_sum
+from mixret.train import NextTokenLoss, TrainConfig, lr_factor, pretrain, resolve_options
 from mixret.train_data import Sequences, Stream, document_sequences, micro_batches, packed_sequences
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -337,22 +337,33 @@ def test_resume_refuses_a_changed_corpus(tmp_path):
 def test_batches_are_right_padded_to_their_longest_member():
     seqs = document_sequences(np.arange(20, dtype=np.int32), np.array([0, 3, 10, 20]), np.array([0, 1, 2]), 8)
     assert seqs.lengths(np.arange(3)).tolist() == [3, 7, 8]  # the last document is truncated to the context
-    ids, mask = seqs.batch(np.array([0, 1]), pad_id=99)
-    assert ids.tolist() == [[0, 1, 2, 99, 99, 99, 99], [3, 4, 5, 6, 7, 8, 9]]
-    assert mask.tolist() == [[1, 1, 1, 0, 0, 0, 0], [1] * 7]
+    batch = seqs.batch(np.array([0, 1]), pad_id=99)
+    assert batch.input_ids.tolist() == [[0, 1, 2, 99, 99, 99, 99], [3, 4, 5, 6, 7, 8, 9]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 0, 0, 0, 0], [1] * 7]
+    # positions that predict a real token: (row 0, t 0..1), (row 1, t 0..5), flattened as b * L + t
+    assert batch.positions.tolist() == [0, 1, 7, 8, 9, 10, 11, 12]
+    assert batch.targets.tolist() == [1, 2, 4, 5, 6, 7, 8, 9]
 
 
-def test_loss_ignores_padding():
-    torch.manual_seed(0)
-    logits = torch.randn(2, 5, 11)
-    ids = torch.randint(0, 11, (2, 5))
-    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
-    padded = token_loss_sum(logits, ids, mask)
-    alone = token_loss_sum(logits[:1, :3], ids[:1, :3], mask[:1, :3]) + token_loss_sum(logits[1:], ids[1:], mask[1:])
-    torch.testing.assert_close(padded, alone)
-    changed = ids.clone()
-    changed[0, 3:] = 7  # what sits in the padding does not matter
-    torch.testing.assert_close(token_loss_sum(logits, changed, mask), padded)
+@pytest.mark.parametrize("arch", ["masked-mixer", "hypermixer", "llama"])
+def test_loss_ignores_padding(arch):
+    model = mixret.build_model(mixret.ModelConfig(arch=arch, vocab_size=30, d_model=16, n_layers=2, context=12))
+    objective = NextTokenLoss(model)
+    seqs = document_sequences(torch.randint(3, 30, (20,), dtype=torch.int32).numpy(), np.array([0, 4, 14, 20]),
+                              np.arange(3), 12)
+    padded = seqs.batch(np.arange(3), pad_id=0)
+    together = objective(padded.input_ids, padded.positions, padded.targets)
+    alone = [seqs.batch(np.array([i]), pad_id=0) for i in range(3)]
+    torch.testing.assert_close(together, sum(objective(b.input_ids, b.positions, b.targets) for b in alone))
+    # the same number as the cross-entropy of the model's logits over the non-pad targets, computed directly
+    logits = model(padded.input_ids).logits
+    labels = padded.input_ids[:, 1:].masked_fill(padded.attention_mask[:, 1:] == 0, -100)
+    reference = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), reduction="sum")
+    torch.testing.assert_close(together, reference)
+    # and what sits in the padding does not matter
+    changed = padded.input_ids.clone()
+    changed[padded.attention_mask == 0] = 7
+    torch.testing.assert_close(objective(changed, padded.positions, padded.targets), together)
 
 
 def test_stream_and_micro_batches():

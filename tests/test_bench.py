@@ -1,0 +1,109 @@
+"""Smoke tests of the benchmark scripts at tiny sizes: they run and write their tables, JSON and plots.
+
+No timing is asserted: these are benchmarks, measured by hand (docs/benchmarks.md).
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ROOT / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+import bench_common  # noqa: E402
+import bench_hypermixer  # noqa: E402
+import bench_train  # noqa: E402
+
+
+def run_script(name: str, out: Path, *extra: str) -> dict:
+    proc = subprocess.run([sys.executable, str(SCRIPTS / f"bench_{name}.py"), "--quick", "--threads", "1",
+                           "--device", "cpu", "--out", str(out), *extra],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    md = (out / f"{name}.md").read_text()
+    assert md.startswith("## ") and "|---" in md and "torch" in md
+    return json.loads((out / f"{name}.json").read_text())
+
+
+def assert_png(path: Path):
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_train(tmp_path):
+    data = run_script("train", tmp_path, "--archs", "flat,llama", "--contexts", "32")
+    assert {r["arch"] for r in data["rows"]} == {"flat", "llama"}
+    assert all(r["status"] == "ok" and r["tok_s"] > 0 and r["peak_mib"] is not None for r in data["rows"])
+    (pair,) = data["flat_vs_llama"]
+    assert pair["context"] == 32 and pair["speed"] > 0
+    assert data["machine"]["threads"] == 1
+    assert_png(tmp_path / "train.png")
+
+
+def test_bench_mixing(tmp_path):
+    data = run_script("mixing", tmp_path)
+    assert [r["context"] for r in data["rows"]] == [64, 160]
+    for r in data["rows"]:
+        assert r["blocked_max_diff"] < 1e-4  # the blocked product gives the masked product
+        assert r["minimum_train_ms"] == pytest.approx(r["dense_train_ms"] / 2)
+    assert_png(tmp_path / "mixing.png")
+
+
+@pytest.mark.slow  # four child processes; bench_train's children and the fits are tested in the default run
+def test_bench_hypermixer(tmp_path):
+    data = run_script("hypermixer", tmp_path, "--contexts", "32")  # the fits are tested below
+    assert len(data["rows"]) == 2 and all(r["status"] == "ok" for r in data["rows"])
+    assert {(f["variant"], f["quantity"]) for f in data["fits"]} == {
+        (v, q) for v in ("hypermixer", "masked-mixer (flat)") for q in ("time (ms)", "memory (MiB)")}
+    assert_png(tmp_path / "hypermixer.png")
+
+
+def test_bench_retrieval(tmp_path):
+    data = run_script("retrieval", tmp_path)
+    assert {r["variant"] for r in data["embed"]} == {"masked-mixer (flat)", "llama"}
+    flat = next(r for r in data["faiss"] if r["factory"] == "Flat")
+    assert flat["recall_at_10"] == 1.0
+    assert [r["factory"] for r in data["faiss"]] == ["Flat", "HNSW32", "IVF32,PQ32np"]
+    (tree,) = data["tree"]
+    assert tree["passes"] == tree["formula"] == 5  # ceil((100 - 10) / (31 - 10))
+    assert_png(tmp_path / "retrieval.png")
+
+
+def test_bench_generate(tmp_path):
+    data = run_script("generate", tmp_path)
+    assert all(r["same_tokens"] for r in data["rows"])
+
+
+def test_fit_and_exponent():
+    xs = [256, 512, 1024, 2048]
+    line = bench_hypermixer.fit(xs, [3 + 2 * x for x in xs], 1)
+    assert line["coef"] == pytest.approx([3, 2]) and line["r2"] == pytest.approx(1)
+    assert bench_hypermixer.fit(xs, [x * x for x in xs], 1)["r2"] < 0.99
+    assert bench_hypermixer.exponent(xs, [x * x for x in xs]) == pytest.approx(2)
+
+
+def test_flops_per_token_counts_linears_and_mixing():
+    from mixret.models import ModelConfig, build_model
+    flat = build_model(ModelConfig(arch="masked-mixer", vocab_size=100, d_model=16, n_layers=2, context=64))
+    llama = build_model(ModelConfig(arch="llama", vocab_size=100, d_model=16, n_layers=2, context=64))
+    # flat: two FF matrices per block and the LM head; the mixing matrices are counted by the L term
+    assert bench_train.linear_weights(flat) == 2 * (2 * 16 * 64) + 16 * 100
+    assert bench_train.flops_per_token(flat, 64) == 6 * bench_train.linear_weights(flat) + 2 * 6 * 64 * 16
+    assert (bench_train.flops_per_token(llama, 64) - 6 * bench_train.linear_weights(llama)) == 2 * 12 * 64 * 16
+
+
+def test_markdown_table_formats_numbers():
+    table = bench_common.markdown_table([{"a": "x", "b": 12345.678, "c": None}, {"a": "y", "b": 0.012345}],
+                                        [("a", "name"), ("b", "value"), ("c", "other")])
+    lines = table.splitlines()
+    assert lines[0] == "| name | value | other |" and lines[1] == "|---|---:|---|"
+    assert lines[2] == "| x | 12,346 | - |" and lines[3] == "| y | 0.0123 | - |"
+
+
+def test_best_time_takes_the_minimum():
+    calls = []
+    assert bench_common.best_time(lambda: calls.append(1), torch.device("cpu"), repeats=3, warmup=2) >= 0
+    assert len(calls) == 5
