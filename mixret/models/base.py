@@ -1,6 +1,7 @@
 """CausalLM: token embedding -> blocks -> final norm -> LM head, shared by every architecture.
 
-An architecture subclasses it and provides `make_block(i)` and `make_norm()`.
+An architecture subclasses it and provides `make_mix()` (its token mixing), and may override `make_ff()` and
+`norm` (the normalisation class).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from mixret import io
 from mixret.errors import MixretError
 from mixret.models.config import ModelConfig
+from mixret.models.layers import Block, FeedForward, drop_path_rates
 
 
 @dataclass
@@ -40,17 +42,21 @@ class CausalLM(nn.Module):
         self.tokenizer = None  # attached by mixret.load / the trainer
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList([self.make_block(i) for i in range(config.n_layers)])
-        self.norm = self.make_norm()
+        rates = drop_path_rates(config.drop_path, config.n_layers)
+        self.blocks = nn.ModuleList([Block(self.make_mix(), self.make_ff(), self.norm_class, config.d_model, rate)
+                                     for rate in rates])
+        self.norm = self.norm_class(config.d_model)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
 
-    def make_block(self, i: int) -> nn.Module:
+    norm_class: type[nn.Module] = nn.LayerNorm
+
+    def make_mix(self) -> nn.Module:
         raise NotImplementedError
 
-    def make_norm(self) -> nn.Module:
-        return nn.LayerNorm(self.config.d_model)
+    def make_ff(self) -> nn.Module:
+        return FeedForward(self.config.d_model, self.config.ff_mult, self.config.dropout)
 
     # -- forward ------------------------------------------------------------------------------
     def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,6 @@ from torch.utils.checkpoint import checkpoint
 
 from mixret.models.base import CausalLM
 from mixret.models.config import ModelConfig
-from mixret.models.layers import DropPath, FeedForward, drop_path_rates
 
 
 def hypermix_chunk(w1, w2, x, state, start: int):
@@ -121,29 +120,6 @@ class HyperMixing(nn.Module):
         return self.proj(torch.cat(ys, dim=1).to(x.dtype).reshape(B, T, D))
 
 
-class HyperMixerBlock(nn.Module):
-    """x + HyperMix(LN(x)), then x + FF(LN(x))."""
-
-    def __init__(self, cfg: ModelConfig, drop_path: float):
-        super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.d_model)
-        self.mix = HyperMixing(cfg)
-        self.ln2 = nn.LayerNorm(cfg.d_model)
-        self.ff = FeedForward(cfg.d_model, cfg.ff_mult, cfg.dropout)
-        self.drop_path = DropPath(drop_path)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, D]
-        x = x + self.drop_path(self.mix(self.ln1(x)))
-        return x + self.drop_path(self.ff(self.ln2(x)))
-
-    def new_cache(self, batch_size: int, device, dtype) -> dict:
-        return self.mix.new_cache(batch_size, device, dtype)
-
-    def step(self, x: torch.Tensor, cache: dict, t: int) -> torch.Tensor:  # [B, T, D] at positions t..t+T-1
-        x = x + self.drop_path(self.mix.step(self.ln1(x), cache, t))
-        return x + self.drop_path(self.ff(self.ln2(x)))
-
-
 class HyperMixerLM(CausalLM):
-    def make_block(self, i: int) -> nn.Module:
-        return HyperMixerBlock(self.config, drop_path_rates(self.config.drop_path, self.config.n_layers)[i])
+    def make_mix(self) -> nn.Module:
+        return HyperMixing(self.config)

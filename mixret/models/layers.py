@@ -33,6 +33,33 @@ class DropPath(nn.Module):
         return x * keep / (1 - self.p)
 
 
+class Block(nn.Module):
+    """Pre-norm residual block: x + Mix(Norm(x)), then x + FF(Norm(x)).
+
+    `mix` is the token-mixing module (masked mixing, hypermixing or attention); it also provides
+    `new_cache` and `step` for incremental decoding.
+    """
+
+    def __init__(self, mix: nn.Module, ff: nn.Module, norm: type[nn.Module], d_model: int, drop_path: float):
+        super().__init__()
+        self.ln1 = norm(d_model)
+        self.mix = mix
+        self.ln2 = norm(d_model)
+        self.ff = ff
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, D]
+        x = x + self.drop_path(self.mix(self.ln1(x)))
+        return x + self.drop_path(self.ff(self.ln2(x)))
+
+    def new_cache(self, batch_size: int, device, dtype) -> dict:
+        return self.mix.new_cache(batch_size, device, dtype)
+
+    def step(self, x: torch.Tensor, cache: dict, t: int) -> torch.Tensor:  # [B, T, D] at positions t..t+T-1
+        x = x + self.drop_path(self.mix.step(self.ln1(x), cache, t))
+        return x + self.drop_path(self.ff(self.ln2(x)))
+
+
 def drop_path_rates(p: float, n_layers: int) -> list[float]:
     """Linearly increasing stochastic-depth rates, 0 at the first layer and p at the last."""
     return [p * i / max(n_layers - 1, 1) for i in range(n_layers)]

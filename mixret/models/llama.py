@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 from mixret.models.base import CausalLM
 from mixret.models.config import ModelConfig
-from mixret.models.layers import DropPath, drop_path_rates
 
 
 def rope_tables(context: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,30 +79,11 @@ class SwiGLU(nn.Module):
         return self.drop(self.w2(F.silu(self.w1(x)) * self.w3(x)))
 
 
-class LlamaBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, drop_path: float):
-        super().__init__()
-        self.ln1 = nn.RMSNorm(cfg.d_model)
-        self.attn = Attention(cfg)
-        self.ln2 = nn.RMSNorm(cfg.d_model)
-        self.ff = SwiGLU(cfg)
-        self.drop_path = DropPath(drop_path)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, D]
-        x = x + self.drop_path(self.attn(self.ln1(x)))
-        return x + self.drop_path(self.ff(self.ln2(x)))
-
-    def new_cache(self, batch_size: int, device, dtype) -> dict:
-        return self.attn.new_cache(batch_size, device, dtype)
-
-    def step(self, x: torch.Tensor, cache: dict, t: int) -> torch.Tensor:  # [B, T, D] at positions t..t+T-1
-        x = x + self.drop_path(self.attn.step(self.ln1(x), cache, t))
-        return x + self.drop_path(self.ff(self.ln2(x)))
-
-
 class LlamaLM(CausalLM):
-    def make_block(self, i: int) -> nn.Module:
-        return LlamaBlock(self.config, drop_path_rates(self.config.drop_path, self.config.n_layers)[i])
+    norm_class = nn.RMSNorm
 
-    def make_norm(self) -> nn.Module:
-        return nn.RMSNorm(self.config.d_model)
+    def make_mix(self) -> nn.Module:
+        return Attention(self.config)
+
+    def make_ff(self) -> nn.Module:
+        return SwiGLU(self.config)

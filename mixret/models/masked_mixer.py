@@ -21,7 +21,6 @@ import torch.nn.functional as F
 
 from mixret.models.base import CausalLM
 from mixret.models.config import ModelConfig
-from mixret.models.layers import DropPath, FeedForward, drop_path_rates
 
 
 BLOCK = 256             # rows (and columns) per block of `tril_matmul`
@@ -215,34 +214,11 @@ class KernelMix(nn.Module):
         return y + self.mats.bias[0, t:end, None]
 
 
-class MixerBlock(nn.Module):
-    """x + Mix(LN(x)), then x + FF(LN(x))."""
-
-    def __init__(self, cfg: ModelConfig, drop_path: float):
-        super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.d_model)
-        if cfg.mixer_heads > 1:
-            self.mix = HeadsMix(cfg)
-        elif cfg.mixer_kernel > 1:
-            self.mix = KernelMix(cfg)
-        else:
-            self.mix = FlatMix(cfg)
-        self.ln2 = nn.LayerNorm(cfg.d_model)
-        self.ff = FeedForward(cfg.d_model, cfg.ff_mult, cfg.dropout)
-        self.drop_path = DropPath(drop_path)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, D]
-        x = x + self.drop_path(self.mix(self.ln1(x)))
-        return x + self.drop_path(self.ff(self.ln2(x)))
-
-    def new_cache(self, batch_size: int, device, dtype) -> dict:
-        return self.mix.new_cache(batch_size, device, dtype)
-
-    def step(self, x: torch.Tensor, cache: dict, t: int) -> torch.Tensor:  # [B, T, D] at positions t..t+T-1
-        x = x + self.drop_path(self.mix.step(self.ln1(x), cache, t))
-        return x + self.drop_path(self.ff(self.ln2(x)))
-
-
 class MaskedMixerLM(CausalLM):
-    def make_block(self, i: int) -> nn.Module:
-        return MixerBlock(self.config, drop_path_rates(self.config.drop_path, self.config.n_layers)[i])
+    def make_mix(self) -> nn.Module:
+        cfg = self.config
+        if cfg.mixer_heads > 1:
+            return HeadsMix(cfg)
+        if cfg.mixer_kernel > 1:
+            return KernelMix(cfg)
+        return FlatMix(cfg)
