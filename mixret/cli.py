@@ -56,20 +56,20 @@ def _pretrain_opt(*names, **kw):
 
 @main.command("pretrain")
 @_pretrain_opt("--data", multiple=True, help="Corpus: .txt (one document a line, or separated by <|endoftext|>), "
-      ".jsonl/.jsonl.gz, .parquet, a folder of these, or a Hugging Face dataset name. Repeat for several. "
-      "Default: the bundled corpus (summaries and documents).")
+               ".jsonl/.jsonl.gz, .parquet, a folder of these, or a Hugging Face dataset name. Repeat for several. "
+               "Default: the bundled corpus (summaries and documents).")
 @_pretrain_opt("--text-field", multiple=True, help="JSONL field / column holding the text; repeat to read several "
-      "fields of each record as separate documents.", show="text")
-@_pretrain_opt("--val-fraction", type=float, help="Fraction of documents held out for validation (drawn with the seed).",
-      show=0.05)
+               "fields of each record as separate documents.", show="text")
+@_pretrain_opt("--val-fraction", type=float, help="Fraction of documents held out for validation (drawn with the "
+               "seed).", show=0.05)
 @_pretrain_opt("--val-max-docs", type=int, help="Most documents held out for validation.", show=5000)
 @_pretrain_opt("--pack/--no-pack", help="Concatenate documents into full-context rows instead of one document "
-      "per sequence.", show="no-pack")
+               "per sequence.", show="no-pack")
 @_pretrain_opt("--tokenizer", help="bpe (trained on the training split), bytes, or the path of a tokenizer.json.",
-      show="bpe")
+               show="bpe")
 @_pretrain_opt("--vocab-size", type=int, help="BPE vocabulary size.", show=4096)
 @_pretrain_opt("--arch", type=click.Choice(["masked-mixer", "hypermixer", "llama"]), help="Architecture.",
-      show="masked-mixer")
+               show="masked-mixer")
 @_pretrain_opt("--d-model", type=int, help="Model width.", show=128)
 @_pretrain_opt("--layers", type=int, help="Number of blocks.", show=4)
 @_pretrain_opt("--context", type=int, help="Longest sequence, in tokens; longer documents are truncated.", show=256)
@@ -77,17 +77,17 @@ def _pretrain_opt(*names, **kw):
 @_pretrain_opt("--drop-path", type=float, help="Stochastic depth rate at the last layer.", show=0.0)
 @_pretrain_opt("--tie-embeddings/--no-tie-embeddings", help="Share the input embedding and the LM head.", show="no")
 @_pretrain_opt("--mixer-expand/--no-mixer-expand", help="masked-mixer: two mixing matrices with GELU between.",
-      show="no")
+               show="no")
 @_pretrain_opt("--mixer-heads", type=int, help="masked-mixer: mixing heads.", show=1)
 @_pretrain_opt("--mixer-kernel", type=int, help="masked-mixer: mixing matrices convolved along d_model.", show=1)
 @_pretrain_opt("--hyper-dim", type=int, help="hypermixer: size of the generated mixing weights.", show=64)
 @_pretrain_opt("--hyper-heads", type=int, help="hypermixer: heads.", show=1)
 @_pretrain_opt("--n-heads", type=int, help="llama: attention heads.", show=4)
-@_pretrain_opt("--steps", type=int, help="Optimizer steps of the whole schedule (not of this invocation).", show=400)
+@_pretrain_opt("--steps", type=int, help="Optimizer steps of the whole schedule (not of this invocation).", show=800)
 @_pretrain_opt("--epochs", type=float, help="Schedule length in passes over the training split (instead of --steps).")
 @_pretrain_opt("--batch-size", type=int, help="Sequences per micro-batch on each process.", show=16)
 @_pretrain_opt("--grad-accum", type=int, help="Micro-batches per optimizer step.", show=1)
-@_pretrain_opt("--lr", type=float, help="Peak learning rate (AdamW; cosine decay to a tenth of it).", show=2e-3)
+@_pretrain_opt("--lr", type=float, help="Peak learning rate (AdamW; cosine decay to a tenth of it).", show=4e-3)
 @_pretrain_opt("--warmup", type=int, help="Linear warmup steps.", show="5% of the steps")
 @_pretrain_opt("--weight-decay", type=float, help="AdamW weight decay, on matrices only.", show=0.1)
 @_pretrain_opt("--grad-clip", type=float, help="Gradient norm clipping.", show=1.0)
@@ -95,7 +95,7 @@ def _pretrain_opt(*names, **kw):
 @_pretrain_opt("--seed", type=int, help="Seed for initialisation, data order and the validation split.", show=0)
 @_pretrain_opt("--out", help="Output directory.", show="runs/ARCH-DATE-TIME")
 @_pretrain_opt("--log-every", type=int, help="Steps between metrics.jsonl lines.", show=10)
-@_pretrain_opt("--eval-every", type=int, help="Steps between validation losses.", show=100)
+@_pretrain_opt("--eval-every", type=int, help="Steps between validation losses.", show=200)
 @_pretrain_opt("--checkpoint-every", type=int, help="Steps between checkpoints.", show=500)
 @_pretrain_opt("--compile/--no-compile", help="Run the model through torch.compile.", show="no")
 @_pretrain_opt("--num-workers", type=int, help="Processes for tokenization.", show=0)
@@ -462,17 +462,19 @@ def evaluate_cmd(pairs_path, mode, limit, query_field, target_field, test_fracti
 @click.option("--context", default=256, show_default=True, help="Context of both language models.")
 @click.option("--max-pairs", default=None, type=int, help="Use only this many bundled training pairs.")
 @click.option("--tree-queries", default=100, show_default=True, help="Queries evaluated in tree mode.")
-@click.option("--matcher-epochs", default=30, show_default=True, help="Matcher training epochs.")
+@click.option("--matcher-pairs", default=3000, show_default=True, help="Training pairs the matchers see.")
+@click.option("--matcher-epochs", default=10, show_default=True, help="Matcher training epochs.")
 @click.option("--seed", default=0, show_default=True)
 @friendly
-def quickstart_cmd(out, budget_minutes, d_model, layers, context, max_pairs, tree_queries, matcher_epochs, seed):
+def quickstart_cmd(out, budget_minutes, d_model, layers, context, max_pairs, tree_queries, matcher_pairs,
+                   matcher_epochs, seed):
     """Run the whole pipeline on the bundled corpus: pretrain a masked mixer and a llama baseline of the same
     size and compute, embed, train a matcher for each, index, evaluate every mode and BM25, print one
     comparison table (also saved as OUT/results.md and OUT/results.json), then one example search."""
     from mixret.quickstart import QuickstartConfig, example_search, run
     cfg = QuickstartConfig(out=out, budget_minutes=budget_minutes, d_model=d_model, layers=layers,
                            context=context, max_pairs=max_pairs, tree_queries=tree_queries,
-                           matcher_epochs=matcher_epochs, seed=seed)
+                           matcher_pairs=matcher_pairs, matcher_epochs=matcher_epochs, seed=seed)
     report = run(cfg, echo=click.echo)
     args = example_search(report, cfg)
     click.echo("\n$ mixret " + " ".join(_shell_quote(a) for a in args))

@@ -33,7 +33,10 @@ class QuickstartConfig:
     batch_size: int = 16
     max_pairs: int | None = None     # use only the first N bundled pairs (for quick trials)
     tree_queries: int = 100          # tree mode scores the whole corpus per query: run it on a sample
-    matcher_epochs: int = 30
+    matcher_pairs: int = 3000        # training pairs the matcher sees (each is embedded by both models)
+    matcher_epochs: int = 10
+    matcher_d_model: int = 128
+    matcher_layers: int = 2
     seed: int = 0
 
 
@@ -101,7 +104,7 @@ def _run(cfg: QuickstartConfig, echo: Callable[[str], None]) -> dict:
     # 2. pretraining: same size, steps, batch and context for both architectures
     from mixret.tokenizer import ByteTokenizer
     lengths = [len(ByteTokenizer().encode(p.target)) // 4 for p in train[:500]]  # ~4 bytes a BPE token
-    steps = plan_steps(cfg, 60 * cfg.budget_minutes * 0.5, lengths)
+    steps = plan_steps(cfg, 60 * cfg.budget_minutes * 0.4, lengths)
     echo(f"== pretraining {', '.join(ARCHS)}: {steps} steps of {cfg.batch_size} sequences each "
          f"(d_model {cfg.d_model}, {cfg.layers} layers, context {cfg.context})")
     model_dirs, pretrain_seconds = {}, {}
@@ -116,17 +119,20 @@ def _run(cfg: QuickstartConfig, echo: Callable[[str], None]) -> dict:
         echo(f"   {arch}: {pretrain_seconds[arch]:.0f} s -> {model_dirs[arch]}")
 
     report = {"config": dataclasses.asdict(cfg), "steps": steps, "n_train": len(train), "n_test": len(test),
+              "n_matcher_train": min(cfg.matcher_pairs, len(train)),
               "models": {}, "pooling": {}}
     for arch in ARCHS:
         model = load(model_dirs[arch])
         val = _final_val_loss(Path(model_dirs[arch]))
         # 3. matcher on last-token embeddings of the training pairs
-        echo(f"== {arch}: embedding {2 * (len(train) + len(test))} texts, training the matcher")
-        q = encode(model, [p.query for p in train + test])
-        t = encode(model, [p.target for p in train + test])
-        n = len(train)
+        mtrain = train[:cfg.matcher_pairs]
+        echo(f"== {arch}: embedding {2 * (len(mtrain) + len(test))} texts, training the matcher")
+        q = encode(model, [p.query for p in mtrain + test])
+        t = encode(model, [p.target for p in mtrain + test])
+        n = len(mtrain)
         (tq, tt, _), (sq, st, _) = dedupe_queries(q[:n], t[:n]), dedupe_queries(q[n:], t[n:])
-        mcfg = MatcherConfig(emb_dim=q.shape[1], context=32, embedder=io.file_hash(Path(model_dirs[arch]) /
+        mcfg = MatcherConfig(emb_dim=q.shape[1], context=32, d_model=cfg.matcher_d_model,
+                             n_layers=cfg.matcher_layers, embedder=io.file_hash(Path(model_dirs[arch]) /
                                                                                     io.WEIGHTS_NAME))
         matcher, mmetrics = train_matcher(tq, tt, sq, st, mcfg, epochs=cfg.matcher_epochs, seed=cfg.seed,
                                           out_dir=out / "matchers" / arch, progress=False)
@@ -146,7 +152,8 @@ def _run(cfg: QuickstartConfig, echo: Callable[[str], None]) -> dict:
                                   "pretrain_seconds": pretrain_seconds[arch], "matcher": _matcher_summary(mmetrics),
                                   "eval": rep}
         # 6. which position to embed: the last content token, an appended end-of-text token, or the mean
-        report["pooling"][arch] = {p: evaluate_pairs(test, model, modes=["vector"], pooling=p)["modes"]["vector"]
+        report["pooling"][arch] = {p: rep["modes"]["vector"] if p == "last" else
+                                   evaluate_pairs(test, model, modes=["vector"], pooling=p)["modes"]["vector"]
                                    for p in POOLINGS}
     report["chance"] = rep["chance"]
     report["seconds"] = time.perf_counter() - t0
@@ -208,7 +215,8 @@ def format_report(report: dict) -> str:
     any_eval = next(iter(report["models"].values()))["eval"]
     lines = [f"Retrieval of {any_eval['n_queries']} held-out Debian package summaries among their "
              f"{any_eval['corpus_size']} documents (tree: first {any_eval.get('tree_queries')} queries). "
-             f"Pretraining: {report['steps']} steps each; machine: {report['machine']}.", "",
+             f"Pretraining: {report['steps']} steps each on {report['n_train']} training pairs; matchers trained "
+             f"on {report['n_matcher_train']} of them; machine: {report['machine']}.", "",
              "| model | mode | " + " | ".join(cols) + " | queries/s | matcher passes/query |",
              "|---|---|" + "---:|" * (len(cols) + 2)]
     bm25_done = False

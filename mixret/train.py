@@ -50,7 +50,7 @@ METRICS_NAME = "metrics.jsonl"
 CURVE_NAME = "training_curve.png"
 RUN_FILES = (TRAIN_CONFIG_NAME, io.CONFIG_NAME, io.WEIGHTS_NAME, io.TOKENIZER_NAME, METRICS_NAME, CURVE_NAME,
              ckpt.CHECKPOINTS)
-DEFAULT_STEPS = 400
+DEFAULT_STEPS = 800
 # Longest context the trainer accepts per arch: a masked mixer holds context x context mixing matrices per
 # layer, so its parameters and activations grow with context^2.
 MAX_CONTEXT = {"masked-mixer": 16384, "hypermixer": 65536, "llama": 65536}
@@ -94,7 +94,7 @@ class TrainConfig:
     epochs: float | None = None           # ... or given as passes over the training split
     batch_size: int = 16                  # sequences per micro-batch on each process
     grad_accum: int = 1                   # micro-batches per optimizer step
-    lr: float = 2e-3
+    lr: float = 4e-3
     warmup: int | None = None             # linear warmup steps (default: 5% of the steps)
     weight_decay: float = 0.1             # on matrices only
     grad_clip: float = 1.0
@@ -103,7 +103,7 @@ class TrainConfig:
     # run
     out: str | None = None                # default: runs/<arch>-<date>-<time>
     log_every: int = 10
-    eval_every: int = 100
+    eval_every: int = 200
     checkpoint_every: int = 500
     compile: bool = False
     num_workers: int = 0                  # processes for tokenization
@@ -396,6 +396,9 @@ def plot_curve(metrics_path: Path, png_path: Path, unigram: float | None) -> Non
     os.close(fd)
     try:
         fig.savefig(tmp, format="png", dpi=100)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file ordinary permissions
         os.replace(tmp, png_path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -518,6 +521,8 @@ class Trainer:
             cfg.out = d.broadcast_text(f"runs/{cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
         self.out = Path(cfg.out)
         self.mode = d.broadcast_text(d.on_main(lambda: inspect_run_dir(self.out, cfg)) or "")
+        if cfg.resume and self.mode == "fresh":
+            self.say(f"{self.out}: no run to resume there; starting a new one")
         self.load_data()
         self.resolve_schedule()
         self.resume_from = self.find_checkpoint() if self.mode == "resume" else None
@@ -641,6 +646,12 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt.optimizer_from_flat(opt_tensors, state["optimizer"]))
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.position = state["step"], state["position"]
+        # lr, weight decay and the schedule's length are the ones given now (they may differ from the run's)
+        cfg = self.cfg
+        self.scheduler.base_lrs = [cfg.lr] * len(self.optimizer.param_groups)
+        for group, decay in zip(self.optimizer.param_groups, (cfg.weight_decay, 0.0)):
+            group.update(initial_lr=cfg.lr, lr=cfg.lr * lr_factor(self.step, cfg.warmup, cfg.steps),
+                         weight_decay=decay)
         mine = {k.split(".", 1)[1]: v for k, v in rng.items() if k.startswith(f"rank{self.d.rank}.")}
         if state.get("world_size") == self.d.world and mine:
             ckpt.set_torch_rng_state(mine, self.d.device)
@@ -772,9 +783,7 @@ class Trainer:
                 signum = self.stop_requested(received)
                 if signum:
                     bar.close()
-                    path = self.save_checkpoint()
-                    self.say(f"stopped at step {step}; checkpoint written to {path}")
-                    raise Interrupted(signum, step, path)
+                    raise Interrupted(signum, step, self.save_checkpoint())
                 if cfg.stop_after is not None and step - start_step >= cfg.stop_after and step < cfg.steps:
                     bar.close()
                     path = self.save_checkpoint()

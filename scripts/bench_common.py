@@ -209,14 +209,16 @@ def fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
-def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:
-    """rows of dicts -> a markdown table of the given (key, header) columns; numbers right-aligned."""
+def markdown_table(rows: Sequence[dict], columns: Sequence[tuple]) -> str:
+    """rows of dicts -> a markdown table of the given (key, header) or (key, header, digits) columns;
+    numbers right-aligned, to 3 significant digits unless the column says otherwise."""
+    columns = [(c[0], c[1], c[2] if len(c) > 2 else 3) for c in columns]
     numeric = [any(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) for r in rows)
-               for k, _ in columns]
-    lines = ["| " + " | ".join(h for _, h in columns) + " |",
+               for k, _, _ in columns]
+    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |",
              "|" + "|".join("---:" if n else "---" for n in numeric) + "|"]
     for r in rows:
-        lines.append("| " + " | ".join(fmt(r.get(k)) for k, _ in columns) + " |")
+        lines.append("| " + " | ".join(fmt(r.get(k), d) for k, _, d in columns) + " |")
     return "\n".join(lines)
 
 

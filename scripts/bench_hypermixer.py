@@ -1,7 +1,7 @@
 """HyperMixer scaling: training-step time and peak memory against context, with least-squares fits, next to
 the flat masked mixer.
 
-    python scripts/bench_hypermixer.py [--out docs/bench/] [--threads N] [--repeats 3] [--contexts 256,...,8192]
+    python scripts/bench_hypermixer.py [--out docs/bench/] [--threads N] [--repeats 3] [--contexts 256,...,16384]
                                        [--d-model 128] [--layers 1] [--quick]
 
 A small model (default: d_model 128, 1 layer, byte vocabulary) trains on one sequence of L random tokens
@@ -107,7 +107,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     bc.add_common_args(parser, "hypermixer")
     parser.add_argument("--contexts", default=None,
-                        help="comma-separated lengths (default: 256,...,8192; up to 32768 on a GPU)")
+                        help="comma-separated lengths (default: 256,...,16384; up to 32768 on a GPU)")
     parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--vocab-size", type=int, default=256)
@@ -118,7 +118,7 @@ def main() -> None:
     gpu = device.type == "cuda"
     if args.quick:
         args.contexts, args.d_model, args.repeats = args.contexts or "64,128,256", 16, 1
-    default = "256,512,1024,2048,4096,8192" + (",16384,32768" if gpu else "")
+    default = "256,512,1024,2048,4096,8192,16384" + (",32768" if gpu else "")
     args.contexts = sorted(int(c) for c in (args.contexts or default).split(","))
     args.steps = args.steps or (10 if gpu else 1)
     args.max_step_s = None  # every context is measured: the point is the whole curve
@@ -137,7 +137,7 @@ def main() -> None:
     cols = [("variant", "variant"), ("context", "L"), ("step_ms", "ms/step"), ("us_per_token", "us/token"),
             ("peak_mib", "peak MiB"), ("status", "status")]
     fit_cols = [("variant", "variant"), ("quantity", "quantity"), ("intercept", "a"), ("slope", "b (per token)"),
-                ("r2_linear", "R^2 line"), ("quadratic", "c (per token^2)"), ("r2_quadratic", "R^2 parabola"),
+                ("r2_linear", "R^2 line", 5), ("quadratic", "c (per token^2)"), ("r2_quadratic", "R^2 parabola", 5),
                 ("exponent", "exponent")]
     text = bc.write_report(
         args.out, "hypermixer", "HyperMixer scaling against context", info, intro,

@@ -175,11 +175,15 @@ def bench_tree(args, device: torch.device) -> list[dict]:
 def plot(faiss_rows: list[dict], k: int, path: Path, title: str) -> None:
     plt = bc.pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    for n in dict.fromkeys(r["vectors"] for r in faiss_rows):
-        for r in (r for r in faiss_rows if r["vectors"] == n):
-            ax.scatter(r["single_ms_per_query"], r[f"recall_at_{k}"])
-            ax.annotate(f"{r['factory']} ({n:,})", (r["single_ms_per_query"], r[f"recall_at_{k}"]), fontsize=7)
+    colors = {"Flat": "tab:blue", "HNSW": "tab:orange", "IVF": "tab:green"}
+    markers = dict(zip(dict.fromkeys(r["vectors"] for r in faiss_rows), "osD^v"))
+    for r in faiss_rows:
+        kind = next(name for name in colors if r["factory"].startswith(name))
+        ax.scatter(r["single_ms_per_query"], r[f"recall_at_{k}"], color=colors[kind], marker=markers[r["vectors"]],
+                   label=f"{r['factory']}, {r['vectors']:,} vectors")
+    ax.legend(fontsize=7)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())
     ax.set_xlabel("ms per query (one query per call)")
     ax.set_ylabel(f"recall@{k} against exact search")
     ax.grid(True, which="both", alpha=0.3)

@@ -10,7 +10,8 @@ warm-up, and the peak memory of the whole run (params, gradients, AdamW state, a
 max_memory_allocated on a GPU; on the CPU, max RSS minus that of a child that trained a tiny model of the same
 architecture for one step (which holds the interpreter, torch and the kernels, but none of the data).
 On the CPU a context is skipped when a step would take longer than --max-step-s: estimated from the previous
-context (time per token times L / L_prev, except for the HyperMixer), or measured on the warm-up step.
+context (time per token times L / L_prev, except for the HyperMixer), or when the warm-up step, which also
+allocates everything, takes more than twice that.
 
 Model FLOPs per token (training = 3x forward), written down in docs/benchmarks.md:
     6 * (weights of every nn.Linear, LM head included)  +  n_layers * mixing term, with the mixing term
@@ -85,9 +86,9 @@ def child(spec: dict) -> dict:
             opt.zero_grad(set_to_none=True)
 
     try:
-        first = bc.time_once(steps, device) / spec["steps"]
-        if spec["max_step_s"] and first > spec["max_step_s"]:
-            return {"status": f"skipped: a step took {first:.0f} s (limit {spec['max_step_s']:g} s)"}
+        first = bc.time_once(steps, device) / spec["steps"]  # also allocates: allow it twice the limit
+        if spec["max_step_s"] and first > 2 * spec["max_step_s"]:
+            return {"status": f"skipped: the first step took {first:.0f} s (limit {spec['max_step_s']:g} s)"}
         seconds = bc.best_time(steps, device, spec["repeats"], warmup=1 if device.type == "cuda" else 0)
     except torch.cuda.OutOfMemoryError:
         return {"status": "out of GPU memory"}
@@ -116,18 +117,21 @@ def tiny_rss_mib(args, device: torch.device, arch: str) -> float:
 
 
 def sweep(args, device: torch.device) -> list[dict]:
+    """Every context in turn, every architecture at each context (so that the ones compared are measured
+    close together in time)."""
     peak = bc.peak_flops(device)
+    base_rss = {arch: tiny_rss_mib(args, device, arch) if device.type == "cpu" else 0.0 for arch in args.archs}
+    previous = {}  # arch -> (step seconds, tokens per step, context) of its last context measured
     rows = []
-    for arch in args.archs:
-        base_rss = tiny_rss_mib(args, device, arch) if device.type == "cpu" else 0.0
-        quadratic = VARIANTS[ARCHS[arch]]["arch"] != "hypermixer"  # work per token grows with L
-        previous = None  # (step seconds, tokens per step, context) of the last context measured
-        for L in args.contexts:
-            B = max(1, args.tokens // L)
+    for L in args.contexts:
+        B = max(1, args.tokens // L)
+        for arch in args.archs:
             row = {"arch": arch, "variant": ARCHS[arch], "context": L, "batch": B}
             estimate = 0.0
-            if previous:
-                estimate = previous[0] * B * L / previous[1] * (L / previous[2] if quadratic else 1.0)
+            if arch in previous:
+                seconds, tokens, context = previous[arch]
+                quadratic = VARIANTS[ARCHS[arch]]["arch"] != "hypermixer"  # work per token grows with L
+                estimate = seconds * B * L / tokens * (L / context if quadratic else 1.0)
             if device.type == "cpu" and args.max_step_s and estimate > args.max_step_s:
                 row["status"] = f"skipped: a step would take over {estimate:.0f} s (limit {args.max_step_s:g} s)"
             else:
@@ -135,9 +139,9 @@ def sweep(args, device: torch.device) -> list[dict]:
                 row.update(result)
                 if row.get("status") == "ok":
                     if device.type == "cpu":
-                        row["peak_mib"] = result["max_rss_mib"] - base_rss
-                        row["baseline_rss_mib"] = base_rss
-                    previous = (row["step_s"], B * L, L)
+                        row["peak_mib"] = result["max_rss_mib"] - base_rss[arch]
+                        row["baseline_rss_mib"] = base_rss[arch]
+                    previous[arch] = (row["step_s"], B * L, L)
                     row["gflop_s"] = row["flops_per_token"] * row["tok_s"] / 1e9
                     row["mfu"] = row["gflop_s"] * 1e9 / peak if peak else None
             rows.append(row)
@@ -145,7 +149,8 @@ def sweep(args, device: torch.device) -> list[dict]:
             print(f"{ARCHS[arch]} @ {L}: " + (f"{row['tok_s']:,.0f} tok/s, {row['peak_mib']:,.0f} MiB" if ok
                                               else row["status"]), flush=True)
     add_ratios(rows)
-    return rows
+    order = {arch: i for i, arch in enumerate(args.archs)}
+    return sorted(rows, key=lambda r: (order[r["arch"]], r["context"]))
 
 
 def add_ratios(rows: list[dict]) -> None:

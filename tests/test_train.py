@@ -17,10 +17,11 @@ import mixret
 from mixret import train, train_data
 from mixret.checkpoint import latest_checkpoint, list_checkpoints, optimizer_from_flat, optimizer_to_flat
 from mixret.cli import main
+from mixret.data import bundled_pairs_path, load_texts
 from mixret.errors import MixretError
 from mixret.tokenizer import ByteTokenizer
 from mixret.train import NextTokenLoss, TrainConfig, lr_factor, pretrain, resolve_options
-from mixret.train_data import Sequences, Stream, document_sequences, micro_batches, packed_sequences
+from mixret.train_data import Stream, document_sequences, micro_batches, packed_sequences
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = ("the a small package tool library for with and of data files network server client python "
@@ -28,13 +29,9 @@ WORDS = ("the a small package tool library for with and of data files network se
 
 
 @pytest.fixture(autouse=True)
-def _env(tmp_path, monkeypatch):
-    """A private tokenization cache, and one thread (tiny models gain nothing from more)."""
+def _private_cache(tmp_path, monkeypatch):
+    """Tokenized corpora go to the test's own cache, not ~/.cache/mixret."""
     monkeypatch.setenv("MIXRET_CACHE", str(tmp_path / "cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_corpus(path: Path, n: int = 120, seed: int = 0) -> Path:
@@ -61,7 +58,7 @@ def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def invoke(*args) -> "click.testing.Result":
+def invoke(*args):
     return CliRunner().invoke(main, ["pretrain", *map(str, args)])
 
 
@@ -153,12 +150,12 @@ def test_sigterm_leaves_a_loadable_checkpoint_and_resume_finishes(tmp_path):
 
 def test_validation_loss_falls_below_a_unigram_model(tmp_path):
     """Bundled corpus (real text), a tiny model and a short CPU run: the model must use context."""
-    cfg = TrainConfig(tokenizer="bytes", d_model=64, layers=2, context=128, batch_size=16, steps=150,
-                      lr=5e-3, eval_every=150, log_every=50, val_max_docs=300, out=str(tmp_path / "run"))
+    cfg = TrainConfig(tokenizer="bytes", d_model=64, layers=2, context=128, batch_size=16, steps=200,
+                      lr=5e-3, eval_every=200, log_every=50, val_max_docs=300, out=str(tmp_path / "run"))
     out = pretrain(cfg)
     val_loss = metrics(out)[-1]["val_loss"]
     # the unigram model, computed here from the training split's bytes (the trainer's split, by its seed)
-    texts = mixret.data.load_texts([mixret.data.bundled_pairs_path()], ["summary", "document"])["text"]
+    texts = load_texts([bundled_pairs_path()], ["summary", "document"])["text"]
     train_idx, val_idx = train_data.split_documents(len(texts), 0.05, 300, seed=0)
     counts = np.ones(259)
     for i in train_idx:
@@ -168,7 +165,7 @@ def test_validation_loss_falls_below_a_unigram_model(tmp_path):
     targets = np.concatenate([(list(texts[i].encode()) + [258])[:127] for i in val_idx])
     unigram = float(-logp[targets].mean())
     assert 2.5 < unigram < 4.0
-    assert val_loss < unigram - 0.6, (val_loss, unigram)
+    assert val_loss < unigram - 0.5, (val_loss, unigram)
 
 
 # --- options --------------------------------------------------------------------------------------
@@ -244,6 +241,16 @@ def test_config_file_cli_flags_and_resume_layering(tmp_path):
     result = invoke("--out", run, "--resume", "--steps", 8)
     assert result.exit_code == 0, result.output
     assert mixret.load(run).config.d_model == 32 and metrics(run)[-1]["step"] == 8
+
+
+def test_resume_with_a_longer_schedule_and_another_lr(tmp_path):
+    pretrain(tiny(tmp_path, steps=6, stop_after=3, warmup=2))
+    out = pretrain(tiny(tmp_path, steps=10, lr=1e-3, warmup=2, resume=True))
+    lrs = {r["step"]: r["lr"] for r in metrics(out)}
+    assert lrs[3] == pytest.approx(3e-3 * lr_factor(2, 2, 6))  # before: the first schedule
+    for step in range(4, 11):  # after: the new peak lr and length, from where the run was
+        assert lrs[step] == pytest.approx(1e-3 * lr_factor(step - 1, 2, 10))
+    assert json.loads((out / "train_config.json").read_text())["steps"] == 10
 
 
 def test_epochs_set_the_schedule_length(tmp_path):
@@ -423,3 +430,18 @@ def test_cli_help_shows_the_real_defaults():
         line = next(line for line in result.output.splitlines() if line.strip().startswith(flag))
         assert f"[default: {getattr(defaults, name)}]" in line, line
     assert f"[default: {train.DEFAULT_STEPS}]" in next(l for l in result.output.splitlines() if "--steps" in l)
+
+
+@pytest.mark.slow
+def test_default_run_with_no_options(tmp_path, monkeypatch):
+    """`mixret pretrain` alone: the default masked mixer on the bundled corpus (a few minutes on a CPU)."""
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["pretrain"])
+    assert result.exit_code == 0, result.output
+    out = Path(result.stdout.strip().removeprefix("model written to "))
+    assert out.parent == Path("runs") and out.name.startswith("masked-mixer-")
+    model = mixret.load(out)
+    assert model.config.arch == "masked-mixer" and model.tokenizer.kind == "bpe"
+    recs = metrics(out)
+    assert recs[-1]["step"] == train.DEFAULT_STEPS
+    assert recs[-1]["val_loss"] < 5.6  # a unigram model scores 6.8 on this split

@@ -43,7 +43,6 @@ def test_torchrun_two_processes_match_one_process(tmp_path, monkeypatch):
     assert proc.stdout.count("model written to") == 1  # rank 0 reports
 
     monkeypatch.setenv("MIXRET_CACHE", str(tmp_path / "cache"))
-    torch.set_num_threads(1)
     single = pretrain(TrainConfig(data=[str(corpus)], batch_size=6, out=str(tmp_path / "one"), **OPTIONS))
     ddp, one = metrics(tmp_path / "ddp"), metrics(single)
     assert [r["step"] for r in ddp] == [r["step"] for r in one] == list(range(1, 7))
