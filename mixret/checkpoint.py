@@ -15,7 +15,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -120,7 +119,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.", suffix=".tmp"))
+    tmp = io.temp_dir(root, final.name)
     try:
         model.save_pretrained(tmp, tokenizer)
         opt_tensors, opt_rest = optimizer_to_flat(optimizer)
@@ -128,7 +127,6 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
         save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / RNG_NAME))
         io.write_json(tmp / STATE_NAME, {**state, "step": step, "optimizer": opt_rest,
                                          "host_rng": host_rng_state()})
-        os.chmod(tmp, 0o755)  # mkdtemp creates 0700
         if final.exists():  # the same step written again (a resumed run reaching it anew)
             old = root / f".{final.name}.old"
             shutil.rmtree(old, ignore_errors=True)

@@ -13,7 +13,6 @@ import json
 import mmap
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mixret.errors import MixretError, where
+from mixret.io import atomic_path
 
 BUNDLED_PAIRS_NAME = "debian-pairs.jsonl.gz"
 SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet", ".txt")  # file kinds load_pairs and load_texts read
@@ -280,23 +280,13 @@ def write_pairs_jsonl(
 ) -> None:
     """Write pairs as JSONL (gzip-compressed if path ends in .gz), atomically; load_pairs reads it back."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file ordinary permissions
-        with os.fdopen(fd, "wb") as raw:
-            f = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) if path.name.endswith(".gz") else raw
-            for p in pairs:
-                rec = {id_field: p.id, query_field: p.query, target_field: p.target}
-                f.write((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
-            if f is not raw:
-                f.close()
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as raw:
+        f = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) if path.name.endswith(".gz") else raw
+        for p in pairs:
+            rec = {id_field: p.id, query_field: p.query, target_field: p.target}
+            f.write((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
+        if f is not raw:
+            f.close()
 
 
 def bundled_pairs_path() -> Path:

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -35,18 +36,34 @@ def _make_temp(directory: Path, name: str) -> str:
     return tmp
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write text to path via a temporary file in the same folder and a rename."""
+@contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary file name beside `path`; on success it is renamed to `path`, on failure removed.
+
+    The temporary file has the permissions a plain open() would give (mkstemp's are private).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _make_temp(path.parent, path.name)
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def temp_dir(parent: str | os.PathLike, name: str, suffix: str = ".tmp") -> Path:
+    """A new hidden folder `.NAME.*SUFFIX` in parent, with ordinary permissions, to be renamed when complete."""
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=suffix))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write text to path via a temporary file in the same folder and a rename."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
@@ -78,13 +95,8 @@ def save_weights(module: torch.nn.Module, directory: str | os.PathLike) -> None:
             continue
         seen[key] = name
         tensors[name] = t.detach().cpu().contiguous()
-    tmp = _make_temp(directory, WEIGHTS_NAME)
-    try:
+    with atomic_path(directory / WEIGHTS_NAME) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt"})
-        os.replace(tmp, directory / WEIGHTS_NAME)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_weights(module: torch.nn.Module, directory: str | os.PathLike) -> None:

@@ -509,10 +509,7 @@ def train_matcher(train_q, train_t, test_q, test_t, config: MatcherConfig, epoch
     out_dir = Path(out_dir)
     check_out_dir(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_dir, 0o777 & ~umask)  # mkdtemp creates 0700; give the folder ordinary permissions
+    tmp_dir = io.temp_dir(out_dir.parent, out_dir.name)
     try:
         matcher, metrics = _fit(train, test, config, log_dir=tmp_dir, **args)
         matcher.save_pretrained(tmp_dir)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,14 +169,8 @@ class VectorIndex:
         import faiss
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{INDEX_NAME}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with io.atomic_path(directory / INDEX_NAME) as tmp:
             faiss.write_index(self.index, tmp)
-            os.replace(tmp, directory / INDEX_NAME)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         io.write_json(directory / INDEX_META_NAME, {
             **self.meta, "factory": self.factory, "metric": self.metric, "normalize": self.normalize,
             "dim": self.dim, "count": self.count,

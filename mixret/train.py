@@ -25,7 +25,6 @@ import resource
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -57,9 +56,16 @@ MAX_CONTEXT = {"masked-mixer": 16384, "hypermixer": 65536, "llama": 65536}
 MIN_LR_RATIO = 0.1               # cosine decay ends at this fraction of the peak learning rate
 BETAS = (0.9, 0.95)
 
-sample_hook: Callable | None = None
+def sample_line(model, tokenizer) -> str:
+    """A short seeded sample from the model being trained, on one line."""
+    from mixret.generate import sample_text
+    text = " ".join(sample_text(model, tokenizer, max_new_tokens=32).split())
+    return f"sample: {text[:200]}"
+
+
+sample_hook: Callable | None = sample_line
 """Called as sample_hook(model, tokenizer) at each evaluation on rank 0, with the model in eval mode;
-a returned string is printed under the evaluation line."""
+a returned string is printed under the evaluation line. Set to None for no samples."""
 
 
 # --- options ----------------------------------------------------------------------------------
@@ -392,17 +398,8 @@ def plot_curve(metrics_path: Path, png_path: Path, unigram: float | None) -> Non
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fd, tmp = tempfile.mkstemp(dir=png_path.parent, prefix=f".{png_path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with io.atomic_path(png_path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file ordinary permissions
-        os.replace(tmp, png_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --- optimisation -----------------------------------------------------------------------------

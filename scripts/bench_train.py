@@ -9,9 +9,9 @@ context) runs in a fresh child process: the best of --repeats timed steps (each 
 warm-up, and the peak memory of the whole run (params, gradients, AdamW state, activations): CUDA
 max_memory_allocated on a GPU; on the CPU, max RSS minus that of a child that trained a tiny model of the same
 architecture for one step (which holds the interpreter, torch and the kernels, but none of the data).
-On the CPU a context is skipped when a step would take longer than --max-step-s: estimated from the previous
-context (time per token times L / L_prev, except for the HyperMixer), or when the warm-up step, which also
-allocates everything, takes more than twice that.
+On the CPU a context is skipped when a step would take longer than --max-step-s: estimated from the contexts
+before it (time per token extrapolated linearly in L), or when the warm-up step, which also allocates
+everything, takes more than twice that.
 
 Model FLOPs per token (training = 3x forward), written down in docs/benchmarks.md:
     6 * (weights of every nn.Linear, LM head included)  +  n_layers * mixing term, with the mixing term
@@ -116,22 +116,31 @@ def tiny_rss_mib(args, device: torch.device, arch: str) -> float:
     return bc.run_child(__file__, spec)["max_rss_mib"]
 
 
+def estimate_step(history: list[tuple[int, float]], L: int, tokens: int) -> float:
+    """Seconds a step of `tokens` tokens at context L should take, from the (context, seconds per token) measured
+    so far: the time per token extrapolated linearly in L from the last two contexts (never below the last)."""
+    if not history:
+        return 0.0
+    L1, t1 = history[-1]
+    t = t1
+    if len(history) > 1:
+        L0, t0 = history[-2]
+        t = max(t1, t1 + (t1 - t0) / (L1 - L0) * (L - L1))
+    return t * tokens
+
+
 def sweep(args, device: torch.device) -> list[dict]:
     """Every context in turn, every architecture at each context (so that the ones compared are measured
     close together in time)."""
     peak = bc.peak_flops(device)
     base_rss = {arch: tiny_rss_mib(args, device, arch) if device.type == "cpu" else 0.0 for arch in args.archs}
-    previous = {}  # arch -> (step seconds, tokens per step, context) of its last context measured
+    history = {arch: [] for arch in args.archs}  # arch -> [(context, seconds per token)] measured so far
     rows = []
     for L in args.contexts:
         B = max(1, args.tokens // L)
         for arch in args.archs:
             row = {"arch": arch, "variant": ARCHS[arch], "context": L, "batch": B}
-            estimate = 0.0
-            if arch in previous:
-                seconds, tokens, context = previous[arch]
-                quadratic = VARIANTS[ARCHS[arch]]["arch"] != "hypermixer"  # work per token grows with L
-                estimate = seconds * B * L / tokens * (L / context if quadratic else 1.0)
+            estimate = estimate_step(history[arch], L, B * L)
             if device.type == "cpu" and args.max_step_s and estimate > args.max_step_s:
                 row["status"] = f"skipped: a step would take over {estimate:.0f} s (limit {args.max_step_s:g} s)"
             else:
@@ -141,7 +150,7 @@ def sweep(args, device: torch.device) -> list[dict]:
                     if device.type == "cpu":
                         row["peak_mib"] = result["max_rss_mib"] - base_rss[arch]
                         row["baseline_rss_mib"] = base_rss[arch]
-                    previous[arch] = (row["step_s"], B * L, L)
+                    history[arch].append((L, row["step_s"] / (B * L)))
                     row["gflop_s"] = row["flops_per_token"] * row["tok_s"] / 1e9
                     row["mfu"] = row["gflop_s"] * 1e9 / peak if peak else None
             rows.append(row)

@@ -107,3 +107,12 @@ def test_best_time_takes_the_minimum():
     calls = []
     assert bench_common.best_time(lambda: calls.append(1), torch.device("cpu"), repeats=3, warmup=2) >= 0
     assert len(calls) == 5
+
+
+def test_step_estimate_extrapolates_time_per_token():
+    assert bench_train.estimate_step([], 512, 2048) == 0.0
+    assert bench_train.estimate_step([(128, 1e-3)], 512, 2048) == pytest.approx(2.048)
+    # 1 ms/token at 2048, 2 ms/token at 4096: 4 ms/token at 8192
+    assert bench_train.estimate_step([(2048, 1e-3), (4096, 2e-3)], 8192, 8192) == pytest.approx(8192 * 4e-3)
+    # never below the last measured time per token
+    assert bench_train.estimate_step([(128, 2e-3), (512, 1e-3)], 2048, 2048) == pytest.approx(2.048)

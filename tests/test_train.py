@@ -445,3 +445,13 @@ def test_default_run_with_no_options(tmp_path, monkeypatch):
     recs = metrics(out)
     assert recs[-1]["step"] == train.DEFAULT_STEPS
     assert recs[-1]["val_loss"] < 5.6  # a unigram model scores 6.8 on this split
+
+
+def test_each_evaluation_prints_a_sample(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    result = invoke("--data", corpus, "--tokenizer", "bytes", "--d-model", 32, "--layers", 2, "--context", 48,
+                    "--batch-size", 4, "--steps", 6, "--eval-every", 3, "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    samples = [line for line in result.output.splitlines() if line.startswith("sample: ")]
+    assert len(samples) == 2  # evaluations at steps 3 and 6
+    assert all(len(s) > len("sample: ") for s in samples)
