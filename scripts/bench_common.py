@@ -116,7 +116,7 @@ def main_or_child(child: Callable[[dict], dict], main: Callable[[], None]) -> No
     spec = json.loads(sys.argv[sys.argv.index("--child") + 1])
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    result = {} if spec.get("kind") == "idle" else child(spec)
+    result = child(spec)
     result["max_rss_mib"] = max_rss_mib()
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
@@ -137,11 +137,6 @@ def run_child(script: str | os.PathLike, spec: dict, timeout: float | None = Non
         return {"status": "killed (out of memory?)"}
     last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
     return {"status": f"failed (exit {proc.returncode}): {last[:200]}"}
-
-
-def idle_rss_mib(script: str | os.PathLike, threads: int | None) -> float:
-    """Peak RSS of a child that only imports what the script imports: the baseline to subtract."""
-    return run_child(script, {"kind": "idle", "threads": threads})["max_rss_mib"]
 
 
 # -- machine facts ----------------------------------------------------------------------------

@@ -113,7 +113,10 @@ def tiny_rss_mib(args, device: torch.device, arch: str) -> float:
     and the kernels the architecture touches, without its data. Subtracted from the CPU measurements."""
     spec = {**spec_for(args, device, arch, 8, 1), "vocab_size": 16, "d_model": 8, "layers": 1, "steps": 1,
             "repeats": 1, "max_step_s": None}
-    return bc.run_child(__file__, spec)["max_rss_mib"]
+    result = bc.run_child(__file__, spec)
+    if "max_rss_mib" not in result:
+        raise SystemExit(f"the baseline child ({ARCHS[arch]}, d_model 8) failed: {result['status']}")
+    return result["max_rss_mib"]
 
 
 def estimate_step(history: list[tuple[int, float]], L: int, tokens: int) -> float:
