@@ -135,6 +135,8 @@ class VectorIndex:
                               f"expected e.g. Flat, HNSW32, IVF1024,Flat or IVF4096,PQ32") from None
         if hasattr(index, "pq"):
             _quiet_pq_training(index.pq, len(x), fitted)
+        if hasattr(index, "do_polysemous_training"):
+            index.do_polysemous_training = False  # polysemous codes are never used by search; training them is slow
         try:
             if not index.is_trained:
                 index.train(x)
