@@ -116,8 +116,6 @@ def small_world(tmp_path_factory):
     from mixret.models import ModelConfig, build_model
     from mixret.tokenizer import ByteTokenizer
     root = tmp_path_factory.mktemp("eval")
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     write_pairs_jsonl(load_pairs(bundled_pairs_path())[:200], root / "pairs.jsonl")
     torch.manual_seed(0)
     model = build_model(ModelConfig(vocab_size=260, d_model=32, n_layers=2, context=64))
@@ -127,8 +125,7 @@ def small_world(tmp_path_factory):
         res = invoke("train-matcher", "--pairs", root / "pairs.jsonl", "--model", root / "lm", "--context", 16,
                      "--epochs", 1, "--d-model", 32, "--layers", 1, "--out", root / "matcher")
     assert res.exit_code == 0, res.output
-    yield root
-    torch.set_num_threads(n_threads)
+    return root
 
 
 def test_cli_evaluate_all_modes(small_world):

@@ -29,15 +29,6 @@ def small_config(**kw) -> MatcherConfig:
     return MatcherConfig(**{"emb_dim": E, "d_model": 64, "n_layers": 2, "context": CONTEXT, **kw})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These small models run faster on one thread, above all on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A matcher trained for a few seconds on 1000 synthetic pairs (+ 200 test pairs), saved to disk."""

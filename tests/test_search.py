@@ -287,8 +287,6 @@ def corpus(tmp_path_factory):
     from mixret import io
     from mixret.data import bundled_pairs_path, load_pairs, write_pairs_jsonl
     root = tmp_path_factory.mktemp("cli")
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     write_pairs_jsonl(load_pairs(bundled_pairs_path())[:120], root / "pairs.jsonl")
     tiny_lm(32, 0).save_pretrained(root / "lm")
     tiny_lm(32, 1).save_pretrained(root / "other_lm")
@@ -304,8 +302,7 @@ def corpus(tmp_path_factory):
     model_hash = io.file_hash(root / "lm" / io.WEIGHTS_NAME)
     Matcher(MatcherConfig(emb_dim=32, d_model=32, n_layers=1, context=16, embedder=model_hash)).save_pretrained(
         root / "matcher")
-    yield root
-    torch.set_num_threads(n_threads)
+    return root
 
 
 def test_cli_search_modes(corpus):
