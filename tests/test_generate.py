@@ -6,21 +6,9 @@ import mixret
 from mixret.cli import main
 from mixret.errors import MixretError
 from mixret.generate import filter_logits, generate, generate_text, sample_next, sample_text
-from mixret.models import VARIANTS, ModelConfig, build_model
 from mixret.tokenizer import ByteTokenizer
 
-TINY = dict(vocab_size=260, d_model=32, n_layers=2, context=24)
-# every registered variant, plus options that change the decoding code path
-CONFIGS = {name: {**TINY, **v} for name, v in VARIANTS.items()}
-CONFIGS["masked-mixer (kernel 3)"] = {**TINY, "arch": "masked-mixer", "mixer_kernel": 3}
-CONFIGS["hypermixer (2 heads, tied, chunk 5)"] = {**TINY, "arch": "hypermixer", "hyper_heads": 2,
-                                                  "hyper_tied": True, "hyper_chunk": 5, "hyper_dim": 8}
-CONFIGS["llama (2 heads)"] = {**TINY, "arch": "llama", "n_heads": 2}
-
-
-def make(name):
-    torch.manual_seed(1)
-    return build_model(ModelConfig(**CONFIGS[name])).eval()
+from zoo import CONFIGS, TINY, make
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

@@ -12,19 +12,7 @@ from mixret.models import VARIANTS, ModelConfig, build_model, load
 from mixret.models.hypermixer import hypermix, hypermix_naive, hypermix_recurrent
 from mixret.tokenizer import ByteTokenizer
 
-TINY = dict(vocab_size=260, d_model=32, n_layers=2, context=24)
-# every arch and every mixer option, including combinations that change the code path
-CONFIGS = {name: {**TINY, **v} for name, v in VARIANTS.items()}
-CONFIGS["masked-mixer (kernel 3)"] = {**TINY, "arch": "masked-mixer", "mixer_kernel": 3}
-CONFIGS["masked-mixer (tied)"] = {**TINY, "arch": "masked-mixer", "tie_embeddings": True}
-CONFIGS["hypermixer (2 heads, tied, chunk 5)"] = {**TINY, "arch": "hypermixer", "hyper_heads": 2,
-                                                  "hyper_tied": True, "hyper_chunk": 5, "hyper_dim": 8}
-CONFIGS["llama (2 heads)"] = {**TINY, "arch": "llama", "n_heads": 2}
-
-
-def make(name):
-    torch.manual_seed(1)
-    return build_model(ModelConfig(**CONFIGS[name])).eval()
+from zoo import CONFIGS, TINY, make
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
