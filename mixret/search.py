@@ -1,4 +1,4 @@
-"""Search a corpus of embeddings four ways: vector (FAISS), tree (matcher tournament), hybrid, bm25.
+"""Search a corpus of embeddings five ways: vector (FAISS), fusion, tree (matcher tournament), hybrid, bm25.
 
 - vector: FAISS top-k over the corpus embeddings, the index built from a factory string
   ("Flat", "HNSW32", "IVF1024,Flat", "IVF4096,PQ32", ...). With metric "ip" the corpus and the
@@ -6,6 +6,9 @@
 - tree: a knockout tournament over the whole corpus with the matcher, no vector index.
 - hybrid: a shortlist from the vector index (or BM25), ranked by the same tournament.
 - bm25: BM25 over the corpus texts with bm25s (English stopwords), a lexical baseline.
+- fusion: BM25 and the dense similarity combined over both sides' top candidates (see mixret.fusion).
+
+Equal scores are ranked by corpus index (lower first) in bm25 mode, as FAISS's Flat index does.
 
 The tournament. The matcher scores one query against up to G = context-1 candidates at once, and
 its logits are relative to the other candidates of the set (softmax over the slots), so logits from
@@ -40,7 +43,7 @@ from mixret.errors import MixretError
 
 INDEX_NAME = "index.faiss"
 INDEX_META_NAME = "index.json"
-MODES = ("vector", "tree", "hybrid", "bm25")
+MODES = ("vector", "fusion", "tree", "hybrid", "bm25")
 SHORTLIST_SOURCES = ("vector", "bm25")
 IVF_MIN_POINTS_PER_LIST = 39   # FAISS's own minimum of training points per k-means centroid
 IVF_NPROBE = 16                # inverted lists visited per query (at most nlist)
@@ -165,6 +168,19 @@ class VectorIndex:
         scores, indices = self.index.search(q, k)
         return scores, indices.astype(np.int64)
 
+    def similarity(self, queries: np.ndarray, corpus: np.ndarray, cands: np.ndarray) -> np.ndarray:
+        """Exact scores [Q, N] of corpus rows cands [Q, N] (-1 = none: 0) for queries [Q, D], on the index's scale
+        (higher is nearer): cosine or inner product, or minus the squared L2 distance."""
+        q = _normalized(queries) if self.normalize else queries
+        rows = corpus[np.where(cands >= 0, cands, 0)]                          # [Q, N, D]
+        if self.normalize:
+            rows = rows / np.maximum(np.linalg.norm(rows, axis=-1, keepdims=True), 1e-12)
+        if self.metric == "ip":
+            sims = np.einsum("qd,qnd->qn", q, rows)
+        else:
+            sims = -((rows - q[:, None]) ** 2).sum(-1)
+        return np.where(cands >= 0, sims, 0.0).astype(np.float32)
+
     # -- save / load --------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> None:
         """Write directory/index.faiss, then directory/index.json, each atomically."""
@@ -246,14 +262,34 @@ class BM25Index:
         tokens = bm25s.tokenize(list(texts), stopwords="en", show_progress=False)
         self.retriever.index(tokens, show_progress=False)
 
-    def search(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-        """queries -> (scores [Q, k] float32, indices [Q, k] int64), best first."""
+    def scores(self, query: str) -> np.ndarray:
+        """BM25 score of every corpus text for one query -> [M] float32 (0 when no query term is indexed)."""
         import bm25s
+        tokens = bm25s.tokenize([query], stopwords="en", return_ids=False, show_progress=False)[0]
+        known = [t for t in tokens if t in self.retriever.vocab_dict]
+        if not known:
+            return np.zeros(self.count, dtype=np.float32)
+        return self.retriever.get_scores(known).astype(np.float32)
+
+    def search(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """queries -> (scores [Q, k] float32, indices [Q, k] int64), best first, equal scores by corpus index."""
         if not 1 <= k <= self.count:
             raise MixretError(f"k must be between 1 and the corpus size {self.count}, got {k}")
-        tokens = bm25s.tokenize(list(queries), stopwords="en", return_ids=False, show_progress=False)
-        indices, scores = self.retriever.retrieve(tokens, k=k, show_progress=False, n_threads=1)
-        return scores.astype(np.float32), indices.astype(np.int64)
+        out_scores = np.zeros((len(queries), k), dtype=np.float32)
+        out_indices = np.zeros((len(queries), k), dtype=np.int64)
+        for i, query in enumerate(queries):
+            s = self.scores(query)
+            top = np.argpartition(-s, k - 1)[:k] if k < self.count else np.arange(self.count)
+            cut = s[top].min()                                   # every text scoring above the cut is in top
+            tied = np.flatnonzero(s >= cut)                      # plus all texts tied at the cut
+            order = tied[np.lexsort((tied, -s[tied]))][:k]
+            out_scores[i], out_indices[i] = s[order], order
+        return out_scores, out_indices
+
+    def scores_of(self, queries: Sequence[str], cands: np.ndarray) -> np.ndarray:
+        """BM25 scores [Q, N] of corpus rows cands [Q, N] (-1 = none: 0)."""
+        return np.stack([np.where(c >= 0, self.scores(q)[np.where(c >= 0, c, 0)], 0.0)
+                         for q, c in zip(queries, cands)]).astype(np.float32).reshape(cands.shape)
 
 
 # -- tournament -------------------------------------------------------------------------------
@@ -365,10 +401,10 @@ class SearchResult:
 class Retriever:
     """A corpus searchable in every mode: texts and their embeddings [M, E] (None for bm25 only), plus
     whatever each mode needs (a VectorIndex, built as Flat on first use when not given; a matcher for
-    tree and hybrid)."""
+    tree and hybrid; a Fusion for fusion)."""
 
     def __init__(self, embeddings, texts: Sequence[str], index: VectorIndex | None = None,
-                 matcher=None, query_chunk_bytes: int = 1 << 28):
+                 matcher=None, fusion=None, query_chunk_bytes: int = 1 << 28):
         self.texts = list(texts)
         self.embeddings = None if embeddings is None else _as_matrix(embeddings, "corpus embeddings")
         if not self.texts:
@@ -387,6 +423,7 @@ class Retriever:
         self._index = index
         self._bm25: BM25Index | None = None
         self.matcher = matcher
+        self.fusion = fusion        # a mixret.fusion.Fusion: the weight of fusion mode
         self.query_chunk_bytes = query_chunk_bytes  # bound on the candidate embeddings gathered at once
 
     def __len__(self) -> int:
@@ -410,7 +447,7 @@ class Retriever:
 
     def search(self, mode: str, k: int, query_emb=None, queries: Sequence[str] | None = None,
                shortlist: int = 256, shortlist_from: str = "vector") -> SearchResult:
-        """Top k per query. vector and tree need query_emb [Q, E]; bm25 needs the query texts;
+        """Top k per query. vector and tree need query_emb [Q, E]; bm25 needs the query texts; fusion both;
         hybrid needs query_emb and, with shortlist_from="bm25", the texts as well."""
         import time
         if mode not in MODES:
@@ -419,12 +456,18 @@ class Retriever:
             raise MixretError(f"k={k} but the corpus has {len(self)} texts; k must be between 1 and {len(self)}")
         if mode in ("tree", "hybrid") and self.matcher is None:
             raise MixretError(f"{mode} search needs a matcher (--matcher DIR)")
+        if mode == "fusion" and self.fusion is None:
+            raise MixretError("fusion search needs a fusion weight: fine-tune the model with `mixret finetune` "
+                              "(it fits one) or pass --fusion-weight")
         start = time.perf_counter()
         if mode == "bm25":
             scores, indices = self.bm25.search(self._texts(queries), k)
             passes = np.zeros(len(indices), dtype=np.int64)
         elif mode == "vector":
             scores, indices = self.index.search(self._query_emb(query_emb), k)
+            passes = np.zeros(len(indices), dtype=np.int64)
+        elif mode == "fusion":
+            indices, scores = self._fusion(self._query_emb(query_emb), self._texts(queries), k)
             passes = np.zeros(len(indices), dtype=np.int64)
         elif mode == "tree":
             q = self._query_emb(query_emb)
@@ -444,6 +487,23 @@ class Retriever:
                 _, cands = self.bm25.search(self._texts(queries), size)
             indices, scores, passes = self._tournament(q, cands, k)
         return SearchResult(indices, scores, passes, time.perf_counter() - start)
+
+    def fusion_candidates(self, q: np.ndarray, texts: list[str], depth: int):
+        """The union of the dense and BM25 top `depth` per query, with both exact scores
+        -> (cands [Q, N] corpus rows, -1 = none; dense [Q, N]; bm25 [Q, N])."""
+        from mixret.fusion import candidate_union
+        depth = min(depth, len(self))
+        _, dense_top = self.index.search(q, depth)
+        _, bm25_top = self.bm25.search(texts, depth)
+        cands = candidate_union(dense_top, bm25_top)
+        return cands, self.index.similarity(q, self.embeddings, cands), self.bm25.scores_of(texts, cands)
+
+    def _fusion(self, q: np.ndarray, texts: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        from mixret.fusion import fused_order
+        f = self.fusion
+        cands, dense, lexical = self.fusion_candidates(q, texts, max(f.depth, k))
+        order, fused = fused_order(dense, lexical, cands, f.weight, f.method)
+        return np.take_along_axis(cands, order, axis=1)[:, :k], fused[:, :k].astype(np.float32)
 
     def _tournament(self, q: np.ndarray, cands: np.ndarray | None, k: int):
         """The tournament in chunks of queries, so that the gathered candidates stay within budget."""

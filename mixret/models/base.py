@@ -49,6 +49,9 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
+        if config.mixing_init == "mean":
+            for block in self.blocks:
+                block.mix.init_mean_()
 
     norm_class: type[nn.Module] = nn.LayerNorm
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from mixret.errors import MixretError
 
 ARCHS = ("masked-mixer", "hypermixer", "llama")
+MIXING_INITS = ("random", "mean")
+POOLINGS = ("last", "mean", "eos")
 
 
 @dataclass
@@ -20,6 +22,8 @@ class ModelConfig:
     dropout: float = 0.0
     drop_path: float = 0.0      # stochastic depth, linearly increasing to this rate at the last layer
     tie_embeddings: bool = False
+    mixing_init: str = "random"  # "mean": every token mixing starts as the running mean of its prefix
+    pooling: str = "last"       # how `encode` embeds a text by default: "last", "mean" or "eos"
     # masked-mixer
     mixer_expand: bool = False  # two masked mixing matrices with GELU between
     mixer_heads: int = 1        # >1: project to heads, one masked matrix per head, project back
@@ -39,6 +43,10 @@ class ModelConfig:
     def validate(self) -> None:
         if self.arch not in ARCHS:
             raise MixretError(f"unknown arch {self.arch!r}; expected one of {', '.join(ARCHS)}")
+        if self.mixing_init not in MIXING_INITS:
+            raise MixretError(f"unknown mixing_init {self.mixing_init!r}; expected one of {', '.join(MIXING_INITS)}")
+        if self.pooling not in POOLINGS:
+            raise MixretError(f"unknown pooling {self.pooling!r}; expected one of {', '.join(POOLINGS)}")
         for name in ("vocab_size", "d_model", "n_layers", "context", "ff_mult", "mixer_heads",
                      "mixer_kernel", "hyper_dim", "hyper_heads", "hyper_chunk", "n_heads"):
             if int(getattr(self, name)) < 1:

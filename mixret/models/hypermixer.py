@@ -88,6 +88,22 @@ class HyperMixing(nn.Module):
         self.hyper2 = self.hyper1 if cfg.hyper_tied else HyperNetwork(cfg.d_model, self.h * self.k)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
 
+    def init_mean_(self) -> None:
+        """Constant generated weights that make y_t the running mean of x_{<=t}.
+
+        The hypernetworks' output weights become zero and their biases alternate in sign: w1 = (1, -1, 1, ...)
+        and w2 = (a, -a, a, ...) with a = 2/k', so each pair of slots gives a*GELU(m) - a*GELU(-m) = a*m with
+        m = H_t/t the prefix mean, and the k'/2 pairs sum to m (tied: w1 = w2 = +-sqrt(2/k')). An odd last slot is 0.
+        """
+        k = self.k - self.k % 2
+        sign = torch.tensor([1.0, -1.0]).repeat(k // 2)
+        scales = (1.0, 2.0 / k) if self.hyper2 is not self.hyper1 else ((2.0 / k) ** 0.5,)
+        with torch.no_grad():
+            for net, scale in zip((self.hyper1, self.hyper2), scales):
+                net.proj.weight.zero_()
+                net.proj.bias.zero_()
+                net.proj.bias.view(self.h, self.k)[:, :k] = scale * sign
+
     def weights(self, x: torch.Tensor, start: int = 0):
         """x [B, L, D] at positions start..start+L-1 -> w1, w2 [B, L, h, k'] and x per head [B, L, h, D/h]."""
         B, L, D = x.shape

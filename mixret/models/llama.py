@@ -37,6 +37,11 @@ class Attention(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
+    def init_mean_(self) -> None:
+        """Zero query projection: every score is 0, so position t attends uniformly to 0..t (the running mean)."""
+        with torch.no_grad():
+            self.qkv.weight[:self.proj.in_features].zero_()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, D] -> [B, L, D]
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.h, D // self.h).permute(2, 0, 3, 1, 4)  # each [B, H, L, E]

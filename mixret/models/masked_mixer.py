@@ -96,6 +96,17 @@ class MaskedMixing(nn.Module):
         self.bias = nn.Parameter(torch.empty(n, context).uniform_(-bound, bound))
         self.register_buffer("tril", torch.tril(torch.ones(context, context)), persistent=False)
 
+    def init_mean_(self, which: range | None = None) -> None:
+        """Matrices `which` (default all) become the running mean (row t = 1/(t+1) on s <= t), the others zero;
+        every matrix gets noise of std 0.02/sqrt(context); the bias becomes zero."""
+        C = self.context
+        mean = torch.ones(C, C).tril() / torch.arange(1, C + 1).unsqueeze(1)   # [C, C]
+        with torch.no_grad():
+            self.weight.normal_(0.0, 0.02 / math.sqrt(C))
+            for i in which if which is not None else range(self.weight.shape[0]):
+                self.weight[i] += mean
+            self.bias.zero_()
+
     def masked(self, L: int) -> torch.Tensor:  # [n, L, L]
         return self.weight[:, :L, :L] * self.tril[:L, :L]
 
@@ -124,6 +135,9 @@ class FlatMix(nn.Module):
         super().__init__()
         self.d_model = cfg.d_model
         self.mats = MaskedMixing(2 if cfg.mixer_expand else 1, cfg.context)
+
+    def init_mean_(self) -> None:
+        self.mats.init_mean_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, D] -> [B, L, D]
         x = self.mats.mix(x, 0)
@@ -158,6 +172,9 @@ class HeadsMix(nn.Module):
         self.mats = MaskedMixing(self.h, cfg.context)
         self.proj_out = nn.Linear(cfg.d_model, cfg.d_model)
 
+    def init_mean_(self) -> None:
+        self.mats.init_mean_()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, D] -> [B, L, D]
         B, L, D = x.shape
         x = self.proj_in(x).view(B, L, self.h, D // self.h)                  # [B, L, h, D/h]
@@ -189,6 +206,10 @@ class KernelMix(nn.Module):
         self.k = cfg.mixer_kernel
         self.d_model = cfg.d_model
         self.mats = MaskedMixing(self.k, cfg.context)
+
+    def init_mean_(self) -> None:
+        """The unshifted matrix (tau = k//2) becomes the running mean, the shifted ones start near zero."""
+        self.mats.init_mean_(range(self.k // 2, self.k // 2 + 1))
 
     def shifted(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, D] -> [B, k, L, D]
         """x[..., f + tau - k//2] for each tau, zero outside 0..D-1."""

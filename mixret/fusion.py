@@ -1,0 +1,142 @@
+"""Fusion of lexical (BM25) and dense scores into one ranking, and the fitting of its weight.
+
+For each query the candidates are the union of BM25's top `depth` and the dense top `depth`; both scores are
+computed exactly for every candidate (BM25 over the whole corpus, the dense score as the cosine of the
+embeddings), so a candidate found by one side is never missing the other side's score. Two ways to combine:
+
+- convex (default): per query, each side's scores are min-max normalised over the candidates, then
+  fused = w * dense + (1 - w) * bm25;
+- rrf: weighted reciprocal rank fusion, fused = w / (60 + rank_dense) + (1 - w) / (60 + rank_bm25), the ranks
+  (1 = best) taken among the candidates.
+
+Ranking is by the fused score, then by the raw score of the side with the larger weight, then by corpus
+index, so weight 0 reproduces BM25's ranking exactly and weight 1 the dense ranking (ties broken by index on
+both sides, as the bm25 and vector modes do).
+
+The weight is fitted on pairs the model was not trained on and that are not test pairs (a validation slice of
+the training pairs): the grid value with the best MRR@10, the smallest such weight on a tie.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from mixret.errors import MixretError
+
+FUSION_METHODS = ("convex", "rrf")
+FUSION_NAME = "fusion.json"
+RRF_K = 60
+GRID = tuple(round(w, 2) for w in np.linspace(0.0, 1.0, 21))
+
+
+@dataclass
+class Fusion:
+    """How `fusion` mode combines BM25 and dense scores (saved as fusion.json next to a fine-tuned model)."""
+    weight: float = 0.5           # weight of the dense side, 0..1
+    method: str = "convex"
+    depth: int = 100              # candidates taken from each side
+    fitted: dict = field(default_factory=dict)   # how the weight was fitted: pairs, grid, MRR@10 per weight
+
+    def __post_init__(self):
+        if self.method not in FUSION_METHODS:
+            raise MixretError(f"unknown fusion method {self.method!r}; expected one of {', '.join(FUSION_METHODS)}")
+        if not 0.0 <= float(self.weight) <= 1.0:
+            raise MixretError(f"the fusion weight must be between 0 and 1, got {self.weight}")
+        if int(self.depth) < 1:
+            raise MixretError(f"the fusion depth must be a positive number of candidates, got {self.depth}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "fusion") -> "Fusion":
+        known = {"weight", "method", "depth", "fitted"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise MixretError(f"{source}: unknown fusion option(s) {unknown}")
+        return cls(**d)
+
+
+def candidate_union(*index_lists: np.ndarray) -> np.ndarray:
+    """Corpus indices [Q, a], [Q, b], ... (-1 = none) -> [Q, n] the distinct indices per query, -1 padded."""
+    rows = [np.unique(np.concatenate([ix[q] for ix in index_lists])) for q in range(len(index_lists[0]))]
+    rows = [r[r >= 0] for r in rows]
+    width = max((len(r) for r in rows), default=0)
+    out = np.full((len(rows), width), -1, dtype=np.int64)
+    for q, r in enumerate(rows):
+        out[q, :len(r)] = r
+    return out
+
+
+def _minmax(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Per-row min-max normalisation over the masked-in entries: [Q, N] -> [Q, N] in [0, 1] (0 where masked out
+    or where a row's scores are all equal)."""
+    big = np.finfo(np.float64).max
+    lo = np.where(mask, scores, big).min(1, keepdims=True)
+    hi = np.where(mask, scores, -big).max(1, keepdims=True)
+    span = np.where(hi > lo, hi - lo, 1.0)
+    return np.where(mask, (scores - lo) / span, 0.0)
+
+
+def _ranks(scores: np.ndarray, mask: np.ndarray, cands: np.ndarray) -> np.ndarray:
+    """1-based rank of each candidate by score (ties by corpus index), among a row's masked-in entries."""
+    keyed = np.where(mask, scores, -np.inf)
+    order = np.lexsort((cands, -keyed), axis=1)                      # best first
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(1, order.shape[1] + 1)[None].repeat(len(order), 0), axis=1)
+    return ranks
+
+
+def fused_scores(dense: np.ndarray, lexical: np.ndarray, cands: np.ndarray, weight: float,
+                 method: str = "convex") -> np.ndarray:
+    """dense, lexical [Q, N] exact scores of the candidates cands [Q, N] (-1 = none) -> fused [Q, N] float64
+    (-inf at empty slots)."""
+    mask = cands >= 0
+    dense, lexical = dense.astype(np.float64), lexical.astype(np.float64)
+    if method == "convex":
+        fused = weight * _minmax(dense, mask) + (1.0 - weight) * _minmax(lexical, mask)
+    elif method == "rrf":
+        fused = weight / (RRF_K + _ranks(dense, mask, cands)) + (1.0 - weight) / (RRF_K + _ranks(lexical, mask, cands))
+    else:
+        raise MixretError(f"unknown fusion method {method!r}; expected one of {', '.join(FUSION_METHODS)}")
+    return np.where(mask, fused, -np.inf)
+
+
+def fused_order(dense: np.ndarray, lexical: np.ndarray, cands: np.ndarray, weight: float,
+                method: str = "convex") -> tuple[np.ndarray, np.ndarray]:
+    """Rank the candidates -> (order [Q, N] positions into cands, best first; fused scores [Q, N] in that order).
+
+    Ties of the fused score go to the raw score of the heavier side, then to the lower corpus index."""
+    fused = fused_scores(dense, lexical, cands, weight, method)
+    heavier = dense if weight >= 0.5 else lexical
+    tiebreak = np.where(cands >= 0, heavier.astype(np.float64), -np.inf)
+    order = np.lexsort((np.where(cands >= 0, cands, np.iinfo(np.int64).max), -tiebreak, -fused), axis=1)
+    return order, np.take_along_axis(fused, order, axis=1)
+
+
+def gold_ranks(order: np.ndarray, cands: np.ndarray, gold: np.ndarray) -> np.ndarray:
+    """1-based rank of each query's gold corpus index in its ranking (inf when it is not a candidate)."""
+    ranked = np.take_along_axis(cands, order, axis=1)
+    hit = ranked == gold[:, None]
+    return np.where(hit.any(1), hit.argmax(1) + 1.0, np.inf)
+
+
+def mrr_at(ranks: np.ndarray, k: int = 10) -> float:
+    return float(np.where(ranks <= k, 1.0 / ranks, 0.0).mean())
+
+
+def fit_weight(dense: np.ndarray, lexical: np.ndarray, cands: np.ndarray, gold: np.ndarray,
+               method: str = "convex", grid=GRID) -> tuple[float, dict]:
+    """The grid weight with the best MRR@10 of the gold candidates (smallest weight on a tie) -> (weight, record)
+    where record holds the grid and, per weight, MRR@10 and R@1, for `Fusion.fitted`."""
+    if len(gold) == 0:
+        raise MixretError("no validation pairs to fit the fusion weight on")
+    mrr, r1 = [], []
+    for w in grid:
+        ranks = gold_ranks(fused_order(dense, lexical, cands, w, method)[0], cands, gold)
+        mrr.append(mrr_at(ranks))
+        r1.append(float((ranks == 1).mean()))
+    best = int(np.argmax(mrr))
+    return float(grid[best]), {"pairs": int(len(gold)), "grid": [float(w) for w in grid],
+                               "mrr@10": [round(m, 5) for m in mrr], "r@1": [round(r, 5) for r in r1]}
