@@ -32,11 +32,13 @@ def ir_metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]
     return {name: float(scores[ranx_name]) for name, ranx_name in METRICS.items()}
 
 
-def resolve_modes(mode: str | Sequence[str], have_matcher: bool) -> list[str]:
-    """"all" -> vector, bm25 and, with a matcher, tree and hybrid; a mode needing a matcher without one is an error."""
+def resolve_modes(mode: str | Sequence[str], have_matcher: bool, have_fusion: bool = False) -> list[str]:
+    """"all" -> vector, bm25, with a fusion weight fusion, and with a matcher tree and hybrid; a mode needing a
+    matcher without one is an error."""
     modes = [mode] if isinstance(mode, str) else list(mode)
     if "all" in modes:
-        return ["vector", "bm25"] + (list(MATCHER_MODES) if have_matcher else [])
+        return (["vector"] + (["fusion"] if have_fusion else []) + ["bm25"]
+                + (list(MATCHER_MODES) if have_matcher else []))
     for m in modes:
         if m not in MODES:
             raise MixretError(f"unknown mode {m!r}; expected one of {', '.join(EVAL_MODES)}")
@@ -64,15 +66,16 @@ def run_from(indices: np.ndarray) -> dict[str, dict[str, float]]:
 
 def evaluate_pairs(pairs: Sequence, model=None, matcher=None, modes: str | Sequence[str] = "vector",
                    shortlist: int = 256, shortlist_from: str = "vector", limit: int | None = None,
-                   batch_size: int = 64, pooling: str = "last") -> dict:
+                   batch_size: int = 64, pooling: str = "last", fusion=None) -> dict:
     """Search every query of `pairs` (the first `limit`) among all their distinct targets in each mode.
 
     model: anything with `encode(texts, batch_size=..., pooling=...) -> [N, E]` (a mixret language model),
     needed by every mode but bm25; pooling: as for `mixret.embed.encode` (embed the texts the way the
-    matcher's training pairs were); matcher: a mixret Matcher, needed by tree and hybrid. Returns a report dict
+    matcher's training pairs were); matcher: a mixret Matcher, needed by tree and hybrid; fusion: a
+    mixret.fusion.Fusion, needed by fusion. Returns a report dict
     with the corpus facts, chance levels and, per mode, the metrics, queries/s and matcher passes/query.
     """
-    modes = resolve_modes(modes, matcher is not None)
+    modes = resolve_modes(modes, matcher is not None, fusion is not None)
     if shortlist_from not in SHORTLIST_SOURCES:
         raise MixretError(f"unknown shortlist source {shortlist_from!r}; expected vector or bm25")
     if limit is not None and limit < 1:
@@ -98,12 +101,13 @@ def evaluate_pairs(pairs: Sequence, model=None, matcher=None, modes: str | Seque
         embed_seconds = time.perf_counter() - start
     else:
         corpus_seconds = 0.0
-    retriever = Retriever(corpus_emb, docs, matcher=matcher)
+    retriever = Retriever(corpus_emb, docs, matcher=matcher, fusion=fusion)
     report = {
         "n_queries": n, "corpus_size": len(docs), "k": k, "pooling": pooling if needs_emb else None,
         "shortlist": min(shortlist, len(docs)) if "hybrid" in modes else None,
         "shortlist_from": shortlist_from if "hybrid" in modes else None,
         "matcher_context": matcher.config.context if matcher is not None else None,
+        "fusion": fusion.to_dict() if fusion is not None and "fusion" in modes else None,
         "chance": {"R@1": 1 / len(docs), "R@10": k / len(docs)},
         "corpus_embed_seconds": corpus_seconds, "query_embed_seconds": embed_seconds,
         "modes": {},
@@ -135,5 +139,7 @@ def format_table(report: dict) -> str:
     head = (f"{report['n_queries']} queries against {report['corpus_size']} documents"
             + (f"; hybrid shortlist {report['shortlist']} from {report['shortlist_from']}"
                if report.get("shortlist") else "")
-            + (f"; matcher context {report['matcher_context']}" if report.get("matcher_context") else ""))
+            + (f"; matcher context {report['matcher_context']}" if report.get("matcher_context") else "")
+            + (f"; fusion weight {report['fusion']['weight']:.2f} ({report['fusion']['method']})"
+               if report.get("fusion") else ""))
     return head + "\n\n" + "\n".join(lines)
