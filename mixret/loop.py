@@ -100,7 +100,7 @@ class LoopConfig:
     checkpoint_every: int = 500
     stop_after: int | None = None         # end this invocation after this many steps, with a checkpoint
     compile: bool = False                 # run the objective through torch.compile
-    progress: bool | None = None          # a progress bar: None = on a terminal
+    progress: bool | None = None          # None: a progress bar on a terminal, log lines otherwise; False: quiet
 
 
 # --- optimisation -----------------------------------------------------------------------------
@@ -570,7 +570,8 @@ class _Loop:
                     metrics.write({"step": step, **getattr(task, "record_extra", lambda s: {})(step), **keys,
                                    **record})
                     bar.set_postfix(postfix, refresh=False)
-                    if bar.disable or step % cfg.eval_every == 0 or step == cfg.steps:
+                    if cfg.progress is not False and (bar.disable or step % cfg.eval_every == 0
+                                                      or step == cfg.steps):
                         shown = evaluated if step % cfg.eval_every == 0 or step == cfg.steps else {}
                         say(dist, progress_line(step, cfg.steps, record, shown, task.unit,
                                                 time.perf_counter() - run_start, step - start_step))
