@@ -62,7 +62,8 @@ def _check_file(path: Path) -> str:
         raise MixretError(f"{path}: not a file")
     suffix = _suffix(path)
     if suffix not in SUFFIXES:
-        raise MixretError(f"{path}: unsupported file type {suffix or '(none)'!r}; expected one of {', '.join(SUFFIXES)}")
+        raise MixretError(f"{path}: unsupported file type {suffix or '(none)'!r}; "
+                          f"expected one of {', '.join(SUFFIXES)}")
     if path.stat().st_size == 0:
         raise MixretError(f"{path}: empty file")
     return suffix
@@ -79,7 +80,8 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
                 try:
                     yield line_no, raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    raise MixretError(f"{where(path, line_no)}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+                    raise MixretError(f"{where(path, line_no)}: not valid UTF-8 "
+                                      f"({e.reason} at byte {e.start})") from None
     except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
         expected = "; expected a gzip-compressed file" if compressed else ""
         raise MixretError(f"{path}: cannot read ({e}){expected}") from None
@@ -336,7 +338,8 @@ def _txt_texts(path: Path) -> Iterator[str]:
         yield doc
 
 
-def _record_texts(records: Iterable[tuple[int, dict]], fields: Sequence[str], path: Path, counts: dict) -> Iterator[str]:
+def _record_texts(records: Iterable[tuple[int, dict]], fields: Sequence[str], path: Path,
+                  counts: dict) -> Iterator[str]:
     """Each record's fields, in record-major order; empty or null texts are counted in counts["empty"]."""
     for line_no, rec in records:
         for name in fields:
@@ -403,7 +406,8 @@ def _expand(source: str | os.PathLike) -> list[Path] | None:
     if path.is_dir():
         files = sorted(
             p for p in path.rglob("*")
-            if p.is_file() and _suffix(p) in SUFFIXES and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            if p.is_file() and _suffix(p) in SUFFIXES
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
         )
         if not files:
             raise MixretError(f"{path}: folder has no {', '.join(SUFFIXES)} files")
@@ -431,8 +435,8 @@ def load_texts(sources: str | os.PathLike | Sequence[str | os.PathLike], text_fi
     sorted by path) or a Hugging Face dataset name (its "train" split). `text_field` names the JSONL
     field or column to read; a list of names gives each record's fields as separate documents, e.g.
     ["summary", "document"] for a pairs file. A .txt file holds one document a line, or documents
-    separated by `<|endoftext|>` if the file contains that token (text_field does not apply). Empty texts are skipped with a warning
-    giving their count; malformed files, missing fields and an empty corpus raise MixretError.
+    separated by `<|endoftext|>` if the file contains that token (text_field does not apply). Empty texts are
+    skipped with a warning giving their count; malformed files, missing fields and an empty corpus raise MixretError.
     """
     import datasets
 

@@ -117,6 +117,42 @@ def read_json(path: str | os.PathLike, what: str = "file") -> dict:
         raise MixretError(f"{path}: not valid JSON ({e})") from None
 
 
+def write_config(directory: str | os.PathLike, kind: str, config: dict) -> None:
+    """config.json of a saved object: its kind, the mixret version and its options."""
+    from mixret import __version__
+    write_json(Path(directory) / CONFIG_NAME, {"kind": kind, "mixret_version": __version__, **config})
+
+
+def read_config(directory: str | os.PathLike, kind: str, what: str, folder: str,
+                hints: dict[str, str] | None = None) -> dict:
+    """The options in directory/config.json of a saved `kind` object (`what`, kept in a `folder` directory),
+    without kind and version; a MixretError naming the file for anything else (hints: kind -> advice)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise MixretError(f"{directory}: {folder} directory not found")
+    path = directory / CONFIG_NAME
+    raw = read_json(path, f"{folder} config")
+    found = raw.pop("kind", None)
+    raw.pop("mixret_version", None)
+    if found != kind:
+        raise MixretError(f"{path}: not a mixret {what} (kind={found!r}, expected {kind!r})"
+                          f"{(hints or {}).get(found, '')}")
+    return raw
+
+
+def options_from_dict(cls, options: dict, source: str, what: str, required: tuple[str, ...] = ()):
+    """cls(**options) for a config dataclass, refusing unknown and missing options with a message naming source."""
+    import dataclasses
+
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise MixretError(f"{source}: unknown {what} option(s) {unknown}")
+    for name in required:
+        if name not in options:
+            raise MixretError(f"{source}: {what} config has no {name}")
+    return cls(**options)
+
+
 def save_weights(module: torch.nn.Module, directory: str | os.PathLike) -> None:
     """Write module's parameters and buffers to directory/model.safetensors, atomically.
 

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import resource
 import shutil
@@ -522,6 +521,8 @@ class _Loop:
 
     def stop_requested(self, received: list[int]) -> int:
         """The signal asking to stop, 0 if none; every rank gets the same answer."""
+        if self.dist.world_size == 1:
+            return received[0] if received else 0
         flag = torch.tensor([received[0] if received else 0], device=self.dist.device)
         return int(self.dist.max(flag))
 

@@ -22,11 +22,8 @@ the true target twice nor a copy of it as a negative.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +34,7 @@ import torch.nn.functional as F
 
 from mixret import io
 from mixret.errors import MixretError
+from mixret.models.layers import FeedForward
 
 HARD_POOL_FACTOR = 4  # hard negatives are drawn each step from this many times K nearest targets
 
@@ -71,13 +69,7 @@ class MatcherConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> "MatcherConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise MixretError(f"{source}: unknown matcher option(s) {unknown}")
-        if "emb_dim" not in d:
-            raise MixretError(f"{source}: matcher config has no emb_dim")
-        return cls(**d)
+        return io.options_from_dict(cls, d, source, "matcher", required=("emb_dim",))
 
 
 # -- model ------------------------------------------------------------------------------------
@@ -99,30 +91,20 @@ class TokenMix(nn.Module):
         return self.mix(x.transpose(1, 2)).transpose(1, 2)
 
 
-class FeedForward(nn.Module):
-    def __init__(self, cfg: MatcherConfig):
-        super().__init__()
-        self.up = nn.Linear(cfg.d_model, cfg.ff_mult * cfg.d_model)
-        self.down = nn.Linear(cfg.ff_mult * cfg.d_model, cfg.d_model)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.gelu(self.up(x)))
-
-
 class MixerBlock(nn.Module):
-    """Pre-norm: x + TokenMix(LN(x)), then x + FF(LN(x))."""
+    """Pre-norm: x + Dropout(TokenMix(LN(x))), then x + FF(LN(x))."""
 
     def __init__(self, cfg: MatcherConfig):
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.d_model)
         self.tokens = TokenMix(cfg.context)
         self.ln2 = nn.LayerNorm(cfg.d_model)
-        self.ff = FeedForward(cfg)
+        self.ff = FeedForward(cfg.d_model, cfg.ff_mult, cfg.dropout)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, D]
         x = x + self.drop(self.tokens(self.ln1(x)))
-        return x + self.drop(self.ff(self.ln2(x)))
+        return x + self.ff(self.ln2(x))
 
 
 class Matcher(nn.Module):
@@ -207,23 +189,13 @@ class Matcher(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         io.save_weights(self, directory)
-        from mixret import __version__
-        io.write_json(directory / io.CONFIG_NAME,
-                      {"kind": "matcher", "mixret_version": __version__, **self.config.to_dict()})
+        io.write_config(directory, "matcher", self.config.to_dict())
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "Matcher":
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise MixretError(f"{directory}: matcher directory not found")
-        cfg_path = directory / io.CONFIG_NAME
-        raw = io.read_json(cfg_path, "matcher config")
-        kind = raw.pop("kind", None)
-        raw.pop("mixret_version", None)
-        if kind != "matcher":
-            hint = " (a language model: load it with mixret.load)" if kind == "clm" else ""
-            raise MixretError(f"{cfg_path}: not a mixret matcher (kind={kind!r}, expected 'matcher'){hint}")
-        matcher = cls(MatcherConfig.from_dict(raw, source=str(cfg_path)))
+        raw = io.read_config(directory, "matcher", "matcher", "matcher",
+                             hints={"clm": " (a language model: load it with mixret.load)"})
+        matcher = cls(MatcherConfig.from_dict(raw, source=str(Path(directory) / io.CONFIG_NAME)))
         io.load_weights(matcher, directory)
         matcher.eval()
         return matcher
@@ -278,10 +250,10 @@ def sample_candidates(true_index: torch.Tensor, n_targets: int, n_slots: int, ge
         hard = hard_pool.gather(1, pick)                                           # [B, K]
     else:
         hard = true_index.new_empty(B, 0)
-    W = n_slots  # window: enough that n_rand survive removing the true target and K hard ones
+    width = n_slots  # enough that n_rand survive removing the true target and K hard ones
     perm = torch.randperm(n_targets, generator=generator)
     start = torch.randint(0, n_targets, (B, 1), generator=generator)
-    window = perm[(start + torch.arange(W)) % n_targets]                           # [B, W]
+    window = perm[(start + torch.arange(width)) % n_targets]                       # [B, width]
     excluded = (window == true_index[:, None]) | (window[:, :, None] == hard[:, None, :]).any(-1)
     keep = excluded.to(torch.uint8).argsort(dim=1, stable=True)[:, :n_rand]
     negatives = window.gather(1, keep)                                             # [B, n_rand]

@@ -182,19 +182,17 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "options") -> "TrainConfig":
-        d = {k.replace("-", "_"): v for k, v in d.items()}
+        options = {k.replace("-", "_"): v for k, v in d.items()}
         known = {f.name for f in dataclasses.fields(cls) if f.name != "model"} | set(MODEL_OPTIONS)
-        unknown = sorted(set(d) - known)
+        unknown = sorted(set(options) - known)
         if unknown:
             raise MixretError(f"{source}: unknown option(s) {unknown}; expected some of {sorted(known)}")
-        if isinstance(d.get("data"), str):
-            d["data"] = [d["data"]]
-        if isinstance(d.get("text_field"), str):
-            d["text_field"] = [d["text_field"]]
         for name in ("data", "text_field"):
-            if d.get(name) is not None:
-                d[name] = list(d[name])
-        return cls(**d)
+            if isinstance(options.get(name), str):
+                options[name] = [options[name]]
+            elif options.get(name) is not None:
+                options[name] = list(options[name])
+        return cls(**options)
 
 
 def _is_number(v) -> bool:
@@ -377,8 +375,9 @@ class PretrainTask:
 
     # -- what the loop asks for ------------------------------------------------------------------
     def batches(self, start: int, dist: Distributed, grad_accum: int) -> Iterator[list]:
-        """This rank's micro-batches of each step from `start` on: the step's global batch is the stream's
-        next B*K*W sequences; micro-step k of rank r takes its (k*W + r)-th slice."""
+        """This rank's micro-batches of each step from `start` on: the step's global batch is the stream's next
+        batch_size * grad_accum * world_size sequences; micro-step k of rank r takes its (k * world_size + r)-th
+        slice of batch_size."""
         stream = Stream(len(self.train_seqs), self.cfg.seed)
         B, pad = self.cfg.batch_size, self.tokenizer.pad_id
         for step in range(start, 2**62):

@@ -153,7 +153,8 @@ def test_resume_after_a_change_of_world_size_warns(tmp_path):
     (stopped / "state.json").write_text(json.dumps(state))
     rng = load_file(str(stopped / "rng.safetensors"))
     from safetensors.torch import save_file
-    save_file({**rng, **{k.replace("rank0", "rank1"): v.clone() for k, v in rng.items()}}, str(stopped / "rng.safetensors"))
+    rank1 = {k.replace("rank0", "rank1"): v.clone() for k, v in rng.items()}
+    save_file({**rng, **rank1}, str(stopped / "rng.safetensors"))
     with pytest.warns(UserWarning, match=r"written by 2 process\(es\), resumed by 1.*random draws"):
         pretrain(TrainConfig(resume=True, **opts))
 

@@ -83,11 +83,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise MixretError(f"{source}: unknown model option(s) {unknown}")
-        return cls(**d)
+        from mixret import io
+        return io.options_from_dict(cls, d, source, "model")
 
 
 def model_options(config_class: type = ModelConfig) -> dict[str, dataclasses.Field]:
