@@ -1,10 +1,10 @@
 """Training checkpoints: a directory per step, written under a temporary name and renamed when complete.
 
     out/checkpoints/step-000123/
-        config.json, model.safetensors, tokenizer.json   the model (mixret.load reads the directory)
+        config.json, model.safetensors, ...               the model, as the trainer's task saves it
         optimizer.safetensors                             optimizer state tensors
         rng.safetensors                                   torch RNG states (uint8 tensors), one per rank
-        state.json                                        step, data position, scheduler, optimizer
+        state.json                                        step, data fingerprint, world size, optimizer
                                                           hyper-parameters, numpy/python RNG states
 
 Nothing is pickled: tensors go to safetensors, everything else to JSON.
@@ -16,6 +16,7 @@ import random
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -108,36 +109,30 @@ def set_torch_rng_state(states: dict[str, torch.Tensor], device: torch.device) -
 
 # --- save / load --------------------------------------------------------------------------------
 
-def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Module, tokenizer,
+def save_checkpoint(run_dir: str | os.PathLike, step: int, save_model: Callable[[Path], None],
                     optimizer: torch.optim.Optimizer, state: dict,
                     rng: dict[str, torch.Tensor], keep: int = 2) -> Path:
     """Write checkpoints/step-NNNNNN/ atomically and keep only the newest `keep` checkpoints.
 
-    `state` is JSON (step, data position, scheduler state...); `rng` maps names such as "rank0.cpu" to
-    uint8 RNG-state tensors. Returns the checkpoint directory.
+    `save_model(directory)` writes the model (a folder mixret.load or the matcher reads); `state` is JSON
+    (data fingerprint, world size...); `rng` maps names such as "rank0.cpu" to uint8 RNG-state tensors.
+    Returns the checkpoint directory.
     """
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
     tmp = io.temp_dir(root, final.name)
     try:
-        model.save_pretrained(tmp, tokenizer)
+        save_model(tmp)
         opt_tensors, opt_rest = optimizer_to_flat(optimizer)
         save_file(opt_tensors, str(tmp / OPTIMIZER_NAME), metadata={"format": "pt"})
         save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / RNG_NAME))
         io.write_json(tmp / STATE_NAME, {**state, "step": step, "optimizer": opt_rest,
                                          "host_rng": host_rng_state()})
-        if final.exists():  # the same step written again (a resumed run reaching it anew)
-            old = root / f".{final.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    io.publish_dir(tmp, final)  # the same step may be written again (a resumed run reaching it anew)
     for stale in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(stale, ignore_errors=True)
     return final

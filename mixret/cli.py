@@ -29,6 +29,36 @@ def main():
     """
 
 
+class Warnings:
+    """Collect Python warnings (IVF shrinking, query truncation, ...) and print each as `warning: ...`."""
+
+    def __enter__(self):
+        import warnings
+        self._ctx = warnings.catch_warnings(record=True)
+        self._caught = self._ctx.__enter__()
+        warnings.simplefilter("always")
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+        for w in self._caught:
+            if issubclass(w.category, UserWarning):
+                click.echo(f"warning: {w.message}", err=True)
+        return False
+
+
+def report_interrupted(e, command: str) -> None:
+    """Tell how to continue a run stopped by SIGINT/SIGTERM (under torchrun, rank 0 reports); exit 128+signal."""
+    import os
+    import sys
+
+    if os.environ.get("RANK", "0") == "0":
+        continue_with = f"\ncontinue with: {command} --out {e.checkpoint.parent.parent} --resume" \
+            if e.checkpoint is not None else ""
+        click.echo(f"{e}{continue_with}", err=True)
+    sys.exit(128 + e.signum)
+
+
 # --- models ----------------------------------------------------------------------------------
 
 @main.command("models")
@@ -54,6 +84,35 @@ def _pretrain_opt(*names, **kw):
     return click.option(*names, default=None, **kw)
 
 
+def model_options_for(config_class, defaults=None):
+    """Decorator adding one pretrain option per field of `config_class` (a ModelConfig) but vocab_size, which
+    the tokenizer sets; help texts come from the fields and defaults from `defaults` (pretraining's model):
+    a field added to ModelConfig is an option here without another line."""
+    import typing
+
+    from mixret.models.config import model_options
+
+    def decorate(fn):
+        types = typing.get_type_hints(config_class)
+        for name, f in reversed(list(model_options(config_class).items())):
+            flag, kind = "--" + name.replace("_", "-"), types[f.name]
+            default = getattr(defaults, f.name, f.default)
+            if kind is bool:
+                fn = _pretrain_opt(f"{flag}/--no-{flag[2:]}", help=f.metadata["help"],
+                                   show="yes" if default else "no")(fn)
+            else:
+                choice = click.Choice(f.metadata["choices"]) if f.metadata.get("choices") else kind
+                fn = _pretrain_opt(flag, type=choice, help=f.metadata["help"], show=default)(fn)
+        return fn
+    return decorate
+
+
+def _pretrain_model_options(fn):
+    from mixret.models import ModelConfig
+    from mixret.train import TrainConfig
+    return model_options_for(ModelConfig, TrainConfig().model)(fn)
+
+
 @main.command("pretrain")
 @_pretrain_opt("--data", multiple=True, help="Corpus: .txt (one document a line, or separated by <|endoftext|>), "
                ".jsonl/.jsonl.gz, .parquet, a folder of these, or a Hugging Face dataset name. Repeat for several. "
@@ -68,28 +127,17 @@ def _pretrain_opt(*names, **kw):
 @_pretrain_opt("--tokenizer", help="bpe (trained on the training split), bytes, or the path of a tokenizer.json.",
                show="bpe")
 @_pretrain_opt("--vocab-size", type=int, help="BPE vocabulary size.", show=4096)
-@_pretrain_opt("--arch", type=click.Choice(["masked-mixer", "hypermixer", "llama"]), help="Architecture.",
-               show="masked-mixer")
-@_pretrain_opt("--d-model", type=int, help="Model width.", show=128)
-@_pretrain_opt("--layers", type=int, help="Number of blocks.", show=4)
-@_pretrain_opt("--context", type=int, help="Longest sequence, in tokens; longer documents are truncated.", show=256)
-@_pretrain_opt("--dropout", type=float, help="Dropout rate.", show=0.0)
-@_pretrain_opt("--drop-path", type=float, help="Stochastic depth rate at the last layer.", show=0.0)
-@_pretrain_opt("--tie-embeddings/--no-tie-embeddings", help="Share the input embedding and the LM head.", show="no")
-@_pretrain_opt("--mixer-expand/--no-mixer-expand", help="masked-mixer: two mixing matrices with GELU between.",
-               show="no")
-@_pretrain_opt("--mixer-heads", type=int, help="masked-mixer: mixing heads.", show=1)
-@_pretrain_opt("--mixer-kernel", type=int, help="masked-mixer: mixing matrices convolved along d_model.", show=1)
-@_pretrain_opt("--hyper-dim", type=int, help="hypermixer: size of the generated mixing weights.", show=64)
-@_pretrain_opt("--hyper-heads", type=int, help="hypermixer: heads.", show=1)
-@_pretrain_opt("--n-heads", type=int, help="llama: attention heads.", show=4)
+@_pretrain_model_options
 @_pretrain_opt("--steps", type=int, help="Optimizer steps of the whole schedule (not of this invocation).", show=800)
 @_pretrain_opt("--epochs", type=float, help="Schedule length in passes over the training split (instead of --steps).")
+@_pretrain_opt("--budget-minutes", type=float, help="Schedule length: as many steps as fit this many minutes on this "
+               "machine, evaluations included (timed on real steps; the resolved steps are saved with the run).")
 @_pretrain_opt("--batch-size", type=int, help="Sequences per micro-batch on each process.", show=16)
 @_pretrain_opt("--grad-accum", type=int, help="Micro-batches per optimizer step.", show=1)
 @_pretrain_opt("--lr", type=float, help="Peak learning rate (AdamW; cosine decay to a tenth of it).", show=4e-3)
 @_pretrain_opt("--warmup", type=int, help="Linear warmup steps.", show="5% of the steps")
-@_pretrain_opt("--weight-decay", type=float, help="AdamW weight decay, on matrices only.", show=0.1)
+@_pretrain_opt("--weight-decay", type=float, help="AdamW weight decay, on the weights of Linear layers and mixing "
+               "matrices (not on biases, norms or embeddings).", show=0.1)
 @_pretrain_opt("--grad-clip", type=float, help="Gradient norm clipping.", show=1.0)
 @_pretrain_opt("--label-smoothing", type=float, help="Label smoothing of the training loss.", show=0.0)
 @_pretrain_opt("--seed", type=int, help="Seed for initialisation, data order and the validation split.", show=0)
@@ -113,21 +161,17 @@ def pretrain_cmd(config_file, **options):
     --resume continues from the newest one.
     """
     import os
-    import sys
 
     from mixret.train import Interrupted, pretrain, resolve_options
 
     given = {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()
              if v is not None and v != ()}
     cfg = resolve_options(given, config_file)
-    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun, one process reports
     try:
         path = pretrain(cfg)
     except Interrupted as e:
-        if main_process:
-            click.echo(f"{e}\ncontinue with: mixret pretrain --out {e.checkpoint.parent.parent} --resume", err=True)
-        sys.exit(128 + e.signum)
-    if not main_process:
+        report_interrupted(e, "mixret pretrain")
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, one process reports
         return
     if path.parent.name == "checkpoints":
         click.echo(f"checkpoint written to {path}\ncontinue with: mixret pretrain --out {path.parent.parent} --resume")
@@ -190,22 +234,13 @@ def embed_cmd(corpus, model_dir, field, id_field, out_dir, batch_size, dtype, ma
     """Embed CORPUS (.jsonl, .jsonl.gz, .parquet, .txt or a Hugging Face dataset name) into an EMB_DIR:
     embeddings.safetensors [N, D], ids.jsonl and meta.json. Run under torchrun to split the corpus
     across processes."""
-    import warnings
-
     from mixret.embed import default_model_dir, default_out_dir, embed_corpus
 
     model_dir = model_dir or default_model_dir()
     out_dir = out_dir or default_out_dir(model_dir, corpus, field)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            meta = embed_corpus(model_dir, corpus, out_dir, field=field, id_field=id_field, batch_size=batch_size,
-                                dtype=dtype, max_length=max_length, pooling=pooling, overwrite=overwrite,
-                                device=device)
-        finally:
-            for w in caught:
-                if issubclass(w.category, UserWarning):
-                    click.echo(f"warning: {w.message}", err=True)
+    with Warnings():
+        meta = embed_corpus(model_dir, corpus, out_dir, field=field, id_field=id_field, batch_size=batch_size,
+                            dtype=dtype, max_length=max_length, pooling=pooling, overwrite=overwrite, device=device)
     if meta:  # torchrun: rank 0 reports
         click.echo(f"{out_dir}: {meta['count']} embeddings of dim {meta['dim']} ({meta['arch']}, pooling "
                    f"{meta['pooling']}, max_length {meta['max_length']}); {meta['truncated']} truncated, "
@@ -233,21 +268,32 @@ def embed_cmd(corpus, model_dir, field, id_field, out_dir, batch_size, dtype, ma
 @click.option("--hard-negatives", default=0, show_default=True,
               help="Candidates per set drawn from the query's nearest training targets.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="Output folder (default: matchers/MODEL); an earlier matcher there is replaced.")
+              help="Output folder (default: matchers/MODEL); an earlier matcher there is replaced once the new one "
+                   "is complete.")
 @click.option("--seed", default=0, show_default=True, help="Seed for initialisation, sampling and the test sets.")
 @click.option("--test-fraction", default=0.1, show_default=True, help="Share of pairs held out, by a hash of the id.")
+@click.option("--budget-minutes", type=float, default=None,
+              help="Instead of --epochs: as many steps as fit this many minutes on this machine.")
+@click.option("--stop-after", type=int, default=None, help="End this invocation after this many steps, with a "
+                                                            "checkpoint.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its newest checkpoint (same options).")
+@click.option("--overwrite", is_flag=True, help="Replace whatever run --out holds.")
 @friendly
 def train_matcher_cmd(pairs_path, model_dir, query_emb, target_emb, query_field, target_field, context, epochs,
-                      batch_size, lr, d_model, n_layers, hard_negatives, out_dir, seed, test_fraction):
+                      batch_size, lr, d_model, n_layers, hard_negatives, out_dir, seed, test_fraction,
+                      budget_minutes, stop_after, resume, overwrite):
     """Train a matcher that picks each query's target among context-1 candidates, on the embeddings of
     (query, target) pairs. Pairs repeating an earlier query are dropped (the count is printed); the
-    held-out split is scored on fixed candidate sets against chance and cosine similarity."""
-    import warnings
+    held-out split is scored on fixed candidate sets (full, and partly padded) against chance and cosine
+    similarity: in-set scores, not corpus retrieval. Ctrl-C or SIGTERM writes a checkpoint before
+    stopping; --resume continues from the newest one."""
     from pathlib import Path
 
+    from mixret import io
     from mixret.data import load_pairs, split_pairs
-    from mixret.matcher import (MatcherConfig, check_out_dir, check_split_sizes, dedupe_queries,
-                                drop_repeated_queries, embed_pairs, format_summary, train_matcher)
+    from mixret.loop import Interrupted
+    from mixret.matcher import (MatcherConfig, check_split_sizes, dedupe_queries, drop_repeated_queries,
+                                embed_pairs, format_summary, train_matcher)
 
     if query_emb is None and target_emb is None and model_dir is None:
         from mixret.embed import default_model_dir
@@ -255,21 +301,16 @@ def train_matcher_cmd(pairs_path, model_dir, query_emb, target_emb, query_field,
     if out_dir is None:
         name = Path(model_dir).resolve().name if model_dir else Path(query_emb or target_emb).resolve().parent.name
         out_dir = Path("matchers") / name
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            pairs, n_repeated = drop_repeated_queries(load_pairs(pairs_path, query_field, target_field))
-            if n_repeated:
-                click.echo(f"{pairs_path}: dropped {n_repeated} pairs repeating an earlier query", err=True)
-            train, test = split_pairs(pairs, test_fraction)
-            click.echo(f"{len(train)} train pairs, {len(test)} test pairs", err=True)
-            check_split_sizes(len(train), len(test), context)
-            check_out_dir(Path(out_dir))
-            q, t, embedder = embed_pairs(train + test, model_dir, query_emb, target_emb)
-        finally:
-            for w in caught:
-                if issubclass(w.category, UserWarning):
-                    click.echo(f"warning: {w.message}", err=True)
+    with Warnings():
+        pairs, n_repeated = drop_repeated_queries(load_pairs(pairs_path, query_field, target_field))
+        if n_repeated:
+            click.echo(f"{pairs_path}: dropped {n_repeated} pairs repeating an earlier query", err=True)
+        train, test = split_pairs(pairs, test_fraction)
+        click.echo(f"{len(train)} train pairs, {len(test)} test pairs", err=True)
+        check_split_sizes(len(train), len(test), context)
+        if (Path(out_dir) / io.CONFIG_NAME).is_file() and not overwrite:  # refuse another kind before embedding
+            io.check_out_dir(out_dir, io.CONFIG_NAME, "matcher", overwrite=True)
+        q, t, embedder = embed_pairs(train + test, model_dir, query_emb, target_emb)
     splits = {}
     for name, rows in (("train", slice(0, len(train))), ("test", slice(len(train), None))):
         sq, st, keep = dedupe_queries(q[rows], t[rows])
@@ -279,31 +320,21 @@ def train_matcher_cmd(pairs_path, model_dir, query_emb, target_emb, query_field,
         splits[name] = (sq, st)
     config = MatcherConfig(emb_dim=int(q.shape[1]), d_model=d_model, n_layers=n_layers, context=context,
                            embedder=embedder)
-    _, metrics = train_matcher(*splits["train"], *splits["test"], config, epochs=epochs, batch_size=batch_size,
-                               lr=lr, seed=seed, hard_negatives=hard_negatives, out_dir=out_dir)
+    try:
+        _, metrics = train_matcher(*splits["train"], *splits["test"], config, epochs=epochs, batch_size=batch_size,
+                                   lr=lr, seed=seed, hard_negatives=hard_negatives, out_dir=out_dir,
+                                   budget_minutes=budget_minutes, stop_after=stop_after, resume=resume,
+                                   overwrite=overwrite)
+    except Interrupted as e:
+        report_interrupted(e, "mixret train-matcher (the same options)")
+    if "checkpoint" in metrics:
+        click.echo(f"checkpoint written to {metrics['checkpoint']}\ncontinue with the same command and --resume")
+        return
     click.echo(format_summary(metrics))
     click.echo(f"matcher written to {out_dir}")
 
 
 # --- index / search / evaluate ---------------------------------------------------------------
-
-class _Warnings:
-    """Collect Python warnings (IVF shrinking, query truncation, ...) and print each as `warning: ...`."""
-
-    def __enter__(self):
-        import warnings
-        self._ctx = warnings.catch_warnings(record=True)
-        self._caught = self._ctx.__enter__()
-        warnings.simplefilter("always")
-        return self
-
-    def __exit__(self, *exc):
-        self._ctx.__exit__(*exc)
-        for w in self._caught:
-            if issubclass(w.category, UserWarning):
-                click.echo(f"warning: {w.message}", err=True)
-        return False
-
 
 @main.command("index")
 @click.argument("emb_dir", type=click.Path(file_okay=False))
@@ -320,7 +351,7 @@ def index_cmd(emb_dir, factory, metric):
     from mixret.search import VectorIndex
 
     emb, ids, _, meta = load_emb_dir(emb_dir)
-    with _Warnings():
+    with Warnings():
         index = VectorIndex.build(emb, factory, metric, meta={"model_hash": meta.get("model_hash"),
                                                               "model_path": meta.get("model_path")})
     index.save(emb_dir)
@@ -367,7 +398,7 @@ def search_cmd(query, emb_dir, mode, k, model_dir, matcher_dir, shortlist, short
         raise MixretError("empty query; expected some text to search for")
     emb, ids, texts, meta = load_emb_dir(emb_dir)
     query_emb = index = matcher = None
-    with _Warnings():
+    with Warnings():
         if mode != "bm25":
             model_dir = model_dir or meta.get("model_path")
             if model_dir is None:
@@ -429,7 +460,7 @@ def evaluate_cmd(pairs_path, mode, limit, query_field, target_field, test_fracti
     if mode == "all" and matcher_dir is None:
         click.echo("tree and hybrid skipped: they need --matcher", err=True)
     model = model_hash = matcher = None
-    with _Warnings():
+    with Warnings():
         _, test = split_pairs(load_pairs(pairs_path, query_field, target_field), test_fraction)
         if not test:
             raise MixretError(f"{pairs_path}: no pairs in the held-out split (--test-fraction {test_fraction}); "

@@ -1,9 +1,11 @@
 """Corpora: (query, target) pairs for matchers and evaluation, plain texts for pretraining and embedding.
 
-Pairs come from JSONL (.jsonl, .jsonl.gz), Parquet or TinyStoriesInstruct text files and are split into
-train/test by a stable hash of their id. Texts come from local files, folders or Hugging Face datasets
-and are returned as a `datasets.Dataset` with one column, "text". Every bad input raises MixretError
-naming the file and line.
+One reader for every format (.jsonl, .jsonl.gz, .parquet, .txt, Hugging Face dataset names), three views:
+    load_pairs    (query, target) pairs for matchers and evaluation, split train/test by a stable hash of the id
+    load_texts    every document of files, folders or datasets, as a `datasets.Dataset` with one column
+                  "text" (pretraining)
+    read_corpus   the texts of one field with their ids (embedding)
+Every bad input raises MixretError naming the file and line.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ from mixret.errors import MixretError, where
 from mixret.io import atomic_path
 
 BUNDLED_PAIRS_NAME = "debian-pairs.jsonl.gz"
-SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet", ".txt")  # file kinds load_pairs and load_texts read
+SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet", ".txt")  # file kinds load_pairs, load_texts and read_corpus read
+PAIR_FIELDS = ("summary", "document")  # fields of a TinyStoriesInstruct .txt file read as pairs
 END_OF_TEXT = "<|endoftext|>"
 TINYSTORIES_LABELS = ("Summary", "Story", "Features", "Words", "Random sentence")
 _LABEL_LINE = re.compile(r"^(%s):[ \t]?(.*)$" % "|".join(re.escape(x) for x in TINYSTORIES_LABELS))
@@ -59,7 +62,8 @@ def _check_file(path: Path) -> str:
         raise MixretError(f"{path}: not a file")
     suffix = _suffix(path)
     if suffix not in SUFFIXES:
-        raise MixretError(f"{path}: unsupported file type {suffix or '(none)'!r}; expected one of {', '.join(SUFFIXES)}")
+        raise MixretError(f"{path}: unsupported file type {suffix or '(none)'!r}; "
+                          f"expected one of {', '.join(SUFFIXES)}")
     if path.stat().st_size == 0:
         raise MixretError(f"{path}: empty file")
     return suffix
@@ -76,7 +80,8 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
                 try:
                     yield line_no, raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    raise MixretError(f"{where(path, line_no)}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+                    raise MixretError(f"{where(path, line_no)}: not valid UTF-8 "
+                                      f"({e.reason} at byte {e.start})") from None
     except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
         expected = "; expected a gzip-compressed file" if compressed else ""
         raise MixretError(f"{path}: cannot read ({e}){expected}") from None
@@ -333,7 +338,8 @@ def _txt_texts(path: Path) -> Iterator[str]:
         yield doc
 
 
-def _record_texts(records: Iterable[tuple[int, dict]], fields: Sequence[str], path: Path, counts: dict) -> Iterator[str]:
+def _record_texts(records: Iterable[tuple[int, dict]], fields: Sequence[str], path: Path,
+                  counts: dict) -> Iterator[str]:
     """Each record's fields, in record-major order; empty or null texts are counted in counts["empty"]."""
     for line_no, rec in records:
         for name in fields:
@@ -346,10 +352,7 @@ def _record_texts(records: Iterable[tuple[int, dict]], fields: Sequence[str], pa
 
 def _column_texts(table: pa.Table, fields: Sequence[str], source: str, counts: dict) -> list[pa.Array]:
     """The named text columns in record-major order (row 0 of every column, row 1, ...), empties dropped."""
-    for name in fields:
-        kind = table.schema.field(name).type
-        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-            raise MixretError(f"{source}: column {name!r} should be text, got {kind}")
+    _check_text_columns(table, fields, source)
     if table.num_rows == 0:
         return []
     columns = [table.column(f).cast(pa.large_string()) for f in fields]
@@ -362,8 +365,8 @@ def _column_texts(table: pa.Table, fields: Sequence[str], source: str, counts: d
     return [merged.filter(keep)]
 
 
-def _hub_texts(name: str, fields: Sequence[str], counts: dict) -> list[pa.Array]:
-    """Text columns of the "train" split of a Hugging Face dataset."""
+def _hub_table(name: str, columns: Sequence[str]) -> pa.Table:
+    """The "train" split of a Hugging Face dataset as an Arrow table, with the named columns present."""
     import datasets
 
     try:
@@ -373,10 +376,19 @@ def _hub_texts(name: str, fields: Sequence[str], counts: dict) -> list[pa.Array]
             f"{name}: not a local file or folder, and loading it as a Hugging Face dataset failed "
             f"({type(e).__name__}: {e})"
         ) from None
-    missing = [f for f in fields if f not in ds.column_names]
+    missing = [c for c in columns if c not in ds.column_names]
     if missing:
         raise MixretError(f"{name}: dataset has no column {missing[0]!r} (columns: {', '.join(ds.column_names)})")
-    return _column_texts(ds.with_format("arrow")[:], fields, name, counts)
+    return ds.with_format("arrow")[:]
+
+
+def _check_text_columns(table: pa.Table, fields: Sequence[str], source) -> None:
+    for name in fields:
+        if name not in table.column_names:
+            raise MixretError(f"{source}: no column {name!r} (columns: {', '.join(table.column_names)})")
+        kind = table.schema.field(name).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise MixretError(f"{source}: column {name!r} should be text, got {kind}")
 
 
 def _file_texts(path: Path, fields: Sequence[str], counts: dict) -> list[pa.Array]:
@@ -394,7 +406,8 @@ def _expand(source: str | os.PathLike) -> list[Path] | None:
     if path.is_dir():
         files = sorted(
             p for p in path.rglob("*")
-            if p.is_file() and _suffix(p) in SUFFIXES and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            if p.is_file() and _suffix(p) in SUFFIXES
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
         )
         if not files:
             raise MixretError(f"{path}: folder has no {', '.join(SUFFIXES)} files")
@@ -422,8 +435,8 @@ def load_texts(sources: str | os.PathLike | Sequence[str | os.PathLike], text_fi
     sorted by path) or a Hugging Face dataset name (its "train" split). `text_field` names the JSONL
     field or column to read; a list of names gives each record's fields as separate documents, e.g.
     ["summary", "document"] for a pairs file. A .txt file holds one document a line, or documents
-    separated by `<|endoftext|>` if the file contains that token (text_field does not apply). Empty texts are skipped with a warning
-    giving their count; malformed files, missing fields and an empty corpus raise MixretError.
+    separated by `<|endoftext|>` if the file contains that token (text_field does not apply). Empty texts are
+    skipped with a warning giving their count; malformed files, missing fields and an empty corpus raise MixretError.
     """
     import datasets
 
@@ -437,7 +450,8 @@ def load_texts(sources: str | os.PathLike | Sequence[str | os.PathLike], text_fi
         files = _expand(source)
         for origin in files if files is not None else [str(source)]:
             counts = {"empty": 0}
-            got = _hub_texts(origin, fields, counts) if files is None else _file_texts(origin, fields, counts)
+            got = _column_texts(_hub_table(origin, fields), fields, origin, counts) if files is None \
+                else _file_texts(origin, fields, counts)
             if not sum(len(c) for c in got):
                 raise MixretError(f"{origin}: no texts found ({counts['empty']} empty); expected a non-empty corpus")
             if counts["empty"]:
@@ -446,3 +460,71 @@ def load_texts(sources: str | os.PathLike | Sequence[str | os.PathLike], text_fi
     if not chunks:
         raise MixretError("no sources given: expected at least one file, folder or dataset name")
     return datasets.Dataset(pa.table({"text": pa.chunked_array(chunks, type=pa.large_string())}))
+
+
+# --- a corpus to embed ------------------------------------------------------------------------
+
+@dataclass
+class Corpus:
+    """Texts to embed with their ids; `skipped` counts records left out because their text was empty."""
+    ids: list[str]
+    texts: list[str]
+    skipped: int
+
+
+def read_corpus(corpus: str | os.PathLike, field: str = "text", id_field: str = "id") -> Corpus:
+    """Texts of `field` with ids from `id_field` (or the record's line / row number when it has none).
+
+    corpus is a .jsonl, .jsonl.gz or .parquet file, a Hugging Face dataset name ("train" split), or a
+    .txt file: with field "text" its documents (one a line, or `<|endoftext|>`-separated; ids are
+    document numbers), with field "summary" or "document" the Summary or Story of each
+    TinyStoriesInstruct record (ids as load_pairs gives them). Empty texts are skipped and
+    counted; malformed files, missing fields, repeated ids and a corpus without text raise MixretError.
+    """
+    path = Path(corpus).expanduser()
+    if path.is_dir():
+        raise MixretError(f"{path}: is a folder; expected a {', '.join(SUFFIXES)} file or a dataset name")
+    if _expand(corpus) is None:
+        rows, source = _table_rows(_hub_table(str(corpus), [field]), field, id_field, str(corpus)), str(corpus)
+    else:
+        suffix, source = _check_file(path), path
+        if suffix == ".txt":
+            rows = _txt_rows(path, field)
+        elif suffix == ".parquet":
+            rows = _table_rows(_parquet_table(path), field, id_field, path)
+        else:
+            rows = ((n, _field(rec, field, path, n, "text"), rec.get(id_field)) for n, rec in _jsonl_records(path))
+    ids, texts, skipped, first = [], [], 0, {}
+    for n, text, rec_id in rows:
+        if not (text and text.strip()):
+            skipped += 1
+            continue
+        rec_id = str(n) if rec_id is None else str(rec_id)
+        if rec_id in first:
+            raise MixretError(f"{where(source, n)}: id {rec_id!r} repeats the id at {where(source, first[rec_id])}; "
+                              f"expected unique values in field {id_field!r}")
+        first[rec_id] = n
+        ids.append(rec_id)
+        texts.append(text)
+    if not texts:
+        raise MixretError(f"{source}: no texts to embed in field {field!r} ({skipped} empty); "
+                          "expected at least one non-empty text")
+    return Corpus(ids, texts, skipped)
+
+
+def _txt_rows(path: Path, field: str):
+    """(document number from 1, text, id or None) of a .txt file."""
+    if field == "text":
+        return ((n, t, None) for n, t in enumerate(_txt_texts(path), 1))
+    if field in PAIR_FIELDS:
+        return ((n, p.query if field == "summary" else p.target, p.id) for n, p in enumerate(load_pairs(path), 1))
+    raise MixretError(f"{path}: a .txt file has no field {field!r}; expected 'text' (its documents) or "
+                      f"{' or '.join(repr(f) for f in PAIR_FIELDS)} (TinyStoriesInstruct summaries or stories)")
+
+
+def _table_rows(table: pa.Table, field: str, id_field: str, source):
+    """(row number from 1, text, id or None) for an Arrow table."""
+    _check_text_columns(table, [field], source)
+    texts = table.column(field).to_pylist()
+    ids = table.column(id_field).to_pylist() if id_field in table.column_names else [None] * len(texts)
+    return zip(range(1, len(texts) + 1), texts, ids)

@@ -13,18 +13,17 @@ embedding, and results come back in input order.
     embeddings.safetensors  one tensor "embeddings" [N, D], float32 or float16
     ids.jsonl               {"id": str, "text": str} a line, in the same order
     meta.json               model path and hash, arch, dim, pooling, max_length, count, truncated, ...
-It is built in a hidden sibling folder and renamed into place at the end, so an interrupted run never
-leaves an EMB_DIR that looks complete. Under torchrun each process embeds a contiguous shard, and rank 0
-merges the shards.
+It is built in a hidden sibling folder and put in place by io.publish_dir at the end, so an interrupted run
+never leaves an EMB_DIR that looks complete. The corpus is read by mixret.data.read_corpus. Under torchrun
+each process embeds a contiguous shard and rank 0 merges the shards; a failure on any rank stops every rank
+with that rank's message.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import tempfile
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -34,12 +33,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mixret import io
+from mixret.data import read_corpus
+from mixret.distributed import Distributed
 from mixret.errors import MixretError, where
 
 POOLINGS = ("last", "eos", "mean")
 EMB_NAME, IDS_NAME, META_NAME = "embeddings.safetensors", "ids.jsonl", "meta.json"
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
-PAIR_FIELDS = ("summary", "document")  # fields of a TinyStoriesInstruct .txt file read as pairs
 _CHUNK = 16384  # texts tokenized, length-sorted and embedded at a time (bounds the memory for token lists)
 
 
@@ -199,97 +199,6 @@ def encode_texts(model, texts: list[str], batch_size: int, max_length: int, pool
     return out, truncated
 
 
-# --- corpora ----------------------------------------------------------------------------------
-
-@dataclass
-class Corpus:
-    """Texts to embed with their ids; `skipped` counts records left out because their text was empty."""
-    ids: list[str]
-    texts: list[str]
-    skipped: int
-
-
-def read_corpus(corpus: str | os.PathLike, field: str = "text", id_field: str = "id") -> Corpus:
-    """Texts of `field` with ids from `id_field` (or the record's line / row number when it has none).
-
-    corpus is a .jsonl, .jsonl.gz or .parquet file, a Hugging Face dataset name ("train" split), or a
-    .txt file: with field "text" its documents (one a line, or `<|endoftext|>`-separated; ids are
-    document numbers), with field "summary" or "document" the Summary or Story of each
-    TinyStoriesInstruct record (ids as mixret.data.load_pairs gives them). Empty texts are skipped and
-    counted; malformed files, missing fields, repeated ids and a corpus without text raise MixretError.
-    """
-    from mixret import data
-
-    path = Path(corpus).expanduser()
-    if path.is_dir():
-        raise MixretError(f"{path}: is a folder; expected a {', '.join(data.SUFFIXES)} file or a dataset name")
-    local = path.exists() or data._suffix(path) in data.SUFFIXES or str(corpus).startswith((".", "/", "~"))
-    if not local:
-        rows, source = _hub_rows(str(corpus), field, id_field), str(corpus)
-    else:
-        suffix, source = data._check_file(path), path
-        if suffix == ".txt":
-            rows = _txt_rows(path, field)
-        elif suffix == ".parquet":
-            rows = _table_rows(data._parquet_table(path), field, id_field, path)
-        else:
-            rows = ((n, data._field(rec, field, path, n, "text"), rec.get(id_field))
-                    for n, rec in data._jsonl_records(path))
-    ids, texts, skipped, first = [], [], 0, {}
-    for n, text, rec_id in rows:
-        if not (text and text.strip()):
-            skipped += 1
-            continue
-        rec_id = str(n) if rec_id is None else str(rec_id)
-        if rec_id in first:
-            raise MixretError(f"{where(source, n)}: id {rec_id!r} repeats the id at {where(source, first[rec_id])}; "
-                              f"expected unique values in field {id_field!r}")
-        first[rec_id] = n
-        ids.append(rec_id)
-        texts.append(text)
-    if not texts:
-        raise MixretError(f"{source}: no texts to embed in field {field!r} ({skipped} empty); "
-                          "expected at least one non-empty text")
-    return Corpus(ids, texts, skipped)
-
-
-def _txt_rows(path: Path, field: str):
-    from mixret import data
-
-    if field == "text":
-        return ((n, t, None) for n, t in enumerate(data.load_texts(path)["text"], 1))
-    if field in PAIR_FIELDS:
-        pairs = data.load_pairs(path)
-        return ((n, p.query if field == "summary" else p.target, p.id) for n, p in enumerate(pairs, 1))
-    raise MixretError(f"{path}: a .txt file has no field {field!r}; expected 'text' (its documents) or "
-                      f"{' or '.join(repr(f) for f in PAIR_FIELDS)} (TinyStoriesInstruct summaries or stories)")
-
-
-def _table_rows(table, field: str, id_field: str, source):
-    """(row number from 1, text, id or None) for an Arrow table."""
-    import pyarrow as pa
-
-    if field not in table.column_names:
-        raise MixretError(f"{source}: no column {field!r} (columns: {', '.join(table.column_names)})")
-    kind = table.schema.field(field).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-        raise MixretError(f"{source}: column {field!r} should be text, got {kind}")
-    texts = table.column(field).to_pylist()
-    ids = table.column(id_field).to_pylist() if id_field in table.column_names else [None] * len(texts)
-    return zip(range(1, len(texts) + 1), texts, ids)
-
-
-def _hub_rows(name: str, field: str, id_field: str):
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(name, split="train")
-    except Exception as e:  # network, missing repo or a bad builder: report whatever went wrong
-        raise MixretError(f"{name}: not a local file, and loading it as a Hugging Face dataset failed "
-                          f"({type(e).__name__}: {e})") from None
-    return _table_rows(ds.with_format("arrow")[:], field, id_field, name)
-
-
 # --- EMB_DIR ----------------------------------------------------------------------------------
 
 def embed_corpus(
@@ -306,7 +215,7 @@ def embed_corpus(
     device: str | None = None,
     show_progress_bar: bool | None = None,
 ) -> dict:
-    """Embed a corpus (see read_corpus) with the model in model_dir and write out_dir as an EMB_DIR.
+    """Embed a corpus (see mixret.data.read_corpus) with the model in model_dir and write out_dir as an EMB_DIR.
 
     An existing out_dir is an error unless overwrite=True, and even then only an EMB_DIR is replaced,
     once the new one is complete. Empty texts are skipped and counted in meta.json; truncation is
@@ -321,39 +230,45 @@ def embed_corpus(
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     model = load(model_dir)
     max_length = check_options(model, batch_size, max_length, pooling)
-    check_out_dir(out_dir, overwrite)
+    io.check_out_dir(out_dir, META_NAME, "embeddings", overwrite, what="embeddings")
     corpus_data = read_corpus(corpus, field, id_field)
     if corpus_data.skipped:
         warnings.warn(f"{corpus}: skipped {corpus_data.skipped} records with empty {field!r} text", stacklevel=2)
 
-    group = Group.from_env()
-    try:
-        device = pick_device(model, device if device is not None else group.device)
+    with Distributed.from_env() as dist:
+        device = pick_device(model, device if device is not None else dist.device)
         n = len(corpus_data.texts)
-        lo, hi = n * group.rank // group.world, n * (group.rank + 1) // group.world
-        tmp = group.broadcast(tempfile.mkdtemp(dir=_parent(out_dir), prefix=f".{out_dir.name}.", suffix=".partial")
-                              if group.rank == 0 else None)
+        lo, hi = n * dist.rank // dist.world_size, n * (dist.rank + 1) // dist.world_size
+
+        def make_temp() -> str:
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            return str(io.temp_dir(out_dir.parent, out_dir.name, suffix=".partial"))
+
+        tmp = Path(dist.broadcast_text(dist.on_main(make_temp) or ""))
         try:
-            # rank 0 only; None: shown on a terminal
-            disable = None if show_progress_bar is None else not show_progress_bar
-            with tqdm(total=hi - lo, unit="text", desc="embed", disable=disable if group.rank == 0 else True) as bar:
-                E, truncated = encode_texts(model, corpus_data.texts[lo:hi], batch_size, max_length, pooling,
-                                            device, bar)
-            if group.world > 1:
-                E, truncated = group.gather_shards(Path(tmp), E, truncated)
-            meta = None
-            if group.rank == 0:
+            def embed_shard() -> tuple[torch.Tensor, int]:
+                # rank 0 only; None: shown on a terminal
+                disable = None if show_progress_bar is None else not show_progress_bar
+                with tqdm(total=hi - lo, unit="text", desc="embed", disable=disable if dist.main else True) as bar:
+                    return encode_texts(model, corpus_data.texts[lo:hi], batch_size, max_length, pooling, device,
+                                        bar)
+
+            E, truncated = dist.run(embed_shard)  # a failure on one rank fails every rank, with its message
+            if dist.world_size > 1:
+                E, truncated = gather_shards(dist, tmp, E, truncated)
+
+            def publish() -> dict:
                 meta = emb_meta(model_dir, model, corpus, field, id_field, pooling, max_length, dtype,
                                 count=E.shape[0], truncated=truncated, skipped=corpus_data.skipped)
-                write_emb_dir(Path(tmp), E.to(DTYPES[dtype]), corpus_data.ids, corpus_data.texts, meta)
-                install(Path(tmp), out_dir)
-            group.barrier()
+                write_emb_dir(tmp, E.to(DTYPES[dtype]), corpus_data.ids, corpus_data.texts, meta)
+                io.publish_dir(tmp, out_dir)
+                return meta
+
+            meta = dist.on_main(publish)
         except BaseException:
-            if group.rank == 0:
+            if dist.main:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
-    finally:
-        group.close()
     if meta is not None and truncated:
         warnings.warn(f"{corpus}: " + truncation_message(truncated, meta["count"], max_length), stacklevel=2)
     return meta if meta is not None else {}
@@ -406,48 +321,16 @@ def default_out_dir(model_dir: str | os.PathLike, corpus: str | os.PathLike, fie
     return Path("emb") / Path(model_dir).resolve().name / f"{stem}-{field}"
 
 
-def _parent(out_dir: Path) -> Path:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return out_dir.parent
-
-
-def check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    """Refuse an existing out_dir unless overwrite, and never replace a folder that is not an EMB_DIR."""
-    if not out_dir.exists():
-        return
-    if not overwrite:
-        raise MixretError(f"{out_dir}: already exists; pass --overwrite (overwrite=True) to replace it")
-    meta = out_dir / META_NAME
-    is_emb_dir = out_dir.is_dir() and meta.is_file() and io.read_json(meta).get("kind") == "embeddings"
-    if not is_emb_dir and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise MixretError(f"{out_dir}: exists and is not an embeddings folder (no {META_NAME} of kind "
-                          "'embeddings'); refusing to replace it, choose another output folder")
-
-
-def install(tmp: Path, out_dir: Path) -> None:
-    """Move the finished folder tmp to out_dir, replacing an old out_dir only now that tmp is complete."""
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".old"))
-        os.replace(out_dir, old / "old")
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out_dir)
-
-
 def write_emb_dir(directory: Path, E: torch.Tensor, ids: list[str], texts: list[str], meta: dict) -> None:
     """Write embeddings, ids and (last) meta.json into directory."""
     from safetensors.torch import save_file
 
-    save_file({"embeddings": E.contiguous()}, str(directory / EMB_NAME))
+    with io.atomic_path(directory / EMB_NAME) as tmp:  # ordinary permissions (safetensors writes 0600)
+        save_file({"embeddings": E.contiguous()}, tmp)
     with open(directory / IDS_NAME, "w", encoding="utf-8") as f:
         for i, t in zip(ids, texts):
             f.write(json.dumps({"id": i, "text": t}, ensure_ascii=False) + "\n")
     io.write_json(directory / META_NAME, meta)
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [directory, *directory.iterdir()]:  # mkdtemp and mkstemp create private (0700 / 0600) entries
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def load_emb_dir(directory: str | os.PathLike) -> tuple[np.ndarray, list[str], list[str], dict]:
@@ -491,63 +374,20 @@ def load_emb_dir(directory: str | os.PathLike) -> tuple[np.ndarray, list[str], l
 
 # --- torchrun ---------------------------------------------------------------------------------
 
-class Group:
-    """The torchrun process group (WORLD_SIZE > 1: nccl on GPUs, gloo on CPUs) or a single process."""
+def gather_shards(dist: Distributed, tmp: Path, E: torch.Tensor, truncated: int) -> tuple[torch.Tensor, int]:
+    """Each rank writes tmp/shard-{rank}.safetensors; rank 0 returns them concatenated in rank order."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
-    def __init__(self, rank: int, world: int, device: str | None, owned: bool):
-        self.rank, self.world, self.device, self.owned = rank, world, device, owned
-
-    @classmethod
-    def from_env(cls) -> "Group":
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world == 1:
-            return cls(0, 1, None, False)
-        import torch.distributed as dist
-
-        device = None
-        if torch.cuda.is_available():
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-            torch.cuda.set_device(device)
-        owned = not dist.is_initialized()
-        if owned:
-            dist.init_process_group("nccl" if device else "gloo")
-        return cls(dist.get_rank(), dist.get_world_size(), device, owned)
-
-    def broadcast(self, obj):
-        """rank 0's obj, on every rank."""
-        if self.world == 1:
-            return obj
-        import torch.distributed as dist
-
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-            dist.barrier()
-
-    def gather_shards(self, tmp: Path, E: torch.Tensor, truncated: int) -> tuple[torch.Tensor, int]:
-        """Each rank writes tmp/shard-{rank}.safetensors; rank 0 returns them concatenated in rank order."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file, save_file
-
-        save_file({"embeddings": E.contiguous()}, str(tmp / f"shard-{self.rank}.safetensors"),
-                  metadata={"truncated": str(truncated)})
-        self.barrier()
-        if self.rank != 0:
-            return E, truncated
-        parts, total = [], 0
-        for r in range(self.world):
-            path = tmp / f"shard-{r}.safetensors"
-            with safe_open(str(path), framework="pt") as f:
-                total += int(f.metadata()["truncated"])
-            parts.append(load_file(str(path))["embeddings"])
-            path.unlink()
-        return torch.cat(parts), total
-
-    def close(self) -> None:
-        if self.owned:
-            import torch.distributed as dist
-            dist.destroy_process_group()
+    dist.run(lambda: save_file({"embeddings": E.contiguous()}, str(tmp / f"shard-{dist.rank}.safetensors"),
+                               metadata={"truncated": str(truncated)}))
+    if not dist.main:
+        return E, truncated
+    parts, total = [], 0
+    for r in range(dist.world_size):
+        path = tmp / f"shard-{r}.safetensors"
+        with safe_open(str(path), framework="pt") as f:
+            total += int(f.metadata()["truncated"])
+        parts.append(load_file(str(path))["embeddings"])
+        path.unlink()
+    return torch.cat(parts), total

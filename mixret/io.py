@@ -1,12 +1,17 @@
-"""Directory format shared by every saved object: config.json + model.safetensors (+ tokenizer.json).
+"""Files and folders: the saved-object format and the atomic writers every part of mixret uses.
 
-Weights are read with safetensors only; nothing is ever unpickled.
+A saved object is a folder: config.json (with a "kind") + model.safetensors (+ tokenizer.json). Weights are
+read with safetensors only; nothing is ever unpickled. Files are written beside their target and renamed
+into place (`atomic_path`, `write_json`); a folder is built under a hidden temporary name (`temp_dir`) and
+put in place, replacing an earlier one, by `publish_dir`; `check_out_dir` says whether an output folder may
+be replaced.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,6 +52,7 @@ def atomic_path(path: str | os.PathLike):
     tmp = _make_temp(path.parent, path.name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # again: a writer may have replaced the file (safetensors does)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -58,6 +64,37 @@ def temp_dir(parent: str | os.PathLike, name: str, suffix: str = ".tmp") -> Path
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=suffix))
     os.chmod(tmp, 0o777 & ~_umask())
     return tmp
+
+
+def publish_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Move the finished folder `tmp` to `out` by renames, replacing an earlier `out` only now that `tmp` is
+    complete (tmp and out must be on the same file system, e.g. tmp from temp_dir(out.parent, ...))."""
+    tmp, out = Path(tmp), Path(out)
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = temp_dir(out.parent, out.name, suffix=".old")
+    os.replace(out, old / "previous")
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def check_out_dir(out: str | os.PathLike, marker: str, kind: str, overwrite: bool, what: str | None = None) -> None:
+    """Refuse an output folder that may not be replaced: an existing one unless `overwrite`, and, even then,
+    one that is not empty and does not hold a `kind` object (a `marker` JSON file whose "kind" is `kind`)."""
+    out = Path(out)
+    if not out.exists():
+        return
+    what = what or f"a {kind}"
+    if not out.is_dir():
+        raise MixretError(f"{out}: exists and is not a directory; expected a folder for {what}")
+    if not overwrite:
+        raise MixretError(f"{out}: already exists; pass --overwrite (overwrite=True) to replace it")
+    holds = (out / marker).is_file() and read_json(out / marker).get("kind") == kind
+    if not holds and any(out.iterdir()):
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise MixretError(f"{out}: exists and does not hold {what} (not {article} {kind} folder: no {marker} of "
+                          f"kind {kind!r}); refusing to replace it, choose another output folder or remove it")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -78,6 +115,42 @@ def read_json(path: str | os.PathLike, what: str = "file") -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MixretError(f"{path}: not valid JSON ({e})") from None
+
+
+def write_config(directory: str | os.PathLike, kind: str, config: dict) -> None:
+    """config.json of a saved object: its kind, the mixret version and its options."""
+    from mixret import __version__
+    write_json(Path(directory) / CONFIG_NAME, {"kind": kind, "mixret_version": __version__, **config})
+
+
+def read_config(directory: str | os.PathLike, kind: str, what: str, folder: str,
+                hints: dict[str, str] | None = None) -> dict:
+    """The options in directory/config.json of a saved `kind` object (`what`, kept in a `folder` directory),
+    without kind and version; a MixretError naming the file for anything else (hints: kind -> advice)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise MixretError(f"{directory}: {folder} directory not found")
+    path = directory / CONFIG_NAME
+    raw = read_json(path, f"{folder} config")
+    found = raw.pop("kind", None)
+    raw.pop("mixret_version", None)
+    if found != kind:
+        raise MixretError(f"{path}: not a mixret {what} (kind={found!r}, expected {kind!r})"
+                          f"{(hints or {}).get(found, '')}")
+    return raw
+
+
+def options_from_dict(cls, options: dict, source: str, what: str, required: tuple[str, ...] = ()):
+    """cls(**options) for a config dataclass, refusing unknown and missing options with a message naming source."""
+    import dataclasses
+
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise MixretError(f"{source}: unknown {what} option(s) {unknown}")
+    for name in required:
+        if name not in options:
+            raise MixretError(f"{source}: {what} config has no {name}")
+    return cls(**options)
 
 
 def save_weights(module: torch.nn.Module, directory: str | os.PathLike) -> None:

@@ -22,11 +22,8 @@ the true target twice nor a copy of it as a negative.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +34,7 @@ import torch.nn.functional as F
 
 from mixret import io
 from mixret.errors import MixretError
+from mixret.models.layers import FeedForward
 
 HARD_POOL_FACTOR = 4  # hard negatives are drawn each step from this many times K nearest targets
 
@@ -71,13 +69,7 @@ class MatcherConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> "MatcherConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise MixretError(f"{source}: unknown matcher option(s) {unknown}")
-        if "emb_dim" not in d:
-            raise MixretError(f"{source}: matcher config has no emb_dim")
-        return cls(**d)
+        return io.options_from_dict(cls, d, source, "matcher", required=("emb_dim",))
 
 
 # -- model ------------------------------------------------------------------------------------
@@ -99,30 +91,20 @@ class TokenMix(nn.Module):
         return self.mix(x.transpose(1, 2)).transpose(1, 2)
 
 
-class FeedForward(nn.Module):
-    def __init__(self, cfg: MatcherConfig):
-        super().__init__()
-        self.up = nn.Linear(cfg.d_model, cfg.ff_mult * cfg.d_model)
-        self.down = nn.Linear(cfg.ff_mult * cfg.d_model, cfg.d_model)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.gelu(self.up(x)))
-
-
 class MixerBlock(nn.Module):
-    """Pre-norm: x + TokenMix(LN(x)), then x + FF(LN(x))."""
+    """Pre-norm: x + Dropout(TokenMix(LN(x))), then x + FF(LN(x))."""
 
     def __init__(self, cfg: MatcherConfig):
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.d_model)
         self.tokens = TokenMix(cfg.context)
         self.ln2 = nn.LayerNorm(cfg.d_model)
-        self.ff = FeedForward(cfg)
+        self.ff = FeedForward(cfg.d_model, cfg.ff_mult, cfg.dropout)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, D]
         x = x + self.drop(self.tokens(self.ln1(x)))
-        return x + self.drop(self.ff(self.ln2(x)))
+        return x + self.ff(self.ln2(x))
 
 
 class Matcher(nn.Module):
@@ -207,23 +189,13 @@ class Matcher(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         io.save_weights(self, directory)
-        from mixret import __version__
-        io.write_json(directory / io.CONFIG_NAME,
-                      {"kind": "matcher", "mixret_version": __version__, **self.config.to_dict()})
+        io.write_config(directory, "matcher", self.config.to_dict())
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "Matcher":
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise MixretError(f"{directory}: matcher directory not found")
-        cfg_path = directory / io.CONFIG_NAME
-        raw = io.read_json(cfg_path, "matcher config")
-        kind = raw.pop("kind", None)
-        raw.pop("mixret_version", None)
-        if kind != "matcher":
-            hint = " (a language model: load it with mixret.load)" if kind == "clm" else ""
-            raise MixretError(f"{cfg_path}: not a mixret matcher (kind={kind!r}, expected 'matcher'){hint}")
-        matcher = cls(MatcherConfig.from_dict(raw, source=str(cfg_path)))
+        raw = io.read_config(directory, "matcher", "matcher", "matcher",
+                             hints={"clm": " (a language model: load it with mixret.load)"})
+        matcher = cls(MatcherConfig.from_dict(raw, source=str(Path(directory) / io.CONFIG_NAME)))
         io.load_weights(matcher, directory)
         matcher.eval()
         return matcher
@@ -278,10 +250,10 @@ def sample_candidates(true_index: torch.Tensor, n_targets: int, n_slots: int, ge
         hard = hard_pool.gather(1, pick)                                           # [B, K]
     else:
         hard = true_index.new_empty(B, 0)
-    W = n_slots  # window: enough that n_rand survive removing the true target and K hard ones
+    width = n_slots  # enough that n_rand survive removing the true target and K hard ones
     perm = torch.randperm(n_targets, generator=generator)
     start = torch.randint(0, n_targets, (B, 1), generator=generator)
-    window = perm[(start + torch.arange(W)) % n_targets]                           # [B, W]
+    window = perm[(start + torch.arange(width)) % n_targets]                       # [B, width]
     excluded = (window == true_index[:, None]) | (window[:, :, None] == hard[:, None, :]).any(-1)
     keep = excluded.to(torch.uint8).argsort(dim=1, stable=True)[:, :n_rand]
     negatives = window.gather(1, keep)                                             # [B, n_rand]
@@ -443,15 +415,21 @@ def _emb_rows(pairs: list, emb_dir, role: str) -> tuple[np.ndarray, dict]:
 
 # -- evaluation -------------------------------------------------------------------------------
 
+IN_SET_NOTE = ("in-set scores: each query's target among the candidates of its own set (top-1, MRR, CE), not "
+               "retrieval over a corpus; `mixret evaluate` measures retrieval")
+
+
 @torch.no_grad()
 def evaluate(matcher: Matcher, pairs: PairSet, sets: torch.Tensor, positions: torch.Tensor,
-             batch_size: int = 512) -> dict:
-    """Cross-entropy, top-1 accuracy and MRR of the matcher on fixed candidate sets [Q, N]."""
+             batch_size: int = 512, mask: torch.Tensor | None = None) -> dict:
+    """Cross-entropy, top-1 accuracy and MRR of the matcher on fixed candidate sets [Q, N]; mask [Q, N]
+    (False = padded slot) marks the real candidates of partly padded sets."""
     logits = torch.cat([
         torch.from_numpy(score_candidates(matcher, pairs.queries[i:i + batch_size],
-                                          pairs.targets[sets[i:i + batch_size]], batch_size))
+                                          pairs.targets[sets[i:i + batch_size]], batch_size,
+                                          None if mask is None else mask[i:i + batch_size]))
         for i in range(0, len(sets), batch_size)])                                # [Q, N]
-    return _set_metrics(logits, positions, with_ce=True)
+    return set_metrics(logits, positions, with_ce=True)
 
 
 def cosine_baseline(pairs: PairSet, sets: torch.Tensor, positions: torch.Tensor,
@@ -465,12 +443,16 @@ def cosine_baseline(pairs: PairSet, sets: torch.Tensor, positions: torch.Tensor,
     q, t = F.normalize(q, dim=-1), F.normalize(t, dim=-1)
     scores = torch.cat([torch.einsum("qe,qne->qn", q[i:i + batch_size], t[sets[i:i + batch_size]])
                         for i in range(0, len(sets), batch_size)])                # [Q, N]
-    return _set_metrics(scores, positions, with_ce=False)
+    return set_metrics(scores, positions, with_ce=False)
 
 
-def _set_metrics(scores: torch.Tensor, positions: torch.Tensor, with_ce: bool) -> dict:
+def set_metrics(scores: torch.Tensor, positions: torch.Tensor, with_ce: bool) -> dict:
+    """Top-1, MRR (and CE) of scores [Q, N] with the true candidate at positions [Q]; -inf marks padding.
+
+    Ties count against the target: it ranks below every candidate scoring at least as high, so constant
+    scores give top-1 = 0 and MRR = 1/N."""
     true = scores.gather(1, positions[:, None])
-    rank = (scores > true).sum(1) + 1  # ties count in the true target's favour
+    rank = (scores >= true).sum(1)  # the target itself, and every candidate that ties or beats it
     out = {"top1": (rank == 1).float().mean().item(), "mrr": (1.0 / rank.float()).mean().item()}
     if with_ce:
         out = {"ce": F.cross_entropy(scores, positions).item(), **out}
@@ -479,18 +461,83 @@ def _set_metrics(scores: torch.Tensor, positions: torch.Tensor, with_ce: bool) -
 
 # -- training ---------------------------------------------------------------------------------
 
+PADDED_SHARE = 0.5  # share of the training sets (and of the padded evaluation sets) with padded slots
+
+
+def pad_sets(sets: torch.Tensor, positions: torch.Tensor, generator: torch.Generator, share: float = PADDED_SHARE,
+             n_real: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep a random number of real candidates in a share of the sets, the rest of their slots padding, as
+    in a tournament's last pass -> (sets, positions, mask [B, N], False = padded).
+
+    The real candidates are the first n_real slots (2 <= n_real < N, uniform; or exactly `n_real` in every
+    set when given); a true target beyond them is swapped into a random real slot."""
+    B, N = sets.shape
+    if n_real is None:
+        real = torch.randint(2, N, (B,), generator=generator)
+        real = torch.where(torch.rand(B, generator=generator) < share, real, torch.full_like(real, N))
+    else:
+        real = torch.full((B,), n_real, dtype=torch.long)
+    slot = (torch.rand(B, generator=generator) * real).long()      # a random real slot for a displaced target
+    moved = positions >= real
+    new_pos = torch.where(moved, slot, positions)
+    rows = torch.arange(B)
+    sets = sets.clone()
+    displaced = sets[rows, new_pos]
+    sets[rows, new_pos] = sets[rows, positions]
+    sets[rows, positions] = torch.where(moved, displaced, sets[rows, positions])
+    mask = torch.arange(N)[None, :] < real[:, None]
+    return sets, new_pos, mask
+
+
+class SetLoss(nn.Module):
+    """The matcher's objective: (summed cross-entropy of the true slots, number of sets) of a batch."""
+
+    def __init__(self, matcher: Matcher):
+        super().__init__()
+        self.matcher = matcher
+
+    def forward(self, batch: tuple) -> tuple[torch.Tensor, int]:
+        queries, candidates, mask, positions = batch                # [B, E], [B, N, E], [B, N], [B]
+        logits = self.matcher(queries, candidates, mask)            # [B, N], -inf at padded slots
+        return F.cross_entropy(logits.float(), positions, reduction="sum"), len(positions)
+
+
+@dataclass
+class MatcherRun:
+    """Options of a matcher run besides the model's: schedule, sampling and the run folder."""
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 1e-3
+    seed: int = 0
+    hard_negatives: int = 0
+    budget_minutes: float | None = None   # instead of epochs: as many steps as fit this many minutes here
+    stop_after: int | None = None         # end this invocation after this many steps, with a checkpoint
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+
+RUN_IDENTITY = ("config", "batch_size", "seed", "hard_negatives")  # a resumed matcher run must keep them
+
+
 def train_matcher(train_q, train_t, test_q, test_t, config: MatcherConfig, epochs: int = 10,
                   batch_size: int = 256, lr: float = 1e-3, seed: int = 0, hard_negatives: int = 0,
                   out_dir: str | os.PathLike | None = None, progress: bool = True,
-                  device: str | None = None) -> tuple[Matcher, dict]:
+                  device: str | None = None, **run_options) -> tuple[Matcher, dict]:
     """Train a matcher on aligned (query, target) embeddings -> (matcher in eval mode, metrics).
 
     Each step every query gets a fresh set of context-1 distinct candidates: its target plus
     context-2 negatives from the other training targets (`hard_negatives` of them drawn from the
-    query's nearest targets), shuffled. Evaluation uses fixed sets built from `seed`. With out_dir,
-    writes the matcher, metrics.jsonl (one line per epoch) and metrics.json into a temporary
-    folder that replaces out_dir when training has finished.
+    query's nearest targets), shuffled; in half of the sets only a random number of the slots hold
+    candidates and the rest are padding, as in a tournament's last pass. Evaluation uses fixed sets built
+    from `seed`, full and partly padded. Training runs in `mixret.loop`: with out_dir, out_dir is the run
+    folder (checkpoints, metrics.jsonl, train_config.json; then the matcher, and metrics.json), put in place
+    at the end, replacing an earlier matcher there; `resume`, `stop_after`, `overwrite` and
+    `budget_minutes` (run_options) work as for `mixret pretrain`. Stopped early by stop_after, it returns
+    the matcher so far and metrics with "checkpoint" (the folder written).
     """
+    run = MatcherRun(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, hard_negatives=hard_negatives,
+                     progress=progress, **run_options)
     C = config.context
     train = as_pair_set(train_q, train_t, "train split", C)
     test = as_pair_set(test_q, test_t, "test split", C)
@@ -501,145 +548,153 @@ def train_matcher(train_q, train_t, test_q, test_t, config: MatcherConfig, epoch
         raise MixretError(f"hard_negatives must be between 0 and context-2 = {C - 2}, got {hard_negatives}")
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise MixretError(f"epochs and batch_size must be positive and lr > 0, got {epochs}, {batch_size}, {lr}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    args = dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, hard_negatives=hard_negatives,
-                progress=progress, device=device)
-    if out_dir is None:
-        return _fit(train, test, config, log_dir=None, **args)
-    out_dir = Path(out_dir)
-    check_out_dir(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = io.temp_dir(out_dir.parent, out_dir.name)
-    try:
-        matcher, metrics = _fit(train, test, config, log_dir=tmp_dir, **args)
-        matcher.save_pretrained(tmp_dir)
-        io.write_json(tmp_dir / "metrics.json", metrics)
-        publish_dir(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    return matcher, metrics
+    if run.budget_minutes is not None and not run.budget_minutes > 0:
+        raise MixretError(f"budget_minutes must be a positive number, got {run.budget_minutes!r}")
+    from mixret import loop
+    from mixret.distributed import Distributed
+
+    out = Path(out_dir) if out_dir is not None else None
+    with Distributed.from_env(device) as dist:
+        task = MatcherTask(train, test, config, run, dist)
+        mode = "fresh"
+        if out is not None:
+            mode = dist.on_main(lambda: loop.inspect_run_dir(out, task.options(), RUN_IDENTITY, run.resume,
+                                                             run.overwrite, task.files, "mixret train-matcher",
+                                                             replaces="matcher"))
+        schedule = loop.LoopConfig(
+            steps=None if run.budget_minutes is not None else epochs * task.steps_per_epoch,
+            budget_minutes=run.budget_minutes, lr=lr, weight_decay=0.01, betas=(0.9, 0.98), grad_clip=1.0,
+            log_every=task.steps_per_epoch, eval_every=task.steps_per_epoch,
+            checkpoint_every=task.steps_per_epoch, stop_after=run.stop_after, progress=progress)
+        result = loop.train(task, schedule, dist, out, mode or "fresh", seed=seed)
+    task.matcher.eval()
+    if out is not None and result != out:
+        return task.matcher, {**task.metrics, "checkpoint": str(result)}
+    return task.matcher, task.final_metrics()
 
 
-def _fit(train: PairSet, test: PairSet, config: MatcherConfig, epochs: int, batch_size: int, lr: float,
-         seed: int, hard_negatives: int, progress: bool, device: torch.device,
-         log_dir: Path | None) -> tuple[Matcher, dict]:
-    """The training loop of `train_matcher`, on validated inputs."""
-    C = config.context
-    torch.manual_seed(seed)
-    matcher = Matcher(config).to(device)
-    matcher.fit_standardization(train.queries, train.targets)
+class MatcherTask:
+    """What matcher training gives the loop: the matcher, candidate sets by step, the set loss, evaluation."""
+    name = "train-matcher"
+    unit = "queries"
+    files = (io.CONFIG_NAME, io.WEIGHTS_NAME, "metrics.json")
 
-    # fixed evaluation sets: all of test, and a fixed subset of train of about the same size
-    test_sets, test_pos = build_eval_sets(len(test.targets), C, seed, test.true_index)
-    g = torch.Generator().manual_seed(seed)
-    sub = torch.randperm(len(train.queries), generator=g)[:max(len(test.queries), 1024)].sort().values
-    train_eval = PairSet(train.queries[sub], train.targets, train.true_index[sub])
-    train_sets, train_pos = build_eval_sets(len(train.targets), C, seed + 1, train_eval.true_index)
+    def __init__(self, train: PairSet, test: PairSet, config: MatcherConfig, run: MatcherRun, dist):
+        C, seed = config.context, run.seed
+        self.train, self.test, self.config, self.run = train, test, config, run
+        torch.manual_seed(seed)
+        self.matcher = Matcher(config).to(dist.device)
+        self.matcher.fit_standardization(train.queries, train.targets)
+        self.objective = SetLoss(self.matcher)
+        self.steps_per_epoch = math.ceil(len(train.queries) / run.batch_size)
+        self.fingerprint = _embeddings_hash(train, test)
 
-    hard_pool = None
-    if hard_negatives:
-        size = min(HARD_POOL_FACTOR * hard_negatives, len(train.targets) - 1)
-        hard_pool = hard_negative_pool(train.queries, train.targets, train.true_index, size,
-                                       matcher.query_mean, matcher.target_mean)
+        # fixed evaluation sets: all of test (full, and partly padded), and a subset of train of about its size
+        self.test_sets, self.test_pos = build_eval_sets(len(test.targets), C, seed, test.true_index)
+        self.padded_sets = pad_sets(self.test_sets, self.test_pos, torch.Generator().manual_seed(seed + 2))
+        g = torch.Generator().manual_seed(seed)
+        sub = torch.randperm(len(train.queries), generator=g)[:max(len(test.queries), 1024)].sort().values
+        self.train_eval = PairSet(train.queries[sub], train.targets, train.true_index[sub])
+        self.train_sets, self.train_pos = build_eval_sets(len(train.targets), C, seed + 1,
+                                                          self.train_eval.true_index)
+        self.hard_pool = None
+        if run.hard_negatives:
+            size = min(HARD_POOL_FACTOR * run.hard_negatives, len(train.targets) - 1)
+            self.hard_pool = hard_negative_pool(train.queries, train.targets, train.true_index, size,
+                                                self.matcher.query_mean, self.matcher.target_mean)
+        padded_real = self.padded_sets[2].sum(1).float()
+        self.metrics = {
+            "note": IN_SET_NOTE,
+            "context": C, "n_candidates": C - 1,
+            "chance_ce": math.log(C - 1), "chance_top1": 1.0 / (C - 1),
+            "chance_top1_padded": (1.0 / padded_real).mean().item(),
+            "padded_sets": f"{PADDED_SHARE:.0%} of the test sets keep 2 to {C - 2} real candidates, the rest "
+                           "of their slots padded (as in a tournament's last pass)",
+            "n_train": len(train.queries), "n_test": len(test.queries),
+            "n_train_targets": len(train.targets), "n_test_targets": len(test.targets),
+            "n_train_eval": len(self.train_eval.queries),
+            "epochs": run.epochs, "batch_size": run.batch_size, "lr": run.lr, "seed": seed,
+            "hard_negatives": run.hard_negatives, "params": self.matcher.num_params(),
+            "config": config.to_dict(),
+            "test_cosine": cosine_baseline(test, self.test_sets, self.test_pos),
+            "test_centered_cosine": cosine_baseline(test, self.test_sets, self.test_pos,
+                                                    self.matcher.query_mean, self.matcher.target_mean),
+            "untrained_test": evaluate(self.matcher, test, self.test_sets, self.test_pos),
+        }
+        self.step_losses: dict[int, float] = {}
 
-    metrics = {
-        "context": C, "n_candidates": C - 1,
-        "chance_ce": math.log(C - 1), "chance_top1": 1.0 / (C - 1),
-        "n_train": len(train.queries), "n_test": len(test.queries),
-        "n_train_targets": len(train.targets), "n_test_targets": len(test.targets),
-        "n_train_eval": len(train_eval.queries),
-        "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
-        "hard_negatives": hard_negatives, "params": matcher.num_params(),
-        "config": config.to_dict(),
-        "test_cosine": cosine_baseline(test, test_sets, test_pos),
-        "test_centered_cosine": cosine_baseline(test, test_sets, test_pos,
-                                                matcher.query_mean, matcher.target_mean),
-        "untrained_test": evaluate(matcher, test, test_sets, test_pos),
-    }
-
-    steps_per_epoch = math.ceil(len(train.queries) / batch_size)
-    total = epochs * steps_per_epoch
-    decay = [p for p in matcher.parameters() if p.ndim >= 2]      # matrices; not biases or norms
-    rest = [p for p in matcher.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total))
-    targets_dev = train.targets.to(device)
-    log: list[dict] = []
-    step_losses: list[float] = []
-
-    from tqdm.auto import tqdm
-    bar = tqdm(total=total, desc="train-matcher", unit="step", disable=None if progress else True)
-    for epoch in range(1, epochs + 1):
-        matcher.train()
-        order = torch.randperm(len(train.queries), generator=g)
-        epoch_loss = 0.0
-        for i in range(0, len(order), batch_size):
-            rows = order[i:i + batch_size]                                        # [B]
+    def batches(self, start: int, dist, grad_accum: int):
+        """The sets of step s: the rows of the epoch's seeded permutation, candidates drawn with a generator
+        seeded by (seed, s); a function of the step alone, so a resumed run sees the same sets."""
+        C, B, run, train = self.config.context, self.run.batch_size, self.run, self.train
+        targets = train.targets.to(dist.device)
+        for step in range(start, 2**62):
+            epoch, i = divmod(step, self.steps_per_epoch)
+            order = torch.randperm(len(train.queries),
+                                   generator=torch.Generator().manual_seed(1_000_003 * run.seed + epoch))
+            g = torch.Generator().manual_seed(1_000_003 * (run.seed + 1) + step + 2**40)
+            rows = order[i * B:(i + 1) * B]                                               # [B]
             sets, pos = sample_candidates(train.true_index[rows], len(train.targets), C - 1, g,
-                                          hard_pool[rows] if hard_pool is not None else None,
-                                          hard_negatives)                         # [B, C-1], [B]
-            logits = matcher(train.queries[rows].to(device), targets_dev[sets.to(device)])  # [B, C-1]
-            loss = F.cross_entropy(logits, pos.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(matcher.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            step_losses.append(loss.item())
-            epoch_loss += step_losses[-1] * len(rows)
-            bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{step_losses[-1]:.3f}")
-        matcher.eval()
-        log.append({"epoch": epoch, "step": epoch * steps_per_epoch, "train_loss": epoch_loss / len(order),
-                    "lr": sched.get_last_lr()[0], "test": evaluate(matcher, test, test_sets, test_pos)})
-        if log_dir is not None:
-            io.atomic_write_text(log_dir / "metrics.jsonl", "".join(json.dumps(e) + "\n" for e in log))
-    bar.close()
+                                          self.hard_pool[rows] if self.hard_pool is not None else None,
+                                          run.hard_negatives)                             # [B, C-1], [B]
+            sets, pos, mask = pad_sets(sets, pos, g)
+            micro = []
+            for part in torch.arange(len(rows)).chunk(grad_accum * dist.world_size)[dist.rank::dist.world_size]:
+                micro.append((train.queries[rows[part]].to(dist.device), targets[sets[part].to(dist.device)],
+                              mask[part].to(dist.device), pos[part].to(dist.device)))
+            yield micro
 
-    metrics.update({
-        "test": log[-1]["test"],
-        "train": evaluate(matcher, train_eval, train_sets, train_pos),
-        "steps": total,
-        "steps_to_leave_chance": steps_to_leave_chance(step_losses, math.log(C - 1)),
-    })
-    return matcher, metrics
+    def on_step(self, step: int, loss: torch.Tensor) -> None:
+        self.step_losses[step] = loss.item()
+
+    def evaluate(self) -> dict:
+        sets, pos, mask = self.padded_sets
+        return {"test": evaluate(self.matcher, self.test, self.test_sets, self.test_pos),
+                "test_padded": evaluate(self.matcher, self.test, sets, pos, mask=mask)}
+
+    def record_extra(self, step: int) -> dict:
+        return {"epoch": step / self.steps_per_epoch}
+
+    def options(self) -> dict:
+        return {"config": self.config.to_dict(), "epochs": self.run.epochs, "batch_size": self.run.batch_size,
+                "lr": self.run.lr, "seed": self.run.seed, "hard_negatives": self.run.hard_negatives,
+                "budget_minutes": self.run.budget_minutes}
+
+    def final_metrics(self) -> dict:
+        """metrics.json: the baselines, the last evaluation and a train-subset evaluation."""
+        if "test" not in self.metrics:
+            self.matcher.eval()
+            final = self.evaluate()
+            losses = [self.step_losses[s] for s in sorted(self.step_losses)]
+            first = min(self.step_losses, default=1)
+            leave = steps_to_leave_chance(losses, math.log(self.config.context - 1))
+            self.metrics.update({
+                **final,
+                "train": evaluate(self.matcher, self.train_eval, self.train_sets, self.train_pos),
+                "steps": max(self.step_losses, default=0),
+                "steps_to_leave_chance": None if leave is None else leave + first - 1,
+            })
+        return self.metrics
+
+    def finish(self) -> None:
+        self.final_metrics()
+
+    def save(self, directory: Path) -> None:
+        self.matcher.save_pretrained(directory)
+        if "test" in self.metrics:
+            io.write_json(Path(directory) / "metrics.json", self.metrics)
+
+    def load(self, directory: Path) -> None:
+        io.load_weights(self.matcher, directory)
 
 
-def check_out_dir(out_dir: Path) -> None:
-    """An output folder must be new, empty, or hold an earlier matcher (which gets replaced)."""
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise MixretError(f"{out_dir}: exists and is not a directory; expected a matcher output folder")
-    cfg = out_dir / io.CONFIG_NAME
-    if any(out_dir.iterdir()) and (not cfg.is_file() or io.read_json(cfg).get("kind") != "matcher"):
-        raise MixretError(f"{out_dir}: exists and does not hold a matcher; choose another output folder "
-                          "or remove it")
-
-
-def publish_dir(tmp_dir: Path, out_dir: Path) -> None:
-    """Move a finished output folder into place, replacing an earlier one, by renames."""
-    if not out_dir.exists():
-        os.replace(tmp_dir, out_dir)
-        return
-    old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".old"))
-    os.replace(out_dir, old / "previous")
-    os.replace(tmp_dir, out_dir)
-    shutil.rmtree(old)
-
-
-def warmup_cosine(total: int, warmup_frac: float = 0.05, floor: float = 0.1):
-    """LR multiplier: linear warmup over warmup_frac of the steps, then cosine decay to `floor`."""
-    warmup = max(1, int(warmup_frac * total))
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        t = (step - warmup) / max(1, total - warmup)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-    return f
+def _embeddings_hash(*pair_sets: PairSet) -> str:
+    import hashlib
+    h = hashlib.blake2b(digest_size=16)
+    for p in pair_sets:
+        for t in (p.queries, p.targets, p.true_index):
+            h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def steps_to_leave_chance(losses: list[float], chance: float, window: int = 10, margin: float = 0.9) -> int | None:
@@ -651,17 +706,21 @@ def steps_to_leave_chance(losses: list[float], chance: float, window: int = 10, 
 
 
 def format_summary(metrics: dict) -> str:
-    """A short table of test (and train) scores against chance and the cosine baselines."""
+    """A short table of in-set test (and train) scores against chance and the cosine baselines."""
     rows = [
         ("matcher, test", metrics["test"]),
+        ("matcher, test, padded", metrics["test_padded"]),
         ("matcher, train subset", metrics["train"]),
         ("untrained matcher, test", metrics["untrained_test"]),
         ("cosine, test", metrics["test_cosine"]),
         ("centred cosine, test", metrics["test_centered_cosine"]),
         ("chance", {"ce": metrics["chance_ce"], "top1": metrics["chance_top1"]}),
+        ("chance, padded", {"top1": metrics["chance_top1_padded"]}),
     ]
     lines = [f"{metrics['n_test']} test queries, {metrics['n_candidates']} candidates each "
-             f"(context {metrics['context']})", f"{'':<26}{'CE':>8}{'top-1':>8}{'MRR':>8}"]
+             f"(context {metrics['context']}); padded: {metrics['padded_sets']}",
+             f"{IN_SET_NOTE}.",
+             f"{'':<26}{'CE':>8}{'top-1':>8}{'MRR':>8}"]
     for name, m in rows:
         cells = [f"{m[k]:8.3f}" if k in m else f"{'-':>8}" for k in ("ce", "top1", "mrr")]
         lines.append(f"{name:<26}" + "".join(cells))

@@ -382,3 +382,28 @@ def test_torchrun_shards_match_single_process(model_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl", "multi", "single"]
     assert sorted(p.name for p in (tmp_path / "multi").iterdir()) == ["embeddings.safetensors", "ids.jsonl",
                                                                       "meta.json"]
+
+
+def test_torchrun_a_failing_rank_fails_every_rank_with_its_message(model_dir, tmp_path):
+    """Rank 1 fails while embedding: rank 0 must not wait for it at a barrier but fail with its message."""
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": f"d{i}", "text": f"text {i}"} for i in range(6)])
+    script = tmp_path / "fail_on_rank1.py"
+    script.write_text(
+        "import os, sys\n"
+        "from mixret import cli, embed\n"
+        "from mixret.errors import MixretError\n"
+        "real = embed.encode_texts\n"
+        "def encode_texts(*args, **kwargs):\n"
+        "    if os.environ['RANK'] == '1':\n"
+        "        raise MixretError('the GPU of rank 1 caught fire')\n"
+        "    return real(*args, **kwargs)\n"
+        "embed.encode_texts = encode_texts\n"
+        "cli.main(sys.argv[1:])\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(mixret.__file__).parent.parent), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           "embed", str(corpus), "--model", str(model_dir), "--out", str(tmp_path / "multi")]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    output = res.stdout + res.stderr
+    assert output.count("Error: rank 1: the GPU of rank 1 caught fire") == 2, output  # both ranks say it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl", "fail_on_rank1.py"]  # nothing left behind

@@ -8,8 +8,8 @@ import torch
 
 from mixret.errors import MixretError
 from mixret.matcher import (
-    Matcher, MatcherConfig, as_pair_set, build_eval_sets, dedupe_queries, evaluate, hard_negative_pool,
-    sample_candidates, score_candidates, train_matcher,
+    Matcher, MatcherConfig, as_pair_set, build_eval_sets, dedupe_queries, evaluate, hard_negative_pool, pad_sets,
+    sample_candidates, score_candidates, set_metrics, train_matcher,
 )
 
 E = 32
@@ -60,6 +60,41 @@ def test_metrics_files_written(trained):
     assert [e["epoch"] for e in lines] == [1, 2, 3]
     assert lines[-1]["test"] == m["test"]
     assert json.loads((out / "metrics.json").read_text())["test"] == m["test"]
+
+
+def test_ties_count_against_the_target():
+    """Constant scores rank the target last (top-1 0, MRR 1/N), never first; padding (-inf) never ties."""
+    m = set_metrics(torch.zeros(6, 7), torch.arange(6), with_ce=True)
+    assert m["top1"] == 0.0 and m["mrr"] == pytest.approx(1 / 7) and m["ce"] == pytest.approx(math.log(7))
+    assert set_metrics(torch.tensor([[1.0, 1.0, 0.0]]), torch.tensor([0]), False) == {"top1": 0.0, "mrr": 0.5}
+    inf = float("-inf")
+    assert set_metrics(torch.tensor([[2.0, inf, inf]]), torch.tensor([0]), False) == {"top1": 1.0, "mrr": 1.0}
+
+
+def test_training_sets_are_partly_padded_like_a_tournament_pass():
+    g = torch.Generator().manual_seed(0)
+    true = torch.randint(0, 500, (4000,), generator=g)
+    sets, pos = sample_candidates(true, 500, CONTEXT - 1, g)
+    padded, new_pos, mask = pad_sets(sets, pos, g)
+    real = mask.sum(1)
+    assert torch.equal(padded[torch.arange(4000), new_pos], true)    # the target stays, among the real slots
+    assert (new_pos < real).all() and (mask == (torch.arange(CONTEXT - 1) < real[:, None])).all()
+    assert 0.4 < (real < CONTEXT - 1).float().mean() < 0.6 and real.min() == 2
+    assert torch.equal(padded.sort(1).values, sets.sort(1).values)   # the same candidates, some slots swapped
+    three = pad_sets(sets, pos, g, n_real=3)[2]
+    assert (three.sum(1) == 3).all()
+
+
+def test_keeps_its_accuracy_on_sets_with_three_real_candidates(trained):
+    matcher, m, out, (q, t) = trained
+    test = as_pair_set(q[:200], t[:200], "test", CONTEXT)
+    sets, pos = build_eval_sets(len(test.targets), CONTEXT, 0, test.true_index)
+    sets, pos, mask = pad_sets(sets, pos, torch.Generator().manual_seed(1), n_real=3)
+    three = evaluate(matcher, test, sets, pos, mask=mask)
+    assert three["top1"] >= m["test"]["top1"] - 0.02 and three["top1"] >= 0.95
+    saved = json.loads((out / "metrics.json").read_text())  # full and partly padded sets side by side
+    assert saved["test_padded"]["top1"] >= 0.95 and saved["test"] == m["test"]
+    assert "not retrieval over a corpus" in saved["note"] and 1 / 31 < saved["chance_top1_padded"] < 0.5
 
 
 def test_evaluation_is_deterministic(trained):
@@ -276,6 +311,8 @@ def test_cli_train_matcher(tiny_lm, tmp_path):
     res = CliRunner().invoke(main, args + ["--model", str(tiny_lm / "lm")])
     assert res.exit_code == 0, res.output
     assert "matcher, test" in res.output and "chance" in res.output and "cosine, test" in res.output
+    assert "in-set scores" in res.output and "not retrieval over a corpus" in res.output
+    assert "matcher, test, padded" in res.output
     m = Matcher.from_pretrained(out)
     assert m.config.emb_dim == 32 and m.config.context == 8 and m.config.embedder
     assert json.loads((out / "metrics.json").read_text())["n_candidates"] == 7

@@ -9,7 +9,8 @@ import mixret
 from mixret.cli import main
 from mixret.errors import MixretError
 from mixret.models import VARIANTS, ModelConfig, build_model, load
-from mixret.models.hypermixer import hypermix, hypermix_naive, hypermix_recurrent
+from mixret.models.hypermixer import hypermix
+from reference import hypermix_naive, hypermix_recurrent
 from mixret.tokenizer import ByteTokenizer
 
 from zoo import CONFIGS, TINY, make

@@ -14,13 +14,14 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import mixret
-from mixret import train, train_data
+from mixret import loop, train, train_data
 from mixret.checkpoint import latest_checkpoint, list_checkpoints, optimizer_from_flat, optimizer_to_flat
 from mixret.cli import main
 from mixret.data import bundled_pairs_path, load_texts
 from mixret.errors import MixretError
 from mixret.tokenizer import ByteTokenizer
-from mixret.train import NextTokenLoss, TrainConfig, lr_factor, pretrain, resolve_options
+from mixret.loop import LoopConfig, lr_factor
+from mixret.train import NextTokenLoss, TrainConfig, pretrain, resolve_options
 from mixret.train_data import Stream, document_sequences, micro_batches, packed_sequences
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -390,7 +391,7 @@ def test_lr_schedule():
     assert lr_factor(0, 10, 100) == pytest.approx(1 / 11)
     assert lr_factor(10, 10, 100) == pytest.approx(1.0)
     assert lr_factor(55, 10, 100) == pytest.approx(0.55)
-    assert lr_factor(100, 10, 100) == pytest.approx(train.MIN_LR_RATIO)
+    assert lr_factor(100, 10, 100) == pytest.approx(LoopConfig.min_lr_ratio)
 
 
 def test_optimizer_state_round_trips_without_pickle():
@@ -406,11 +407,28 @@ def test_optimizer_state_round_trips_without_pickle():
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_weight_decay_on_matrices_only():
-    model = mixret.build_model(mixret.ModelConfig(vocab_size=50, d_model=8, n_layers=1, context=8))
-    opt = train.make_optimizer(model, TrainConfig(), torch.device("cpu"))
-    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
-    assert decayed and all((id(p) in decayed) == (p.dim() >= 2) for p in model.parameters())
+@pytest.mark.parametrize("opts", [{}, {"mixer_heads": 2, "tie_embeddings": True}, {"arch": "llama"},
+                                  {"arch": "hypermixer"}], ids=["flat", "heads-tied", "llama", "hypermixer"])
+def test_weight_decay_by_role(opts):
+    """Weights of Linear layers and mixing matrices decay; biases (the mixing bias, 2-D, included), norms and
+    embeddings (a tied LM head, which is the embedding, included) do not."""
+    model = mixret.build_model(mixret.ModelConfig(**{"vocab_size": 50, "d_model": 8, "n_layers": 1, "context": 8,
+                                                     **opts}))
+    opt = loop.make_optimizer(model, LoopConfig(weight_decay=0.1), torch.device("cpu"))
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    decayed = {by_id[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decayed == loop.decay_parameter_names(model)
+    for name, p in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        is_embedding = name.startswith("wte.") or ".pos." in name
+        expected = leaf == "weight" and p.dim() == 2 and not is_embedding and ".ln" not in name \
+            and not name.startswith("norm.") or name.endswith("mats.weight")
+        assert (name in decayed) == expected, name
+    if opts.get("arch", "masked-mixer") == "masked-mixer":
+        assert "blocks.0.mix.mats.weight" in decayed and "blocks.0.mix.mats.bias" not in decayed
+        assert model.blocks[0].mix.mats.bias.dim() == 2  # 2-D, yet a bias: no decay
+    assert "wte.weight" not in decayed and all(n.startswith("blocks.") or n == "lm_head.weight" for n in decayed)
+    assert ("lm_head.weight" in decayed) == (not opts.get("tie_embeddings", False))
 
 
 def test_sample_hook_is_called_at_each_evaluation(tmp_path, monkeypatch):

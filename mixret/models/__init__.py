@@ -32,14 +32,8 @@ def build_model(cfg: ModelConfig) -> CausalLM:
 def load(directory: str | os.PathLike) -> CausalLM:
     """Load a model saved with `save_pretrained`: config.json + model.safetensors (+ tokenizer.json)."""
     directory = Path(directory)
-    if not directory.is_dir():
-        raise MixretError(f"{directory}: model directory not found")
+    raw = io.read_config(directory, "clm", "language model", "model")
     cfg_path = directory / io.CONFIG_NAME
-    raw = io.read_json(cfg_path, "model config")
-    kind = raw.pop("kind", None)
-    raw.pop("mixret_version", None)
-    if kind != "clm":
-        raise MixretError(f"{cfg_path}: not a mixret language model (kind={kind!r}, expected 'clm')")
     model = build_model(ModelConfig.from_dict(raw, source=str(cfg_path)))
     io.load_weights(model, directory)
     tok_path = directory / io.TOKENIZER_NAME

@@ -151,9 +151,7 @@ class CausalLM(nn.Module):
                 raise MixretError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size "
                                   f"is {self.config.vocab_size}")
             tokenizer.save(directory / io.TOKENIZER_NAME)
-        from mixret import __version__
-        io.write_json(directory / io.CONFIG_NAME,
-                      {"kind": "clm", "mixret_version": __version__, **self.config.to_dict()})
+        io.write_config(directory, "clm", self.config.to_dict())
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "CausalLM":

@@ -1,8 +1,13 @@
-"""ModelConfig: the one description of a causal LM that every part of mixret uses."""
+"""ModelConfig: the one description of a causal LM that every part of mixret uses.
+
+Each field is declared once, here, with its help text: `model_options()` derives from the fields the
+option names that `mixret pretrain` (its flags, its config file and its train_config.json) accepts.
+"""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, field
 
 from mixret.errors import MixretError
 
@@ -11,60 +16,65 @@ MIXING_INITS = ("random", "mean")
 POOLINGS = ("last", "mean", "eos")
 
 
+def _option(default, help: str, name: str | None = None, arch: str | None = None, choices: tuple | None = None):
+    """A ModelConfig field with its help text; `name` is the option's name when it differs from the field's
+    (--layers for n_layers); `arch` the only arch it applies to; `choices` its allowed values."""
+    return field(default=default, metadata={"help": help, "option": name, "arch": arch, "choices": choices})
+
+
 @dataclass
 class ModelConfig:
-    arch: str = "masked-mixer"
-    vocab_size: int = 4096
-    d_model: int = 256
-    n_layers: int = 8
-    context: int = 512          # maximum input length
-    ff_mult: int = 4            # feed-forward expansion: Linear(d, ff_mult*d) GELU Linear(ff_mult*d, d)
-    dropout: float = 0.0
-    drop_path: float = 0.0      # stochastic depth, linearly increasing to this rate at the last layer
-    tie_embeddings: bool = False
-    mixing_init: str = "random"  # "mean": every token mixing starts as the running mean of its prefix
-    pooling: str = "last"       # how `encode` embeds a text by default: "last", "mean" or "eos"
-    # masked-mixer
-    mixer_expand: bool = False  # two masked mixing matrices with GELU between
-    mixer_heads: int = 1        # >1: project to heads, one masked matrix per head, project back
-    mixer_kernel: int = 1       # >1: k masked matrices convolved along d_model
-    # hypermixer
-    hyper_dim: int = 64         # k': size of the generated token-mixing weights per head
-    hyper_heads: int = 1
-    hyper_tied: bool = False    # one hypernetwork generates both w1 and w2
-    hyper_chunk: int = 64       # positions per chunk of the prefix-sum computation
-    # llama
-    n_heads: int = 4
-    rope_theta: float = 10000.0
+    arch: str = _option("masked-mixer", "Architecture.", choices=ARCHS)
+    vocab_size: int = field(default=4096, metadata={"help": "Vocabulary size (set by the tokenizer).",
+                                                    "option": None, "derived": True})
+    d_model: int = _option(256, "Model width.")
+    n_layers: int = _option(8, "Number of blocks.", name="layers")
+    context: int = _option(512, "Longest sequence, in tokens; longer documents are truncated.")
+    ff_mult: int = _option(4, "Feed-forward expansion: Linear(d, ff_mult*d) GELU Linear(ff_mult*d, d).")
+    dropout: float = _option(0.0, "Dropout rate.")
+    drop_path: float = _option(0.0, "Stochastic depth rate at the last layer (0 at the first).")
+    tie_embeddings: bool = _option(False, "Share the input embedding and the LM head.")
+    mixing_init: str = _option("random", "Token-mixing init: random, or mean (every mixing starts as the running "
+                               "mean of its prefix, so the last position summarises the whole text).",
+                               choices=MIXING_INITS)
+    pooling: str = _option("last", "How `encode` embeds a text by default: last (content token), mean or eos.",
+                           choices=POOLINGS)
+    mixer_expand: bool = _option(False, "masked-mixer: two mixing matrices with GELU between.", arch="masked-mixer")
+    mixer_heads: int = _option(1, "masked-mixer: mixing heads (project, one matrix per head, project back).",
+                               arch="masked-mixer")
+    mixer_kernel: int = _option(1, "masked-mixer: mixing matrices convolved along d_model.", arch="masked-mixer")
+    hyper_dim: int = _option(64, "hypermixer: size of the generated token-mixing weights per head.",
+                             arch="hypermixer")
+    hyper_heads: int = _option(1, "hypermixer: heads.", arch="hypermixer")
+    hyper_tied: bool = _option(False, "hypermixer: one hypernetwork generates both mixing weights.",
+                               arch="hypermixer")
+    hyper_chunk: int = _option(64, "hypermixer: positions per chunk of the prefix-sum computation.",
+                               arch="hypermixer")
+    n_heads: int = _option(4, "llama: attention heads.", arch="llama")
+    rope_theta: float = _option(10000.0, "llama: RoPE base.", arch="llama")
 
     def __post_init__(self):
         self.validate()
 
     def validate(self) -> None:
-        if self.arch not in ARCHS:
-            raise MixretError(f"unknown arch {self.arch!r}; expected one of {', '.join(ARCHS)}")
-        if self.mixing_init not in MIXING_INITS:
-            raise MixretError(f"unknown mixing_init {self.mixing_init!r}; expected one of {', '.join(MIXING_INITS)}")
-        if self.pooling not in POOLINGS:
-            raise MixretError(f"unknown pooling {self.pooling!r}; expected one of {', '.join(POOLINGS)}")
-        for name in ("vocab_size", "d_model", "n_layers", "context", "ff_mult", "mixer_heads",
-                     "mixer_kernel", "hyper_dim", "hyper_heads", "hyper_chunk", "n_heads"):
-            if int(getattr(self, name)) < 1:
-                raise MixretError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        types = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            v, kind = getattr(self, f.name), types[f.name]
+            if kind is int and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise MixretError(f"{f.name} must be a positive integer, got {v!r}")
+            if kind is float and (not isinstance(v, (int, float)) or isinstance(v, bool)):
+                raise MixretError(f"{f.name} must be a number, got {v!r}")
+            if kind is bool and not isinstance(v, bool):
+                raise MixretError(f"{f.name} must be true or false, got {v!r}")
+            choices = f.metadata.get("choices")
+            if choices and v not in choices:
+                raise MixretError(f"unknown {f.name} {v!r}; expected one of {', '.join(choices)}")
         if not (0.0 <= self.dropout < 1.0 and 0.0 <= self.drop_path < 1.0):
             raise MixretError("dropout and drop_path must be in [0, 1)")
-        own = {
-            "masked-mixer": {"mixer_expand", "mixer_heads", "mixer_kernel"},
-            "hypermixer": {"hyper_dim", "hyper_heads", "hyper_tied", "hyper_chunk"},
-            "llama": {"n_heads", "rope_theta"},
-        }
-        for arch, names in own.items():
-            if arch == self.arch:
-                continue
-            for name in names:
-                default = _FIELD_DEFAULTS[name]
-                if getattr(self, name) != default:
-                    raise MixretError(f"option {name} applies to arch {arch!r}, not {self.arch!r}")
+        for f in dataclasses.fields(self):
+            arch = f.metadata.get("arch")
+            if arch is not None and arch != self.arch and getattr(self, f.name) != f.default:
+                raise MixretError(f"option {f.name} applies to arch {arch!r}, not {self.arch!r}")
         if self.arch == "masked-mixer" and self.d_model % self.mixer_heads:
             raise MixretError(f"d_model {self.d_model} is not divisible by mixer_heads {self.mixer_heads}")
         if self.arch == "masked-mixer" and self.mixer_heads > 1 and (self.mixer_expand or self.mixer_kernel > 1):
@@ -81,11 +91,11 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise MixretError(f"{source}: unknown model option(s) {unknown}")
-        return cls(**d)
+        from mixret import io
+        return io.options_from_dict(cls, d, source, "model")
 
 
-_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+def model_options(config_class: type = ModelConfig) -> dict[str, dataclasses.Field]:
+    """Option name -> ModelConfig field, for every field a user sets (not those derived, like vocab_size)."""
+    return {f.metadata.get("option") or f.name: f for f in dataclasses.fields(config_class)
+            if not f.metadata.get("derived")}

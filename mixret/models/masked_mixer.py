@@ -88,6 +88,7 @@ class MaskedMixing(nn.Module):
 
     `mix(x, i)` applies matrix i along the sequence axis: out[..., t, :] = sum_{s<=t} W_i[t, s] x[..., s, :] + b_i[t].
     """
+    decayed_parameters = ("weight",)  # the mixing matrices get weight decay, the biases do not
 
     def __init__(self, n: int, context: int):
         super().__init__()
