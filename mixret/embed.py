@@ -153,6 +153,17 @@ def pool(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: 
     return model.embed(input_ids, attention_mask).float()
 
 
+def pad_sequences(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token sequences -> right-padded ids [B, L] and 0/1 attention mask [B, L] (L: the longest)."""
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        ids[row, :len(s)] = torch.as_tensor(s)
+        mask[row, :len(s)] = 1
+    return ids, mask
+
+
 def embed_sequences(model, seqs: list[list[int]], batch_size: int, pooling: str, pad_id: int,
                     device: torch.device, bar=None) -> torch.Tensor:
     """[N] token sequences -> [N, D] float32 on the CPU, in input order.
@@ -163,12 +174,7 @@ def embed_sequences(model, seqs: list[list[int]], batch_size: int, pooling: str,
     out = torch.empty(len(seqs), model.config.d_model)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        L = len(seqs[idx[0]])
-        ids = torch.full((len(idx), L), pad_id, dtype=torch.long)   # [B, L]
-        mask = torch.zeros((len(idx), L), dtype=torch.long)        # [B, L]
-        for row, i in enumerate(idx):
-            ids[row, :len(seqs[i])] = torch.tensor(seqs[i])
-            mask[row, :len(seqs[i])] = 1
+        ids, mask = pad_sequences([seqs[i] for i in idx], pad_id)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out[idx] = pool(model, ids.to(device), mask.to(device), pooling).cpu()
         if bar is not None:

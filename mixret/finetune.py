@@ -1,49 +1,116 @@
 """Contrastive fine-tuning: a language model trained as a bi-encoder on (query, document) pairs.
 
+    from mixret.finetune import FinetuneConfig, finetune
+    out = finetune(FinetuneConfig(pairs="pairs.jsonl", init="runs/mm", out="runs/mm-ft", budget_minutes=5))
+
 Each step embeds a batch of B queries and their B documents with the same model (`mixret.embed.pool`, so the
 pooling is exactly the one `encode` uses later) and scores every query against every document of the batch:
-logits = q_i . d_j / temperature on L2-normalised embeddings. The loss is InfoNCE with in-batch negatives,
-cross-entropy of each query over the B documents (and, symmetric, of each document over the B queries).
-With BM25 hard negatives, each query also brings the training document that BM25 ranks highest for it
-without being its own, so the document side holds 2B texts.
+logits = q_i . d_j / temperature on L2-normalised embeddings. The loss is InfoNCE with in-batch negatives:
+cross-entropy of each query over the batch's documents and (symmetric) of each document over the queries.
+With BM25 hard negatives, each query also brings the training document BM25 ranks highest for it without
+being its own, so the document side holds 2B texts (a hard negative that is another query's gold is masked
+out for that query).
 
-Batches group texts of similar length (sorted by document length into chunks of 50 batches, shuffled within
-and across chunks); the order depends only on (seed, epoch), so a resumed run sees the same batches. Pairs
-whose query or document text repeats an earlier pair's are dropped first (they would be false negatives).
+`init` is a model folder (a pretrained or fine-tuned model and its tokenizer) or an architecture name: then a
+new model of the options' size starts from random init (`mixing_init` "mean" by default: its last position
+starts as the mean of the text, so last-token pooling learns from the first step), with a BPE tokenizer
+trained on the training pairs. The output is a model folder whose config records the pooling, so `embed`,
+`search` and `evaluate` use it without being told, plus fusion.json: the weight of `fusion` search, fitted on
+the validation slice.
 
-Validation: R@1 and MRR@10 of a held-out slice of the training pairs, each query against all the slice's
-documents. The same slice fits the weight of `fusion` search when training ends.
+Pairs: the held-out test split (by a hash of the id, as train-matcher and evaluate use) is never trained on;
+pairs repeating an earlier pair's query or document text are dropped (they would be false negatives); of the
+rest, `val_pairs` (chosen by a hash of the id) form the validation slice: R@1 and MRR@10 of each of its
+queries against all its documents at every evaluation, and the pairs the fusion weight is fitted on. Batches
+group texts of similar length; the batches of a step depend only on (seed, step), so a resumed run sees the
+batches an uninterrupted one saw.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mixret.embed import pool
+from mixret import io, loop
+from mixret.distributed import Distributed
+from mixret.embed import embed_sequences, pad_sequences, pool, token_sequences
 from mixret.errors import MixretError
+from mixret.fusion import FUSION_METHODS, FUSION_NAME, Fusion, fit_weight
+from mixret.loop import LoopConfig
+from mixret.models import ARCHS, ModelConfig, build_model
 
-LENGTH_CHUNK = 50        # batches per length-sorted chunk
+LENGTH_CHUNK = 50         # batches per length-sorted chunk
+HARD_NEGATIVES = ("none", "bm25")
+FINETUNE_MODEL = {"d_model": 256, "n_layers": 4, "context": 256, "mixing_init": "mean"}
+FINETUNE_LOOP = {"lr": 1e-3, "weight_decay": 0.01, "eval_every": 100, "log_every": 10, "checkpoint_every": 200}
 
 
 @dataclass
-class PairTokens:
-    """Model inputs of the pairs: [bos] + text tokens, at most max_length each."""
-    queries: list[list[int]]
-    documents: list[list[int]]
-    truncated: int
+class FinetuneConfig:
+    pairs: str | None = None              # pairs file (any format load_pairs reads); None: the bundled corpus
+    query_field: str = "summary"
+    target_field: str = "document"
+    test_fraction: float = 0.1            # pairs held out (by a hash of the id) and never trained on
+    val_pairs: int = 500                  # training pairs kept for validation and for fitting the fusion weight
+    init: str = "masked-mixer"            # a model folder, or an architecture to start from random init
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(**FINETUNE_MODEL))  # random init; pooling always
+    tokenizer: str = "bpe"                # random init: "bpe" (trained on the training pairs), "bytes" or a path
+    vocab_size: int = 4096
+    max_length: int | None = None         # tokens per text, [bos] included (default: the model's context)
+    batch_size: int = 32                  # pairs per micro-batch: each query's in-batch negatives
+    temperature: float = 0.05
+    learn_temperature: bool = False
+    symmetric: bool = True
+    hard_negatives: str = "none"          # "bm25": one mined hard negative document per query
+    fusion_method: str = "convex"
+    seed: int = 0
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=None, **FINETUNE_LOOP))
+    out: str | None = None                # default: runs/<init name>-ft
+    resume: bool = False
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        if not 0.0 <= self.test_fraction < 1.0:
+            raise MixretError(f"test_fraction must be in [0, 1), got {self.test_fraction!r}")
+        for name, lo in (("val_pairs", 2), ("batch_size", 2), ("vocab_size", 259)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise MixretError(f"{name} must be an integer >= {lo}, got {v!r}")
+        if self.max_length is not None and self.max_length < 2:
+            raise MixretError(f"max_length must be at least 2 ([bos] and one token), got {self.max_length}")
+        if not self.temperature > 0:
+            raise MixretError(f"temperature must be positive, got {self.temperature!r}")
+        if self.hard_negatives not in HARD_NEGATIVES:
+            raise MixretError(f"unknown hard_negatives {self.hard_negatives!r}; expected one of "
+                              f"{', '.join(HARD_NEGATIVES)}")
+        if self.fusion_method not in FUSION_METHODS:
+            raise MixretError(f"unknown fusion method {self.fusion_method!r}; expected one of "
+                              f"{', '.join(FUSION_METHODS)}")
+        if self.loop.steps is None and self.loop.budget_minutes is None:
+            raise MixretError("give the schedule's length: steps or budget_minutes")
+        self.model.validate()
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["model"], d["loop"] = self.model.to_dict(), dataclasses.asdict(self.loop)
+        return d
 
 
-def tokenize_pairs(tokenizer, pairs, max_length: int) -> PairTokens:
-    from mixret.embed import token_sequences
-    q, tq = token_sequences(tokenizer, [p.query for p in pairs], max_length, "last")
-    d, td = token_sequences(tokenizer, [p.target for p in pairs], max_length, "last")
-    return PairTokens(q, d, tq + td)
+# Options a resumed run must keep (the rest may change between invocations).
+RUN_IDENTITY = ("pairs", "query_field", "target_field", "test_fraction", "val_pairs", "init", "model", "tokenizer",
+                "vocab_size", "max_length", "batch_size", "temperature", "learn_temperature", "symmetric",
+                "hard_negatives", "seed")
 
+
+# --- data ---------------------------------------------------------------------------------------
 
 def distinct_pairs(pairs) -> tuple[list, int]:
     """Pairs whose query and document texts both occur for the first time -> (kept, dropped count)."""
@@ -57,46 +124,47 @@ def distinct_pairs(pairs) -> tuple[list, int]:
     return kept, len(pairs) - len(kept)
 
 
+def validation_slice(pairs, n: int) -> tuple[list, list]:
+    """(train, validation): the n pairs with the smallest hash of "val:" + id are the validation slice; the
+    choice depends on the ids alone (not on order), each side keeps input order."""
+    if len(pairs) < n + 2:
+        raise MixretError(f"{len(pairs)} training pairs leave too few to train on after a validation slice of "
+                          f"{n}; expected more pairs or a smaller val_pairs")
+    keys = [hashlib.blake2b(f"val:{p.id}".encode(), digest_size=8).digest() for p in pairs]
+    chosen = set(sorted(range(len(pairs)), key=keys.__getitem__)[:n])
+    return ([p for i, p in enumerate(pairs) if i not in chosen], [p for i, p in enumerate(pairs) if i in chosen])
+
+
 def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int) -> np.ndarray:
-    """One epoch's batches [n_batches, batch_size] of pair indices (the remainder is dropped), grouped by length."""
+    """One epoch's batches [n_batches, batch_size] of pair indices (the remainder is dropped), grouped by length:
+    a seeded permutation, sorted by length within chunks of LENGTH_CHUNK batches, the batches then shuffled."""
     n = len(lengths) // batch_size * batch_size
     if n == 0:
         raise MixretError(f"{len(lengths)} training pairs cannot fill one batch of {batch_size}")
     rng = np.random.default_rng([seed, epoch])
     perm = rng.permutation(len(lengths))[:n]
     chunk = batch_size * LENGTH_CHUNK
-    for s in range(0, n, chunk):                                     # sort each chunk by length
+    for s in range(0, n, chunk):
         part = perm[s:s + chunk]
         perm[s:s + chunk] = part[np.argsort(lengths[part], kind="stable")]
     batches = perm.reshape(-1, batch_size)
     return batches[rng.permutation(len(batches))]
 
 
-class PairStream:
-    """The batch of every step: step s is batch s % n of epoch s // n; a pure function of (seed, step)."""
-
-    def __init__(self, lengths: np.ndarray, batch_size: int, seed: int):
-        self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
-        self.per_epoch = len(lengths) // batch_size
-        self._epoch, self._batches = None, None
-
-    def __call__(self, step: int) -> np.ndarray:
-        epoch, i = divmod(step, self.per_epoch)
-        if epoch != self._epoch:
-            self._epoch, self._batches = epoch, epoch_batches(self.lengths, self.batch_size, self.seed, epoch)
-        return self._batches[i]
+def bm25_hard_negatives(documents: list[str], queries: list[str], depth: int = 10) -> np.ndarray:
+    """For each query i, the document BM25 ranks highest among those that are not document i -> [N] indices
+    (a random other document when BM25 finds none)."""
+    from mixret.search import BM25Index
+    _, top = BM25Index(documents).search(queries, min(depth, len(documents)))
+    rng = np.random.default_rng(0)
+    out = np.empty(len(queries), dtype=np.int64)
+    for i, row in enumerate(top):
+        others = row[row != i]
+        out[i] = others[0] if len(others) else (i + 1 + rng.integers(len(documents) - 1)) % len(documents)
+    return out
 
 
-def pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists -> right-padded ids [B, L] and 0/1 mask [B, L]."""
-    L = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), L), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-    return ids, mask
-
+# --- the objective ------------------------------------------------------------------------------
 
 class BiEncoder(nn.Module):
     """A language model as a bi-encoder, with the InfoNCE loss and its temperature (fixed or learned)."""
@@ -104,8 +172,6 @@ class BiEncoder(nn.Module):
     def __init__(self, lm: nn.Module, pooling: str, temperature: float, learn_temperature: bool,
                  symmetric: bool = True):
         super().__init__()
-        if not temperature > 0:
-            raise MixretError(f"the temperature must be positive, got {temperature}")
         self.lm, self.pooling, self.symmetric = lm, pooling, symmetric
         self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)), requires_grad=learn_temperature)
 
@@ -116,35 +182,232 @@ class BiEncoder(nn.Module):
     def embed(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # [B, L] -> [B, D], unit norm
         return F.normalize(pool(self.lm, ids, mask, self.pooling), dim=-1)
 
-    def forward(self, q_ids, q_mask, d_ids, d_mask) -> torch.Tensor:
-        """Queries [B, Lq] against documents [B + H, Ld] (row i the gold of query i, H hard negatives after)."""
-        q, d = self.embed(q_ids, q_mask), self.embed(d_ids, d_mask)     # [B, D], [B + H, D]
-        logits = self.log_scale.clamp(max=math.log(100.0)).exp() * q @ d.T   # [B, B + H]
+    def forward(self, batch) -> tuple[torch.Tensor, int]:
+        """batch = (query ids, query mask [B, Lq], document ids, document mask [B + H, Ld], excluded [B, B + H])
+        where document i is query i's gold, the H after them hard negatives, and excluded marks documents that
+        are not negatives of a query -> (summed loss over the B queries, B)."""
+        q_ids, q_mask, d_ids, d_mask, excluded = batch
+        q, d = self.embed(q_ids, q_mask), self.embed(d_ids, d_mask)           # [B, D], [B + H, D]
+        logits = self.log_scale.clamp(max=math.log(100.0)).exp() * q @ d.T     # [B, B + H]
+        logits = logits.masked_fill(excluded, float("-inf"))
         gold = torch.arange(len(q), device=q.device)
-        loss = F.cross_entropy(logits, gold)
+        loss = F.cross_entropy(logits, gold, reduction="sum")
         if self.symmetric:
-            loss = (loss + F.cross_entropy(logits[:, :len(q)].T, gold)) / 2
-        return loss
-
-
-def bm25_hard_negatives(documents: list[str], queries: list[str], depth: int = 10) -> np.ndarray:
-    """For each query i, the document BM25 ranks highest among those that are not document i -> [N] indices."""
-    from mixret.search import BM25Index
-    index = BM25Index(documents)
-    _, top = index.search(queries, min(depth, len(documents)))
-    out = np.empty(len(queries), dtype=np.int64)
-    rng = np.random.default_rng(0)
-    for i, row in enumerate(top):
-        others = row[row != i]
-        out[i] = others[0] if len(others) else rng.choice(np.delete(np.arange(len(documents)), i))
-    return out
+            loss = (loss + F.cross_entropy(logits[:, :len(q)].T, gold, reduction="sum")) / 2
+        return loss, len(q)
 
 
 @torch.no_grad()
 def rank_metrics(q: torch.Tensor, d: torch.Tensor) -> dict:
     """Query i's gold is document i; unit-norm q [N, D], d [N, D] -> R@1 and MRR@10 by cosine (ties lose)."""
     scores = q @ d.T
-    gold = scores.diagonal().unsqueeze(1)
-    rank = (scores >= gold).sum(1).float()          # pessimistic: every document scoring as high ranks first
-    return {"val_r1": float((rank == 1).float().mean()),
-            "val_mrr10": float(torch.where(rank <= 10, 1.0 / rank, torch.zeros_like(rank)).mean())}
+    rank = (scores >= scores.diagonal().unsqueeze(1)).sum(1).float()   # pessimistic: ties rank first
+    return {"val_r1": round(float((rank == 1).float().mean()), 5),
+            "val_mrr10": round(float(torch.where(rank <= 10, 1.0 / rank, torch.zeros_like(rank)).mean()), 5)}
+
+
+# --- the task -----------------------------------------------------------------------------------
+
+def finetune(cfg: FinetuneConfig) -> Path:
+    """Fine-tune as `cfg` says -> the output folder (mixret.load reads it), or the checkpoint written when
+    `loop.stop_after` ended the run early. Raises MixretError for bad options or input (before anything is
+    written) and mixret.loop.Interrupted after SIGINT/SIGTERM (with a checkpoint)."""
+    cfg.validate()
+    with Distributed.from_env() as dist:
+        task = FinetuneTask(cfg, dist)
+        out = loop.train(task, cfg.loop, dist, task.out, task.mode, seed=cfg.seed)
+        if out == task.out:
+            final = {k: v for k, v in task.last_metrics.items() if k.startswith("val_")}
+            task.say(f"done: {cfg.loop.steps} steps; validation " + ", ".join(f"{k[4:]} {v:.3f}" for k, v in
+                                                                               final.items())
+                     + f"; fusion weight {task.fusion.weight:.2f} ({task.fusion.method})")
+        return out
+
+
+class FinetuneTask:
+    """What fine-tuning gives the loop: pairs, tokenizer and model, batches by step, the InfoNCE loss, and
+    validation R@1 / MRR@10 (with the fusion weight fitted at each evaluation)."""
+    name = "finetune"
+    unit = "queries"
+    metric_keys = ("val_r1", "val_mrr10", "val_fusion_r1", "fusion_weight")
+    files = (io.CONFIG_NAME, io.WEIGHTS_NAME, io.TOKENIZER_NAME, FUSION_NAME)
+
+    def __init__(self, cfg: FinetuneConfig, dist: Distributed):
+        self.cfg, self.dist = cfg, dist
+        start = Path(cfg.init)
+        self.from_folder = cfg.init not in ARCHS
+        if self.from_folder and not (start / io.CONFIG_NAME).is_file():
+            raise MixretError(f"{start}: not a model folder (no {io.CONFIG_NAME}), nor an architecture; expected "
+                              f"a folder from `mixret pretrain`/`mixret finetune` or one of {', '.join(ARCHS)}")
+        if cfg.out is None:
+            cfg.out = f"runs/{start.resolve().name if self.from_folder else cfg.init}-ft"
+        self.out = Path(cfg.out)
+        if self.from_folder and self.out.resolve() == start.resolve():
+            raise MixretError(f"{self.out}: the output folder is the model being fine-tuned; choose another --out")
+        options = cfg.to_dict()
+        self.mode = dist.broadcast_text(dist.on_main(lambda: loop.inspect_run_dir(
+            self.out, options, RUN_IDENTITY, cfg.resume, cfg.overwrite, self.files, "mixret finetune",
+            replaces="clm")) or "")
+        if cfg.resume and self.mode == "fresh":
+            self.say(f"{self.out}: no run to resume there; starting a new one")
+        self.load_pairs()
+        self.build_model()
+        max_length = min(cfg.max_length or self.lm.config.context, self.lm.config.context)
+        self.max_length = max_length
+        pooling = self.lm.config.pooling
+        tokenize = lambda texts: token_sequences(self.tokenizer, texts, max_length, pooling)  # noqa: E731
+        (self.q_seqs, tq), (self.d_seqs, td) = tokenize([p.query for p in self.train]), \
+            tokenize([p.target for p in self.train])
+        (self.val_q, _), (self.val_d, _) = tokenize([p.query for p in self.val]), tokenize([p.target for p in self.val])
+        self.truncated = tq + td
+        self.doc_lengths = np.array([len(s) for s in self.d_seqs])
+        self.per_epoch = len(self.train) // (cfg.batch_size * cfg.loop.grad_accum * dist.world_size)
+        if self.per_epoch == 0:
+            raise MixretError(f"{len(self.train)} training pairs cannot fill one step of "
+                              f"{cfg.batch_size * cfg.loop.grad_accum * dist.world_size} pairs; expected more pairs "
+                              f"or a smaller batch_size")
+        self.hard = None
+        if cfg.hard_negatives == "bm25":
+            self.say("mining BM25 hard negatives among the training documents")
+            self.hard = bm25_hard_negatives([p.target for p in self.train], [p.query for p in self.train])
+        self.objective = BiEncoder(self.lm, pooling, cfg.temperature, cfg.learn_temperature, cfg.symmetric)
+        self.objective.to(dist.device)
+        self.fusion = Fusion(method=cfg.fusion_method)
+        self.last_metrics: dict = {}
+        self.describe()
+
+    def say(self, message: str) -> None:
+        loop.say(self.dist, message)
+
+    def load_pairs(self) -> None:
+        from mixret.data import bundled_pairs_path, load_pairs, split_pairs
+        cfg = self.cfg
+        path = Path(cfg.pairs) if cfg.pairs is not None else bundled_pairs_path()
+        pairs = load_pairs(path, cfg.query_field, cfg.target_field)
+        self.pairs_hash = io.file_hash(path)
+        train, test = split_pairs(pairs, cfg.test_fraction)
+        self.n_test = len(test)
+        train, self.n_dropped = distinct_pairs(train)
+        self.train, self.val = validation_slice(train, cfg.val_pairs)
+        h = hashlib.blake2b(digest_size=16)
+        for p in self.train + self.val:
+            h.update(f"{p.id}\0{p.query}\0{p.target}\0".encode())
+        self.fingerprint = h.hexdigest()
+        self.source = str(path)
+
+    def build_model(self) -> None:
+        from mixret.models import load
+        from mixret.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer
+        cfg = self.cfg
+        if self.from_folder:
+            lm = load(cfg.init)
+            if lm.tokenizer is None:
+                raise MixretError(f"{cfg.init}: the model folder has no {io.TOKENIZER_NAME}")
+            lm.config = dataclasses.replace(lm.config, pooling=cfg.model.pooling)
+            self.tokenizer = lm.tokenizer
+        else:
+            saved = self.out / io.TOKENIZER_NAME
+            if self.mode == "resume" and saved.is_file():
+                self.tokenizer = load_tokenizer(saved)
+            elif cfg.tokenizer == "bytes":
+                self.tokenizer = ByteTokenizer()
+            elif cfg.tokenizer != "bpe":
+                self.tokenizer = load_tokenizer(cfg.tokenizer)
+            else:
+                self.say(f"training a BPE tokenizer ({cfg.vocab_size:,} tokens) on the training pairs")
+                texts = [t for p in self.train + self.val for t in (p.query, p.target)]
+                self.tokenizer = BPETokenizer.train(texts, vocab_size=cfg.vocab_size)
+            torch.manual_seed(cfg.seed)
+            lm = build_model(dataclasses.replace(cfg.model, arch=cfg.init, vocab_size=self.tokenizer.vocab_size))
+            lm.tokenizer = self.tokenizer
+        self.lm = lm.to(self.dist.device)
+        self.lm.train()
+
+    # -- what the loop asks for ----------------------------------------------------------------------
+    def batches(self, start: int, dist: Distributed, grad_accum: int) -> Iterator[list]:
+        """This rank's micro-batches of each step: step s takes the (s % per_epoch)-th group of
+        batch_size * grad_accum * world_size pairs of epoch s // per_epoch; micro-batch k of rank r is its
+        (k * world_size + r)-th slice of batch_size."""
+        B, pad = self.cfg.batch_size, self.tokenizer.pad_id
+        group = B * grad_accum * dist.world_size
+        epoch_cache: dict[int, np.ndarray] = {}
+        for step in range(start, 2**62):
+            epoch, i = divmod(step, self.per_epoch)
+            if epoch not in epoch_cache:
+                epoch_cache.clear()
+                epoch_cache[epoch] = epoch_batches(self.doc_lengths, B, self.cfg.seed, epoch).reshape(-1)
+            rows = epoch_cache[epoch][i * group:(i + 1) * group]
+            micro = []
+            for k in range(grad_accum):
+                part = rows[(k * dist.world_size + dist.rank) * B:][:B]
+                micro.append(self.micro_batch(part, pad, dist.device))
+            yield micro
+
+    def micro_batch(self, rows: np.ndarray, pad: int, device: torch.device) -> tuple:
+        q_ids, q_mask = pad_sequences([self.q_seqs[i] for i in rows], pad)
+        docs = list(rows) if self.hard is None else list(rows) + list(self.hard[rows])
+        d_ids, d_mask = pad_sequences([self.d_seqs[i] for i in docs], pad)
+        excluded = torch.zeros(len(rows), len(docs), dtype=torch.bool)
+        if self.hard is not None:                # another query's gold brought as a hard negative
+            excluded[:, len(rows):] = torch.from_numpy(self.hard[rows][None, :] == rows[:, None])
+        return tuple(t.to(device) for t in (q_ids, q_mask, d_ids, d_mask, excluded))
+
+    def evaluate(self) -> dict:
+        """Validation R@1 / MRR@10 (each validation query against all validation documents), then the fusion
+        weight fitted on the same pairs and the fused R@1 it reaches there."""
+        from mixret.search import Retriever
+        B, device, pad = 64, self.dist.device, self.tokenizer.pad_id
+        q = F.normalize(embed_sequences(self.lm, self.val_q, B, self.objective.pooling, pad, device), dim=-1)
+        d = F.normalize(embed_sequences(self.lm, self.val_d, B, self.objective.pooling, pad, device), dim=-1)
+        metrics = rank_metrics(q, d)
+        retriever = Retriever(d.numpy(), [p.target for p in self.val])
+        cands, dense, lexical = retriever.fusion_candidates(q.numpy(), [p.query for p in self.val], self.fusion.depth)
+        weight, record = fit_weight(dense, lexical, cands, np.arange(len(self.val)), self.fusion.method)
+        self.fusion = Fusion(weight=weight, method=self.fusion.method, depth=self.fusion.depth,
+                             fitted={"on": f"{len(self.val)} validation pairs of {self.source} (not test pairs)",
+                                     **record})
+        metrics.update(val_fusion_r1=record["r@1"][record["grid"].index(weight)], fusion_weight=weight)
+        if self.cfg.learn_temperature:
+            metrics["temperature"] = round(self.objective.temperature, 5)
+        self.last_metrics = metrics
+        return metrics
+
+    def options(self) -> dict:
+        return {k: v for k, v in self.cfg.to_dict().items() if k not in ("resume", "overwrite", "loop")} | {
+            "pairs_hash": self.pairs_hash, "budget_minutes": self.cfg.loop.budget_minutes, "lr": self.cfg.loop.lr}
+
+    def prepare(self, directory: Path) -> None:
+        self.tokenizer.save(directory / io.TOKENIZER_NAME)
+
+    def save(self, directory: Path) -> None:
+        self.lm.save_pretrained(directory, self.tokenizer)
+        io.write_json(Path(directory) / FUSION_NAME, self.fusion.to_dict())
+        if self.cfg.learn_temperature:
+            io.write_json(Path(directory) / "temperature.json", {"temperature": self.objective.temperature})
+
+    def load(self, directory: Path) -> None:
+        io.load_weights(self.lm, directory)
+        if (Path(directory) / FUSION_NAME).is_file():
+            self.fusion = Fusion.from_dict(io.read_json(Path(directory) / FUSION_NAME), str(directory))
+        if self.cfg.learn_temperature and (Path(directory) / "temperature.json").is_file():
+            t = io.read_json(Path(directory) / "temperature.json")["temperature"]
+            with torch.no_grad():
+                self.objective.log_scale.fill_(math.log(1.0 / t))
+
+    def describe(self) -> None:
+        cfg, lm = self.cfg, self.lm
+        start = f"from {cfg.init}" if self.from_folder else f"from random init (mixing_init {lm.config.mixing_init})"
+        length = (f"{cfg.loop.steps:,} steps" if cfg.loop.steps is not None
+                  else f"{cfg.loop.budget_minutes:g} minutes of steps")
+        hard = ", one BM25 hard negative each" if self.hard is not None else ""
+        self.say(
+            f"pairs: {self.source}: {len(self.train):,} for training, {len(self.val):,} for validation, "
+            f"{self.n_test:,} held out as the test split"
+            + (f"; {self.n_dropped:,} dropped (repeated query or document text)" if self.n_dropped else "") + "\n"
+            f"model: {lm.config.arch} {start}, {lm.num_params():,} parameters (d_model {lm.config.d_model}, "
+            f"{lm.config.n_layers} layers, context {lm.config.context}); pooling {lm.config.pooling}, "
+            f"max_length {self.max_length}"
+            + (f"; {self.truncated:,} texts truncated" if self.truncated else "") + "\n"
+            f"training: {length} of {cfg.batch_size} pairs{hard}, temperature {cfg.temperature:g}"
+            f"{' (learned)' if cfg.learn_temperature else ''}, lr {cfg.loop.lr:g}\n"
+            f"output: {self.out}")
