@@ -84,6 +84,23 @@ def _pretrain_opt(*names, **kw):
     return click.option(*names, default=None, **kw)
 
 
+def run_options(fn):
+    """The options of a run that every trainer shares (mixret.loop): its length as a time budget, stopping
+    early, resuming and replacing. None unless given, so saved or --config values are not overridden."""
+    for option in reversed([
+        click.option("--budget-minutes", type=float, default=None,
+                     help="Schedule length: as many steps as fit this many minutes on this machine, evaluations "
+                          "included (instead of --steps or --epochs; the resolved steps are saved with the run)."),
+        click.option("--stop-after", type=int, default=None,
+                     help="End this invocation after this many steps, with a checkpoint."),
+        click.option("--resume", is_flag=True, default=None,
+                     help="Continue the run in --out from its newest checkpoint."),
+        click.option("--overwrite", is_flag=True, default=None, help="Replace the run in --out."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
 def model_options_for(config_class, defaults=None):
     """Decorator adding one pretrain option per field of `config_class` (a ModelConfig) but vocab_size, which
     the tokenizer sets; help texts come from the fields and defaults from `defaults` (pretraining's model):
@@ -130,8 +147,6 @@ def _pretrain_model_options(fn):
 @_pretrain_model_options
 @_pretrain_opt("--steps", type=int, help="Optimizer steps of the whole schedule (not of this invocation).", show=800)
 @_pretrain_opt("--epochs", type=float, help="Schedule length in passes over the training split (instead of --steps).")
-@_pretrain_opt("--budget-minutes", type=float, help="Schedule length: as many steps as fit this many minutes on this "
-               "machine, evaluations included (timed on real steps; the resolved steps are saved with the run).")
 @_pretrain_opt("--batch-size", type=int, help="Sequences per micro-batch on each process.", show=16)
 @_pretrain_opt("--grad-accum", type=int, help="Micro-batches per optimizer step.", show=1)
 @_pretrain_opt("--lr", type=float, help="Peak learning rate (AdamW; cosine decay to a tenth of it).", show=4e-3)
@@ -147,9 +162,7 @@ def _pretrain_model_options(fn):
 @_pretrain_opt("--checkpoint-every", type=int, help="Steps between checkpoints.", show=500)
 @_pretrain_opt("--compile/--no-compile", help="Run the model through torch.compile.", show="no")
 @_pretrain_opt("--num-workers", type=int, help="Processes for tokenization.", show=0)
-@_pretrain_opt("--stop-after", type=int, help="End this invocation after this many steps, with a checkpoint.")
-@click.option("--resume", is_flag=True, default=None, help="Continue the run in --out from its newest checkpoint.")
-@click.option("--overwrite", is_flag=True, default=None, help="Replace the run in --out.")
+@run_options
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="JSON file of options (names as the flags, e.g. {\"d_model\": 256}); flags override it.")
 @friendly
@@ -272,12 +285,7 @@ def embed_cmd(corpus, model_dir, field, id_field, out_dir, batch_size, dtype, ma
                    "is complete.")
 @click.option("--seed", default=0, show_default=True, help="Seed for initialisation, sampling and the test sets.")
 @click.option("--test-fraction", default=0.1, show_default=True, help="Share of pairs held out, by a hash of the id.")
-@click.option("--budget-minutes", type=float, default=None,
-              help="Instead of --epochs: as many steps as fit this many minutes on this machine.")
-@click.option("--stop-after", type=int, default=None, help="End this invocation after this many steps, with a "
-                                                            "checkpoint.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its newest checkpoint (same options).")
-@click.option("--overwrite", is_flag=True, help="Replace whatever run --out holds.")
+@run_options
 @friendly
 def train_matcher_cmd(pairs_path, model_dir, query_emb, target_emb, query_field, target_field, context, epochs,
                       batch_size, lr, d_model, n_layers, hard_negatives, out_dir, seed, test_fraction,
@@ -323,8 +331,8 @@ def train_matcher_cmd(pairs_path, model_dir, query_emb, target_emb, query_field,
     try:
         _, metrics = train_matcher(*splits["train"], *splits["test"], config, epochs=epochs, batch_size=batch_size,
                                    lr=lr, seed=seed, hard_negatives=hard_negatives, out_dir=out_dir,
-                                   budget_minutes=budget_minutes, stop_after=stop_after, resume=resume,
-                                   overwrite=overwrite)
+                                   budget_minutes=budget_minutes, stop_after=stop_after, resume=bool(resume),
+                                   overwrite=bool(overwrite))
     except Interrupted as e:
         report_interrupted(e, "mixret train-matcher (the same options)")
     if "checkpoint" in metrics:

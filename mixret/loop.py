@@ -26,13 +26,21 @@ A task gives only what is its own:
 
 The loss of an optimizer step is the sum of the objective's summed losses over every micro-batch of every
 rank divided by the sum of their weights (tokens for a language model, queries for a matcher), so gradient
-accumulation and DistributedDataParallel make exactly the update of one large batch. A contrastive trainer
-fits unchanged: its objective module holds the encoder and a learned temperature, forward(batch) returns
-(sum of the InfoNCE losses of the batch's queries, number of queries), evaluate() returns {"R@1": ...}, and
-save() writes the encoder with save_pretrained.
+accumulation and DistributedDataParallel make exactly the update of one large batch.
 
-`train(task, config, dist, out, mode)` runs the schedule; `LoopConfig` holds the options every trainer
-shares (with `budget_minutes` the length is set by timing real steps on this machine). The loop owns:
+A contrastive fine-tuning task fits unchanged: its objective module holds the encoder and a learned temperature
+(a bare nn.Parameter, so it gets no weight decay), forward(batch of tokenized (query, document) pairs) returns
+(sum of the InfoNCE losses of the batch's queries, number of queries), batches(start, ...) draws the pairs of
+step s from a generator seeded by (seed, s), evaluate() returns {"R@1": ...} every `eval_every` steps, and
+save() writes the encoder with save_pretrained (plus the temperature, which load() reads back).
+
+A run folder holds train_config.json (the options, with the resolved steps), metrics.jsonl, checkpoints/ and,
+when the schedule is complete, what task.save writes and training_curve.png; `inspect_run_dir` decides
+whether a folder may be resumed, overwritten or replaced, and the finished folder is put in place at once
+(io.publish_dir).
+
+`train(task, config, dist, out, mode, seed) -> Path | None` runs the schedule; `LoopConfig` holds the options
+every trainer shares (with `budget_minutes` the length is set by timing real steps on this machine). The loop owns:
 AdamW with weight decay by role (`decay_parameter_names`), linear warmup then cosine decay (torch
 lr_schedulers), clipping, bf16 autocast on CUDA, DDP, checkpoints (safetensors + JSON, written atomically),
 resume to the weights of an uninterrupted run, `stop_after`, SIGINT/SIGTERM -> checkpoint, metrics.jsonl,

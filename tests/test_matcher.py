@@ -329,3 +329,23 @@ def test_cli_train_matcher(tiny_lm, tmp_path):
     assert res.exit_code == 1 and "differs from the pairs' query text" in res.output
     res = CliRunner().invoke(main, args[:-2] + ["--out", str(tiny_lm / "lm"), "--model", str(tiny_lm / "lm")])
     assert res.exit_code == 1 and "does not hold a matcher" in res.output
+
+
+def test_cli_train_matcher_stop_after_and_resume(tiny_lm, tmp_path):
+    from click.testing import CliRunner
+    from mixret.cli import main
+    out = tmp_path / "m"
+    args = ["train-matcher", "--pairs", str(tiny_lm / "pairs.jsonl"), "--model", str(tiny_lm / "lm"), "--context", "8",
+            "--epochs", "2", "--batch-size", "16", "--d-model", "16", "--layers", "1", "--test-fraction", "0.3",
+            "--out", str(out)]
+    res = CliRunner().invoke(main, args + ["--stop-after", "3"])
+    assert res.exit_code == 0, res.output
+    assert "checkpoint written to" in res.output and "--resume" in res.output
+    assert not (out / "config.json").exists() and (out / "checkpoints" / "step-000003").is_dir()
+    res = CliRunner().invoke(main, args + ["--resume"])
+    assert res.exit_code == 0, res.output
+    assert "resuming from" in res.output and f"matcher written to {out}" in res.output
+    steps = json.loads((out / "train_config.json").read_text())["steps"]
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()][-1] == steps
+    res = CliRunner().invoke(main, [a if a != "16" else "24" for a in args] + ["--resume"])  # another d_model
+    assert res.exit_code == 1 and "holds a different model" in res.output and "d_model" in res.output
