@@ -101,7 +101,7 @@ def run_options(fn):
     return fn
 
 
-def model_options_for(config_class, defaults=None):
+def model_options_for(config_class, defaults=None, exclude: tuple[str, ...] = ()):
     """Decorator adding one pretrain option per field of `config_class` (a ModelConfig) but vocab_size, which
     the tokenizer sets; help texts come from the fields and defaults from `defaults` (pretraining's model):
     a field added to ModelConfig is an option here without another line."""
@@ -111,7 +111,7 @@ def model_options_for(config_class, defaults=None):
 
     def decorate(fn):
         types = typing.get_type_hints(config_class)
-        for name, f in reversed(list(model_options(config_class).items())):
+        for name, f in reversed([item for item in model_options(config_class).items() if item[0] not in exclude]):
             flag, kind = "--" + name.replace("_", "-"), types[f.name]
             default = getattr(defaults, f.name, f.default)
             if kind is bool:
@@ -188,6 +188,103 @@ def pretrain_cmd(config_file, **options):
         return
     if path.parent.name == "checkpoints":
         click.echo(f"checkpoint written to {path}\ncontinue with: mixret pretrain --out {path.parent.parent} --resume")
+    else:
+        click.echo(f"model written to {path}")
+
+
+# --- finetune --------------------------------------------------------------------------------
+
+def _finetune_model_options(fn):
+    from mixret.finetune import FinetuneConfig
+    from mixret.models import ModelConfig
+    return model_options_for(ModelConfig, FinetuneConfig().model, exclude=("arch",))(fn)
+
+
+@main.command("finetune")
+@click.option("--pairs", "pairs_path", type=click.Path(dir_okay=False), default=None,
+              help="(query, document) pairs: .jsonl, .jsonl.gz, .parquet or TinyStoriesInstruct .txt. "
+                   "Default: the bundled Debian pairs.")
+@click.option("--query-field", default="summary", show_default=True, help="Pairs field with the queries.")
+@click.option("--target-field", default="document", show_default=True, help="Pairs field with the documents.")
+@click.option("--test-fraction", default=0.1, show_default=True,
+              help="Share of pairs held out as the test split (by a hash of the id) and never trained on; 0 when "
+                   "the test pairs are in another file.")
+@click.option("--val-pairs", default=500, show_default=True,
+              help="Training pairs kept aside for validation R@1 and for fitting the fusion weight.")
+@click.option("--model", "init", default="masked-mixer", show_default=True,
+              help="A model folder to fine-tune (from pretrain or finetune), or an architecture "
+                   "(masked-mixer, hypermixer, llama) to start from random init with the model options below.")
+@_finetune_model_options
+@click.option("--tokenizer", default="bpe", show_default=True,
+              help="Random init: bpe (trained on the training pairs), bytes, or the path of a tokenizer.json.")
+@click.option("--vocab-size", default=4096, show_default=True, help="Random init: BPE vocabulary size.")
+@click.option("--max-length", type=int, default=None,
+              help="Tokens per text, [bos] included; longer texts keep their start.  [default: the context]")
+@click.option("--batch-size", default=32, show_default=True,
+              help="Pairs per micro-batch: each query's in-batch negatives are the other documents of its batch.")
+@click.option("--temperature", default=0.05, show_default=True, help="Softmax temperature of the InfoNCE loss.")
+@click.option("--learn-temperature/--fixed-temperature", default=False, show_default=True,
+              help="Train the temperature with the model.")
+@click.option("--symmetric/--one-way", default=True, show_default=True,
+              help="Also score each document against the batch's queries.")
+@click.option("--hard-negatives", type=click.Choice(["none", "bm25"]), default="none", show_default=True,
+              help="bm25: each query also brings the training document BM25 ranks highest for it.")
+@click.option("--fusion-method", type=click.Choice(["convex", "rrf"]), default="convex", show_default=True,
+              help="How fusion search combines BM25 and the model (its weight is fitted on the validation pairs).")
+@click.option("--steps", type=int, default=None, help="Optimizer steps of the whole schedule.  [default: 500]")
+@click.option("--lr", default=1e-3, show_default=True, help="Peak learning rate (AdamW; warmup, then cosine).")
+@click.option("--weight-decay", default=0.01, show_default=True, help="AdamW weight decay on weight matrices.")
+@click.option("--eval-every", default=100, show_default=True, help="Steps between validations.")
+@click.option("--checkpoint-every", default=200, show_default=True, help="Steps between checkpoints.")
+@click.option("--seed", default=0, show_default=True, help="Seed for initialisation and data order.")
+@click.option("--out", default=None, help="Output folder.  [default: runs/MODEL-ft]")
+@run_options
+@friendly
+def finetune_cmd(pairs_path, query_field, target_field, test_fraction, val_pairs, init, tokenizer, vocab_size,
+                 max_length, batch_size, temperature, learn_temperature, symmetric, hard_negatives, fusion_method,
+                 steps, lr, weight_decay, eval_every, checkpoint_every, seed, out, budget_minutes, stop_after, resume,
+                 overwrite, **model_kw):
+    """Fine-tune a language model as a bi-encoder on (query, document) pairs: InfoNCE with in-batch negatives.
+
+    The output folder is a model like pretrain's, whose config records the pooling (embed, search and evaluate
+    use it), with fusion.json: the weight of `--mode fusion`, fitted on validation pairs. Validation R@1 and
+    MRR@10 are printed at each evaluation and written to metrics.jsonl. Ctrl-C or SIGTERM writes a checkpoint
+    before stopping; the same command with --resume continues from it.
+    """
+    import dataclasses
+    import os
+
+    from mixret.finetune import FinetuneConfig, finetune
+    from mixret.loop import Interrupted
+    from mixret.models import ARCHS
+    from mixret.models.config import model_options
+
+    given = {f.name: model_kw[name] for name, f in model_options().items() if model_kw.get(name) is not None}
+    if init not in ARCHS and set(given) - {"pooling"}:
+        raise MixretError(f"model options ({', '.join(sorted(set(given) - {'pooling'}))}) apply to a new model; "
+                          f"{init} is a model folder: only --pooling applies to it")
+    defaults = FinetuneConfig()
+    model = dataclasses.replace(defaults.model, **given)
+    if steps is None and budget_minutes is None:
+        steps = 500
+    loop_cfg = dataclasses.replace(defaults.loop, steps=steps, budget_minutes=budget_minutes, lr=lr,
+                                   weight_decay=weight_decay, eval_every=eval_every,
+                                   checkpoint_every=checkpoint_every, stop_after=stop_after)
+    cfg = FinetuneConfig(pairs=pairs_path, query_field=query_field, target_field=target_field,
+                         test_fraction=test_fraction, val_pairs=val_pairs, init=init, model=model,
+                         tokenizer=tokenizer, vocab_size=vocab_size, max_length=max_length, batch_size=batch_size,
+                         temperature=temperature, learn_temperature=learn_temperature, symmetric=symmetric,
+                         hard_negatives=hard_negatives, fusion_method=fusion_method, seed=seed, loop=loop_cfg,
+                         out=out, resume=bool(resume), overwrite=bool(overwrite))
+    with Warnings():
+        try:
+            path = finetune(cfg)
+        except Interrupted as e:
+            report_interrupted(e, "mixret finetune (the same options)")
+    if os.environ.get("RANK", "0") != "0":
+        return
+    if path.parent.name == "checkpoints":
+        click.echo(f"checkpoint written to {path}\ncontinue with the same command and --resume")
     else:
         click.echo(f"model written to {path}")
 

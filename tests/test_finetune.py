@@ -1,0 +1,210 @@
+"""Contrastive fine-tuning: a planted-signal corpus it must solve with either pooling, SIGTERM + resume equal
+to an uninterrupted run, the fusion weight fitted on validation pairs only, and the running-mean init."""
+import dataclasses
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+import mixret
+from mixret.cli import main
+from mixret.data import Pair, load_pairs, split_pairs, write_pairs_jsonl
+from mixret.errors import MixretError
+from mixret.evaluate import evaluate_pairs
+from mixret.finetune import FinetuneConfig, epoch_batches, finetune, validation_slice
+from mixret.fusion import Fusion
+from mixret.loop import LoopConfig
+from mixret.models import ModelConfig, build_model
+
+ROOT = Path(__file__).resolve().parent.parent
+FILLER = ["the", "a", "tool", "for", "and", "with", "data", "library", "files", "small"]
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIXRET_CACHE", str(tmp_path / "cache"))
+
+
+def planted_pairs(n=276, n_words=24, seed=0) -> list[Pair]:
+    """Each pair shares two rare words (a distinct combination of 24) between query and document, amid common
+    filler words: a model can only match them by those words, and held-out pairs use unseen combinations."""
+    rng = np.random.default_rng(seed)
+    words = ["".join(w) for w in rng.choice(list("bcdfghjklmnpqrstvwxz"), (n_words, 4))]
+    combos = list(itertools.combinations(range(n_words), 2))
+    rng.shuffle(combos)
+    pairs = []
+    for i, (a, b) in enumerate(combos[:n]):
+        query = f"{words[a]} {rng.choice(FILLER)} {words[b]}"
+        doc = " ".join([*rng.choice(FILLER, 3), words[b], *rng.choice(FILLER, 2), words[a], *rng.choice(FILLER, 2)])
+        pairs.append(Pair(f"p{i}", query, doc))
+    return pairs
+
+
+def tiny(pooling="last", **loop) -> dict:
+    return dict(init="masked-mixer", val_pairs=32, tokenizer="bpe", vocab_size=300, batch_size=16,
+                model=ModelConfig(d_model=64, n_layers=2, context=32, mixing_init="mean", pooling=pooling),
+                loop=LoopConfig(**{"steps": 200, "lr": 3e-3, "weight_decay": 0.01, "eval_every": 100,
+                                   "checkpoint_every": 1000, "progress": False, **loop}))
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_finetune_solves_a_planted_corpus_with_either_pooling(tmp_path, pooling):
+    path = tmp_path / "pairs.jsonl"
+    write_pairs_jsonl(planted_pairs(), path)
+    out = finetune(FinetuneConfig(pairs=str(path), test_fraction=0.2, out=str(tmp_path / "ft"), **tiny(pooling)))
+    model = mixret.load(out)
+    assert model.config.pooling == pooling                       # recorded: encode uses it untold
+    test = split_pairs(load_pairs(path), 0.2)[1]
+    assert len(test) > 40
+    report = evaluate_pairs(test, model=model, modes="vector", pooling=pooling)
+    assert report["modes"]["vector"]["R@1"] > 0.9
+    # the same model before training is far from that: the signal is learned, not given by the init
+    untrained = build_model(dataclasses.replace(model.config))
+    untrained.tokenizer = model.tokenizer
+    assert evaluate_pairs(test, model=untrained, modes="vector", pooling=pooling)["modes"]["vector"]["R@1"] < 0.7
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["val_r1"] > 0.9 and metrics[0]["loss"] > metrics[-1]["loss"]
+
+
+def test_finetune_sigterm_then_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    write_pairs_jsonl(planted_pairs(), path)
+    options = dict(pairs=str(path), test_fraction=0.2, **tiny(steps=60, eval_every=20, checkpoint_every=1000))
+    whole = finetune(FinetuneConfig(out=str(tmp_path / "whole"), **options))
+
+    run = tmp_path / "run"
+    script = textwrap.dedent(f"""
+        import time
+        from mixret import finetune as ft
+        from mixret.finetune import FinetuneConfig, finetune
+        from mixret.loop import LoopConfig
+        from mixret.models import ModelConfig
+        slow = ft.FinetuneTask.micro_batch
+        ft.FinetuneTask.micro_batch = lambda self, *a: (time.sleep(0.05), slow(self, *a))[1]
+        finetune(FinetuneConfig(out={str(run)!r}, pairs={str(path)!r}, test_fraction=0.2, init="masked-mixer",
+                                val_pairs=32, vocab_size=300, batch_size=16,
+                                model=ModelConfig(d_model=64, n_layers=2, context=32, mixing_init="mean"),
+                                loop=LoopConfig(steps=60, lr=3e-3, weight_decay=0.01, eval_every=20,
+                                                checkpoint_every=1000, progress=False)))
+    """)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MIXRET_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.time() + 120
+        while not ((run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 2):
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() < deadline, "training did not start"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0 and "checkpoint" in err
+    assert not (run / "model.safetensors").exists()              # nothing that looks finished
+    resumed = finetune(FinetuneConfig(out=str(run), resume=True, **options))
+    a, b = load_file(str(whole / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6 * max(1.0, float(a[k].abs().max())))
+    assert json.loads((whole / "fusion.json").read_text()) == json.loads((resumed / "fusion.json").read_text())
+
+
+def test_fusion_weight_is_fitted_on_validation_pairs_saved_and_reloaded(tmp_path):
+    pairs = planted_pairs()
+    path_a, path_b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    write_pairs_jsonl(pairs, path_a)
+    # the same file with every test pair's texts replaced: a weight fitted on test pairs would change
+    train_ids = {p.id for p in split_pairs(pairs, 0.2)[0]}
+    write_pairs_jsonl([p if p.id in train_ids else Pair(p.id, "zzz " + p.query[::-1], p.target[::-1])
+                       for p in pairs], path_b)
+    outs = [finetune(FinetuneConfig(pairs=str(path), test_fraction=0.2, out=str(tmp_path / path.stem),
+                                    **tiny(steps=30, eval_every=30))) for path in (path_a, path_b)]
+    saved = [json.loads((out / "fusion.json").read_text()) for out in outs]
+    for s in saved:
+        s["fitted"].pop("on")                                     # names the pairs file
+    assert saved[0] == saved[1]
+    assert saved[0]["fitted"]["pairs"] == 32
+    assert Fusion.from_dict(saved[0]) == Fusion(**saved[0])
+    # evaluate and search pick the saved weight up from the model folder
+    model = mixret.load(outs[0])
+    report = evaluate_pairs(split_pairs(pairs, 0.2)[1], model=model, modes="fusion",
+                            fusion=Fusion.from_dict(saved[0]))
+    assert report["fusion"]["weight"] == saved[0]["weight"]
+
+
+def test_validation_slice_depends_on_ids_only_and_batches_on_seed_and_epoch():
+    pairs = planted_pairs(100)
+    train, val = validation_slice(pairs, 10)
+    train2, val2 = validation_slice(list(reversed(pairs)), 10)
+    assert {p.id for p in val} == {p.id for p in val2} and len(train) == 90
+    with pytest.raises(MixretError, match="too few"):
+        validation_slice(pairs[:11], 10)
+    lengths = np.arange(100) % 7
+    a = epoch_batches(lengths, 8, seed=0, epoch=3)
+    np.testing.assert_array_equal(a, epoch_batches(lengths, 8, seed=0, epoch=3))
+    assert not np.array_equal(a, epoch_batches(lengths, 8, seed=0, epoch=4))
+    assert len(np.unique(a)) == a.size == 96                     # each pair at most once per epoch
+
+
+def test_finetune_cli_refuses_model_options_for_a_folder_and_runs_from_an_arch(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    write_pairs_jsonl(planted_pairs(120), path)
+    common = ["finetune", "--pairs", str(path), "--val-pairs", "16", "--vocab-size", "300", "--batch-size", "16"]
+    res = CliRunner().invoke(main, common + ["--model", "masked-mixer", "--d-model", "32", "--layers", "1",
+                                             "--context", "32", "--steps", "4", "--eval-every", "2",
+                                             "--out", str(tmp_path / "ft")])
+    assert res.exit_code == 0, res.output
+    assert "model written to" in res.output and (tmp_path / "ft" / "fusion.json").is_file()
+    res = CliRunner().invoke(main, common + ["--model", str(tmp_path / "ft"), "--d-model", "64", "--steps", "2",
+                                             "--out", str(tmp_path / "ft2")])
+    assert res.exit_code == 1 and "only --pooling applies" in res.output
+
+
+# --- the running-mean mixing init ---------------------------------------------------------------
+
+def _mixing(arch, **kw):
+    extra = {"hypermixer": {"hyper_dim": 8}, "llama": {"n_heads": 2}}.get(arch, {})
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch=arch, vocab_size=50, d_model=16, n_layers=1, context=64, mixing_init="mean",
+                      **extra, **kw)
+    return build_model(cfg).blocks[0].mix
+
+
+@pytest.mark.parametrize("arch,kw", [("llama", {}), ("hypermixer", {}), ("hypermixer", {"hyper_tied": True})])
+def test_mean_init_makes_the_mixing_a_running_mean_exactly(arch, kw):
+    mix = _mixing(arch, **kw)
+    x = torch.randn(3, 64, 16)
+    mean = x.cumsum(1) / torch.arange(1, 65).view(1, 64, 1)
+    expected = mix.proj(F.linear(mean, mix.qkv.weight[32:])) if arch == "llama" else mix.proj(mean)
+    torch.testing.assert_close(mix(x), expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("kw", [{}, {"mixer_heads": 2}, {"mixer_kernel": 3}, {"mixer_expand": True}])
+def test_mean_init_gives_masked_mixers_running_mean_matrices(kw):
+    mix = _mixing("masked-mixer", **kw)
+    mats = mix.mats
+    C = mats.context
+    mean = torch.ones(C, C).tril() / torch.arange(1, C + 1).unsqueeze(1)
+    means = range(mats.weight.shape[0]) if "mixer_kernel" not in kw else [1]   # kernel: the unshifted matrix
+    noise = 0.02 / C ** 0.5
+    for i in range(mats.weight.shape[0]):
+        target = mean if i in means else torch.zeros(C, C)
+        assert (mats.masked(C)[i] - target * 1).abs().max() < 6 * noise
+    assert float(mats.bias.abs().max()) == 0.0
+    # the default init is far from a mean: the last row of a random matrix is noise around zero
+    torch.manual_seed(0)
+    rand = build_model(ModelConfig(vocab_size=50, d_model=16, n_layers=1, context=C, **kw)).blocks[0].mix.mats
+    assert (rand.masked(C)[0, -1] - mean[-1]).abs().max() > 10 * noise
