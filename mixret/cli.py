@@ -592,24 +592,40 @@ def evaluate_cmd(pairs_path, mode, limit, query_field, target_field, test_fracti
 @click.option("--out", default="quickstart-out", show_default=True, type=click.Path(file_okay=False),
               help="Folder for everything the run writes (models, matchers, embeddings, results).")
 @click.option("--budget-minutes", default=12.0, show_default=True,
-              help="Target wall-clock time; pretraining steps are sized to about half of it on this machine.")
-@click.option("--d-model", default=128, show_default=True, help="Width of both language models.")
+              help="Target wall-clock time of the whole run; 70 % of it trains the two models, half each.")
+@click.option("--pairs", "pairs_path", type=click.Path(dir_okay=False), default=None,
+              help="Your own training pairs (any pairs format mixret reads). Default: the bundled Debian pairs.")
+@click.option("--test-pairs", "test_pairs_path", type=click.Path(dir_okay=False), default=None,
+              help="Your own held-out pairs. Default: the test split of --pairs (by a hash of the id).")
+@click.option("--query-field", default="summary", show_default=True, help="Pairs field with the queries.")
+@click.option("--target-field", default="document", show_default=True, help="Pairs field with the documents.")
+@click.option("--pretrain-share", default=0.0, show_default=True,
+              help="Share of each model's training time spent on CLM pretraining before contrastive fine-tuning.")
+@click.option("--d-model", default=256, show_default=True, help="Width of both language models.")
 @click.option("--layers", default=4, show_default=True, help="Blocks of both language models.")
 @click.option("--context", default=256, show_default=True, help="Context of both language models.")
-@click.option("--max-pairs", default=None, type=int, help="Use only this many bundled training pairs.")
+@click.option("--batch-size", default=32, show_default=True, help="Fine-tuning pairs per step.")
+@click.option("--hard-negatives", type=click.Choice(["none", "bm25"]), default="none", show_default=True,
+              help="Fine-tuning: bm25 adds each query's highest-ranked wrong document to its batch.")
+@click.option("--max-pairs", default=None, type=int, help="Use only this many training pairs.")
 @click.option("--tree-queries", default=100, show_default=True, help="Queries evaluated in tree mode.")
 @click.option("--matcher-pairs", default=3000, show_default=True, help="Training pairs the matchers see.")
 @click.option("--matcher-epochs", default=10, show_default=True, help="Matcher training epochs.")
 @click.option("--seed", default=0, show_default=True)
 @friendly
-def quickstart_cmd(out, budget_minutes, d_model, layers, context, max_pairs, tree_queries, matcher_pairs,
+def quickstart_cmd(out, budget_minutes, pairs_path, test_pairs_path, query_field, target_field, pretrain_share,
+                   d_model, layers, context, batch_size, hard_negatives, max_pairs, tree_queries, matcher_pairs,
                    matcher_epochs, seed):
-    """Run the whole pipeline on the bundled corpus: pretrain a masked mixer and a llama baseline of the same
-    size and compute, embed, train a matcher for each, index, evaluate every mode and BM25, print one
-    comparison table (also saved as OUT/results.md and OUT/results.json), then one example search."""
+    """Run the whole pipeline: train a masked mixer and a llama baseline of the same size for the same wall-clock
+    time (contrastive fine-tuning, after optional CLM pretraining), train a matcher for each, index, evaluate
+    vector, fusion, hybrid, tree and BM25 on the held-out pairs, print one comparison table (also saved as
+    OUT/results.md and OUT/results.json), then one example search. On the bundled corpus unless --pairs (and
+    --test-pairs) name your own."""
     from mixret.quickstart import QuickstartConfig, example_search, run
-    cfg = QuickstartConfig(out=out, budget_minutes=budget_minutes, d_model=d_model, layers=layers,
-                           context=context, max_pairs=max_pairs, tree_queries=tree_queries,
+    cfg = QuickstartConfig(out=out, budget_minutes=budget_minutes, pairs=pairs_path, test_pairs=test_pairs_path,
+                           query_field=query_field, target_field=target_field, pretrain_share=pretrain_share,
+                           d_model=d_model, layers=layers, context=context, batch_size=batch_size,
+                           hard_negatives=hard_negatives, max_pairs=max_pairs, tree_queries=tree_queries,
                            matcher_pairs=matcher_pairs, matcher_epochs=matcher_epochs, seed=seed)
     report = run(cfg, echo=click.echo)
     args = example_search(report, cfg)

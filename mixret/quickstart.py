@@ -1,8 +1,13 @@
-"""The main job: the whole pipeline on the bundled corpus, a masked mixer against a llama baseline.
+"""The main job: the whole pipeline on one set of pairs, a masked mixer against a llama baseline at equal time.
 
-Pretrain both models with the same size and compute (steps x batch x context), embed, train a matcher on each
-model's embeddings, index, evaluate every search mode on the held-out pairs, and print one comparison table.
-Everything goes under one output directory.
+Each architecture gets the same wall-clock training budget (not the same steps): an optional share of it for
+CLM pretraining on the training texts, the rest for contrastive fine-tuning on the training pairs (which also
+fits the fusion weight on a validation slice of them). Then, per model: a matcher trained on the fine-tuned
+embeddings, the test documents embedded and indexed, and every search mode evaluated on the held-out pairs
+beside BM25, in one comparison table. Everything goes under one output directory.
+
+The pairs are the bundled Debian corpus (split by a hash of the id) unless `pairs` and `test_pairs` name a
+user's own files.
 """
 from __future__ import annotations
 
@@ -13,61 +18,56 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from mixret import io
 from mixret.errors import MixretError
 
 ARCHS = ("masked-mixer", "llama")
-POOLINGS = ("last", "eos", "mean")
+TRAIN_SHARE = 0.7        # of the budget, split equally between the architectures' training; the rest: the pipeline
+MIN_TEST_PAIRS = 40
 
 
 @dataclass
 class QuickstartConfig:
     out: str = "quickstart-out"
-    budget_minutes: float = 12.0     # wall-clock target for the whole run (pretraining takes about half)
-    d_model: int = 128
+    budget_minutes: float = 12.0     # wall-clock target for the whole run; TRAIN_SHARE of it trains the two models
+    pairs: str | None = None         # training pairs (any format mixret reads); None: the bundled corpus
+    test_pairs: str | None = None    # held-out pairs; None: the test split of `pairs` (by a hash of the id)
+    query_field: str = "summary"
+    target_field: str = "document"
+    pretrain_share: float = 0.0      # of each model's training time spent on CLM pretraining before fine-tuning
+    d_model: int = 256
     layers: int = 4
     context: int = 256
-    batch_size: int = 16
-    max_pairs: int | None = None     # use only the first N bundled pairs (for quick trials)
+    batch_size: int = 32             # fine-tuning pairs per step (in-batch negatives)
+    hard_negatives: str = "none"
+    max_pairs: int | None = None     # use only the first N training pairs (for quick trials)
     tree_queries: int = 100          # tree mode scores the whole corpus per query: run it on a sample
-    matcher_pairs: int = 3000        # training pairs the matcher sees (each is embedded by both models)
+    matcher_pairs: int = 3000        # training pairs the matcher sees
     matcher_epochs: int = 10
     matcher_d_model: int = 128
     matcher_layers: int = 2
     seed: int = 0
 
+    def validate(self) -> None:
+        if not self.budget_minutes > 0:
+            raise MixretError(f"--budget-minutes must be positive, got {self.budget_minutes}")
+        if not 0.0 <= self.pretrain_share < 1.0:
+            raise MixretError(f"--pretrain-share must be in [0, 1), got {self.pretrain_share}")
+        if self.test_pairs is not None and self.pairs is None:
+            raise MixretError("--test-pairs needs --pairs (the training pairs of the same corpus)")
 
-def plan_steps(cfg: QuickstartConfig, seconds: float, sample_lengths: list[int]) -> int:
-    """Pretraining steps for each model so that both pretraining runs together take about `seconds`.
-
-    Times a few optimizer steps of each architecture on a batch of typical length on this machine.
-    """
-    from mixret.models import ModelConfig, build_model
-    L = int(min(cfg.context, np.percentile(sample_lengths, 90)))
-    per_step = 0.0
-    for arch in ARCHS:
-        torch.manual_seed(cfg.seed)
-        model = build_model(ModelConfig(arch=arch, vocab_size=4096, d_model=cfg.d_model, n_layers=cfg.layers,
-                                        context=cfg.context))
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        ids = torch.randint(0, 4096, (cfg.batch_size, L))
-        times = []
-        for _ in range(4):
-            start = time.perf_counter()
-            model(ids, labels=ids).loss.backward()
-            opt.step()
-            opt.zero_grad()
-            times.append(time.perf_counter() - start)
-        per_step += min(times[1:])
-    return int(np.clip(seconds / per_step, 20, 20000))
+    @property
+    def train_minutes(self) -> float:
+        """Training time of each architecture (pretraining and fine-tuning together)."""
+        return TRAIN_SHARE * self.budget_minutes / len(ARCHS)
 
 
 def run(cfg: QuickstartConfig, echo: Callable[[str], None] = print) -> dict:
     """Run the whole pipeline; returns the report (also written to OUT/results.json and OUT/results.md)."""
     import warnings
+    cfg.validate()
     with warnings.catch_warnings():
         # long documents are cut to the context throughout; said once here rather than at every encode
         warnings.filterwarnings("ignore", message=r".*longer than \d+ tokens and were truncated")
@@ -75,56 +75,96 @@ def run(cfg: QuickstartConfig, echo: Callable[[str], None] = print) -> dict:
         return _run(cfg, echo)
 
 
-def _run(cfg: QuickstartConfig, echo: Callable[[str], None]) -> dict:
-    from mixret.data import bundled_splits, write_pairs_jsonl
-    from mixret.embed import embed_corpus, encode
-    from mixret.evaluate import evaluate_pairs
-    from mixret.matcher import MatcherConfig, dedupe_queries, drop_repeated_queries, train_matcher
-    from mixret.models import load
-    from mixret.search import VectorIndex
+def load_split(cfg: QuickstartConfig) -> tuple[list, list, str]:
+    """(train pairs, test pairs, where they come from), repeated queries dropped from each."""
+    from mixret.data import bundled_splits, load_pairs, split_pairs
+    from mixret.matcher import drop_repeated_queries
+    if cfg.pairs is None:
+        train, test = bundled_splits()
+        source = "bundled Debian descriptions, hash split"
+    elif cfg.test_pairs is None:
+        train, test = split_pairs(load_pairs(cfg.pairs, cfg.query_field, cfg.target_field), 0.1)
+        source = f"{cfg.pairs}, hash split"
+    else:
+        train = load_pairs(cfg.pairs, cfg.query_field, cfg.target_field)
+        test = load_pairs(cfg.test_pairs, cfg.query_field, cfg.target_field)
+        source = f"{cfg.pairs} / {cfg.test_pairs}"
+    if cfg.max_pairs:
+        train, test = train[:cfg.max_pairs], test[:max(cfg.max_pairs // 9, MIN_TEST_PAIRS)]
+    train, _ = drop_repeated_queries(train)
+    test, _ = drop_repeated_queries(test)
+    if len(test) < 2:
+        raise MixretError(f"only {len(test)} test pairs; expected at least 2 to evaluate retrieval")
+    return train, test, source
+
+
+def train_model(arch: str, cfg: QuickstartConfig, data_dir: Path, out: Path, echo) -> dict:
+    """Pretrain (its share of the budget) then fine-tune one architecture -> facts for the report."""
+    from mixret.finetune import FINETUNE_LOOP, FinetuneConfig, finetune
+    from mixret.loop import LoopConfig
+    from mixret.models import ModelConfig
     from mixret.train import TrainConfig, pretrain
 
-    if cfg.budget_minutes <= 0:
-        raise MixretError(f"--budget-minutes must be positive, got {cfg.budget_minutes}")
+    minutes = cfg.train_minutes
+    facts = {"train_minutes": minutes, "pretrain_minutes": cfg.pretrain_share * minutes}
+    init = arch
+    if cfg.pretrain_share > 0:
+        start = time.perf_counter()
+        tc = TrainConfig(data=[str(data_dir / "train.jsonl.gz")], text_field=["summary", "document"], arch=arch,
+                         d_model=cfg.d_model, layers=cfg.layers, context=cfg.context, mixing_init="mean",
+                         budget_minutes=cfg.pretrain_share * minutes, eval_every=10**9, seed=cfg.seed,
+                         out=str(out / "runs" / f"{arch}-clm"), overwrite=True)
+        init = str(pretrain(tc))
+        facts.update(pretrain_dir=init, pretrain_seconds=time.perf_counter() - start,
+                     pretrain_steps=tc.steps, val_loss=_last_metric(Path(init), "val_loss"))
+    start = time.perf_counter()
+    model = ModelConfig(arch=arch, d_model=cfg.d_model, n_layers=cfg.layers, context=cfg.context,
+                        mixing_init="mean", **({"n_heads": 4} if arch == "llama" else {}))
+    fc = FinetuneConfig(pairs=str(data_dir / "train.jsonl.gz"), test_fraction=0.0, init=init, model=model,
+                        batch_size=cfg.batch_size, hard_negatives=cfg.hard_negatives, seed=cfg.seed,
+                        out=str(out / "runs" / arch), overwrite=True,
+                        loop=LoopConfig(budget_minutes=(1 - cfg.pretrain_share) * minutes,
+                                        **{**FINETUNE_LOOP, "eval_every": 10**9}))
+    model_dir = finetune(fc)
+    facts.update(dir=str(model_dir), finetune_seconds=time.perf_counter() - start, finetune_steps=fc.loop.steps,
+                 val_r1=_last_metric(model_dir, "val_r1"), val_fusion_r1=_last_metric(model_dir, "val_fusion_r1"))
+    echo(f"   {arch}: {facts['finetune_seconds']:.0f} s of fine-tuning ({fc.loop.steps} steps) -> {model_dir}")
+    return facts
+
+
+def _run(cfg: QuickstartConfig, echo: Callable[[str], None]) -> dict:
+    from mixret.data import write_pairs_jsonl
+    from mixret.embed import embed_corpus, encode
+    from mixret.evaluate import evaluate_pairs
+    from mixret.fusion import FUSION_NAME, Fusion
+    from mixret.matcher import MatcherConfig, dedupe_queries, train_matcher
+    from mixret.models import load
+    from mixret.search import VectorIndex
+
     t0 = time.perf_counter()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    # 1. data: the bundled pairs, split by a hash of the id; only the train split is used for pretraining
-    train, test = bundled_splits()
-    if cfg.max_pairs:
-        train, test = train[:cfg.max_pairs], test[:max(cfg.max_pairs // 9, 40)]
-    train, _ = drop_repeated_queries(train)
-    test, _ = drop_repeated_queries(test)
+    # 1. data: the training pairs are all any model sees; the test pairs are only searched
+    train, test, source = load_split(cfg)
     data_dir = out / "data"
     write_pairs_jsonl(train, data_dir / "train.jsonl.gz")
     write_pairs_jsonl(test, data_dir / "test.jsonl.gz")
-    echo(f"== data: {len(train)} train pairs, {len(test)} test pairs (bundled Debian descriptions) -> {data_dir}")
+    echo(f"== data: {len(train)} train pairs, {len(test)} test pairs ({source}) -> {data_dir}")
 
-    # 2. pretraining: same size, steps, batch and context for both architectures
-    from mixret.tokenizer import ByteTokenizer
-    lengths = [len(ByteTokenizer().encode(p.target)) // 4 for p in train[:500]]  # ~4 bytes a BPE token
-    steps = plan_steps(cfg, 60 * cfg.budget_minutes * 0.4, lengths)
-    echo(f"== pretraining {', '.join(ARCHS)}: {steps} steps of {cfg.batch_size} sequences each "
-         f"(d_model {cfg.d_model}, {cfg.layers} layers, context {cfg.context})")
-    model_dirs, pretrain_seconds = {}, {}
+    # 2. training: the same wall-clock budget for each architecture
+    share = f"{cfg.pretrain_share:.0%} CLM pretraining, then " if cfg.pretrain_share else ""
+    echo(f"== training {', '.join(ARCHS)}: {cfg.train_minutes:.1f} min each ({share}contrastive fine-tuning; "
+         f"d_model {cfg.d_model}, {cfg.layers} layers, context {cfg.context})")
+    report = {"config": dataclasses.asdict(cfg), "source": source, "n_train": len(train), "n_test": len(test),
+              "n_matcher_train": min(cfg.matcher_pairs, len(train)), "models": {}}
     for arch in ARCHS:
-        start = time.perf_counter()
-        tc = TrainConfig(data=[str(data_dir / "train.jsonl.gz")], text_field=["summary", "document"], arch=arch,
-                         d_model=cfg.d_model, layers=cfg.layers, context=cfg.context, batch_size=cfg.batch_size,
-                         steps=steps, eval_every=max(steps // 4, 1), seed=cfg.seed, out=str(out / "runs" / arch),
-                         overwrite=True, tokenizer="bpe")
-        model_dirs[arch] = pretrain(tc)
-        pretrain_seconds[arch] = time.perf_counter() - start
-        echo(f"   {arch}: {pretrain_seconds[arch]:.0f} s -> {model_dirs[arch]}")
+        facts = train_model(arch, cfg, data_dir, out, echo)
+        model_dir = Path(facts["dir"])
+        model = load(model_dir)
+        fusion = Fusion.from_dict(io.read_json(model_dir / FUSION_NAME), str(model_dir / FUSION_NAME))
 
-    report = {"config": dataclasses.asdict(cfg), "steps": steps, "n_train": len(train), "n_test": len(test),
-              "n_matcher_train": min(cfg.matcher_pairs, len(train)),
-              "models": {}, "pooling": {}}
-    for arch in ARCHS:
-        model = load(model_dirs[arch])
-        val = _final_val_loss(Path(model_dirs[arch]))
-        # 3. matcher on last-token embeddings of the training pairs
+        # 3. a matcher on the fine-tuned embeddings of the training pairs
         mtrain = train[:cfg.matcher_pairs]
         echo(f"== {arch}: embedding {2 * (len(mtrain) + len(test))} texts, training the matcher")
         q = encode(model, [p.query for p in mtrain + test])
@@ -132,29 +172,30 @@ def _run(cfg: QuickstartConfig, echo: Callable[[str], None]) -> dict:
         n = len(mtrain)
         (tq, tt, _), (sq, st, _) = dedupe_queries(q[:n], t[:n]), dedupe_queries(q[n:], t[n:])
         mcfg = MatcherConfig(emb_dim=q.shape[1], context=32, d_model=cfg.matcher_d_model,
-                             n_layers=cfg.matcher_layers, embedder=io.file_hash(Path(model_dirs[arch]) /
-                                                                                    io.WEIGHTS_NAME))
+                             n_layers=cfg.matcher_layers, embedder=io.file_hash(model_dir / io.WEIGHTS_NAME))
         matcher, mmetrics = train_matcher(tq, tt, sq, st, mcfg, epochs=cfg.matcher_epochs, seed=cfg.seed,
-                                          out_dir=out / "matchers" / arch, progress=False)
-        # 4. index the test documents (the corpus searched by `mixret search` below)
+                                          out_dir=out / "matchers" / arch, progress=False, overwrite=True)
+
+        # 4. the test documents embedded and indexed: the corpus `mixret search` searches below
         emb_dir = out / "emb" / arch
-        embed_corpus(model_dirs[arch], data_dir / "test.jsonl.gz", emb_dir, field="document", overwrite=True)
+        embed_corpus(model_dir, data_dir / "test.jsonl.gz", emb_dir, field="document", overwrite=True)
         emb, *_ = _load_emb(emb_dir)
         VectorIndex.build(emb, "Flat", meta={"model_hash": mcfg.embedder,
-                                             "model_path": str(Path(model_dirs[arch]).resolve())}).save(emb_dir)
+                                             "model_path": str(model_dir.resolve())}).save(emb_dir)
+
         # 5. every mode on the held-out pairs; tree on a sample of queries
-        echo(f"== {arch}: evaluating vector, hybrid, tree ({min(cfg.tree_queries, len(test))} queries), bm25")
-        rep = evaluate_pairs(test, model, matcher, modes=["vector", "hybrid", "bm25"])
-        tree = evaluate_pairs(test, model, matcher, modes=["tree"], limit=cfg.tree_queries)
+        echo(f"== {arch}: evaluating vector, fusion, hybrid, tree ({min(cfg.tree_queries, len(test))} queries), "
+             f"bm25")
+        rep = evaluate_pairs(test, model, matcher, modes=["vector", "fusion", "hybrid", "bm25"],
+                             pooling=model.config.pooling, fusion=fusion)
+        tree = evaluate_pairs(test, model, matcher, modes=["tree"], limit=cfg.tree_queries,
+                              pooling=model.config.pooling)
         rep["modes"]["tree"] = tree["modes"]["tree"]
         rep["tree_queries"] = tree["n_queries"]
-        report["models"][arch] = {"dir": str(model_dirs[arch]), "val_loss": val, "params": model.num_params(),
-                                  "pretrain_seconds": pretrain_seconds[arch], "matcher": _matcher_summary(mmetrics),
-                                  "eval": rep}
-        # 6. which position to embed: the last content token, an appended end-of-text token, or the mean
-        report["pooling"][arch] = {p: rep["modes"]["vector"] if p == "last" else
-                                   evaluate_pairs(test, model, modes=["vector"], pooling=p)["modes"]["vector"]
-                                   for p in POOLINGS}
+        report["models"][arch] = {**facts, "params": model.num_params(), "pooling": model.config.pooling,
+                                  "fusion": {"weight": fusion.weight, "method": fusion.method},
+                                  "matcher_dir": str(out / "matchers" / arch), "emb_dir": str(emb_dir),
+                                  "matcher": _matcher_summary(mmetrics), "eval": rep}
     report["chance"] = rep["chance"]
     report["seconds"] = time.perf_counter() - t0
     report["machine"] = machine_description()
@@ -167,19 +208,19 @@ def _run(cfg: QuickstartConfig, echo: Callable[[str], None]) -> dict:
 
 
 def example_search(report: dict, cfg: QuickstartConfig) -> list[str]:
-    """Arguments of one `mixret search` call on the masked mixer's index: hybrid mode, the first test query."""
+    """Arguments of one `mixret search` call on the masked mixer's index: fusion mode, the first test query."""
     from mixret.data import load_pairs
     out = Path(cfg.out)
     query = load_pairs(out / "data" / "test.jsonl.gz")[0].query
-    return ["search", query, "--index", str(out / "emb" / ARCHS[0]), "--matcher", str(out / "matchers" / ARCHS[0]),
-            "--mode", "hybrid", "-k", "5"]
+    return ["search", query, "--index", str(out / "emb" / ARCHS[0]), "--model", report["models"][ARCHS[0]]["dir"],
+            "--mode", "fusion", "-k", "5"]
 
 
-def _final_val_loss(run_dir: Path) -> float | None:
+def _last_metric(run_dir: Path, key: str):
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return None
-    vals = [r["val_loss"] for r in map(json.loads, path.read_text().splitlines()) if r.get("val_loss") is not None]
+    vals = [r[key] for r in map(json.loads, path.read_text().splitlines()) if r.get(key) is not None]
     return vals[-1] if vals else None
 
 
@@ -210,18 +251,21 @@ def machine_description() -> str:
 
 
 def format_report(report: dict) -> str:
-    """The comparison table (markdown) and the pooling and matcher side tables."""
+    """The comparison table (markdown) and the models' side table."""
     cols = ("R@1", "R@10", "MRR@10", "nDCG@10")
+    cfg = report["config"]
     any_eval = next(iter(report["models"].values()))["eval"]
-    lines = [f"Retrieval of {any_eval['n_queries']} held-out Debian package summaries among their "
-             f"{any_eval['corpus_size']} documents (tree: first {any_eval.get('tree_queries')} queries). "
-             f"Pretraining: {report['steps']} steps each on {report['n_train']} training pairs; matchers trained "
-             f"on {report['n_matcher_train']} of them; machine: {report['machine']}.", "",
+    share = f"{cfg['pretrain_share']:.0%} CLM pretraining then " if cfg["pretrain_share"] else ""
+    lines = [f"Retrieval of {any_eval['n_queries']} held-out queries among their {any_eval['corpus_size']} "
+             f"documents ({report['source']}; tree: first {any_eval.get('tree_queries')} queries). Each model: "
+             f"{next(iter(report['models'].values()))['train_minutes']:.1f} min of training ({share}contrastive "
+             f"fine-tuning) on {report['n_train']} training pairs; matchers trained on {report['n_matcher_train']} "
+             f"of them; machine: {report['machine']}.", "",
              "| model | mode | " + " | ".join(cols) + " | queries/s | matcher passes/query |",
              "|---|---|" + "---:|" * (len(cols) + 2)]
     bm25_done = False
     for arch, m in report["models"].items():
-        for mode in ("vector", "tree", "hybrid", "bm25"):
+        for mode in ("vector", "fusion", "hybrid", "tree", "bm25"):
             if mode == "bm25":
                 if bm25_done:
                     continue
@@ -233,19 +277,16 @@ def format_report(report: dict) -> str:
             lines.append(f"| {name} | {mode} | " + " | ".join(f"{r[c]:.3f}" for c in cols) + f" | {qps} | {passes} |")
     ch = report["chance"]
     lines.append("| - | chance | " + " | ".join(f"{ch[c]:.3f}" if c in ch else "-" for c in cols) + " | - | - |")
-    lines += ["", "Models and matchers:", "",
-              "| model | parameters | pretrain s | val loss | matcher test CE (chance) | matcher top-1 of 31 |",
-              "|---|---:|---:|---:|---:|---:|"]
+    lines += ["", "Models:", "",
+              "| model | parameters | pooling | pretrain steps (s) | fine-tune steps (s) | validation R@1 | "
+              "fusion weight | matcher top-1 of 31 (chance) |",
+              "|---|---:|---|---:|---:|---:|---:|---:|"]
     for arch, m in report["models"].items():
         mm = m["matcher"]
-        val = f"{m['val_loss']:.3f}" if m["val_loss"] is not None else "-"
-        ce = f"{mm['test_ce']:.3f} ({mm['chance_ce']:.3f})" if mm["test_ce"] is not None else "-"
-        top1 = f"{mm['test_top1']:.3f}" if mm["test_top1"] is not None else "-"
-        lines.append(f"| {arch} | {m['params']:,} | {m['pretrain_seconds']:.0f} | {val} | {ce} | {top1} |")
-    lines += ["", "Which position is embedded (vector search, R@1 / MRR@10): last content token, an appended "
-              "end-of-text token, mean of all tokens:", "", "| model | " + " | ".join(POOLINGS) + " |",
-              "|---|" + "---:|" * len(POOLINGS)]
-    for arch, per in report["pooling"].items():
-        lines.append(f"| {arch} | " + " | ".join(f"{per[p]['R@1']:.3f} / {per[p]['MRR@10']:.3f}"
-                                                 for p in POOLINGS) + " |")
+        pre = f"{m['pretrain_steps']} ({m['pretrain_seconds']:.0f})" if m.get("pretrain_steps") else "-"
+        top1 = f"{mm['test_top1']:.3f} ({1 / 31:.3f})" if mm["test_top1"] is not None else "-"
+        val = f"{m['val_r1']:.3f}" if m.get("val_r1") is not None else "-"
+        lines.append(f"| {arch} | {m['params']:,} | {m['pooling']} | {pre} | {m['finetune_steps']} "
+                     f"({m['finetune_seconds']:.0f}) | {val} | {m['fusion']['weight']:.2f} ({m['fusion']['method']}) "
+                     f"| {top1} |")
     return "\n".join(lines)

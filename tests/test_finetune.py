@@ -1,7 +1,6 @@
 """Contrastive fine-tuning: a planted-signal corpus it must solve with either pooling, SIGTERM + resume equal
 to an uninterrupted run, the fusion weight fitted on validation pairs only, and the running-mean init."""
 import dataclasses
-import itertools
 import json
 import os
 import signal
@@ -27,29 +26,14 @@ from mixret.finetune import FinetuneConfig, epoch_batches, finetune, validation_
 from mixret.fusion import Fusion
 from mixret.loop import LoopConfig
 from mixret.models import ModelConfig, build_model
+from planted import planted_pairs
 
 ROOT = Path(__file__).resolve().parent.parent
-FILLER = ["the", "a", "tool", "for", "and", "with", "data", "library", "files", "small"]
 
 
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MIXRET_CACHE", str(tmp_path / "cache"))
-
-
-def planted_pairs(n=276, n_words=24, seed=0) -> list[Pair]:
-    """Each pair shares two rare words (a distinct combination of 24) between query and document, amid common
-    filler words: a model can only match them by those words, and held-out pairs use unseen combinations."""
-    rng = np.random.default_rng(seed)
-    words = ["".join(w) for w in rng.choice(list("bcdfghjklmnpqrstvwxz"), (n_words, 4))]
-    combos = list(itertools.combinations(range(n_words), 2))
-    rng.shuffle(combos)
-    pairs = []
-    for i, (a, b) in enumerate(combos[:n]):
-        query = f"{words[a]} {rng.choice(FILLER)} {words[b]}"
-        doc = " ".join([*rng.choice(FILLER, 3), words[b], *rng.choice(FILLER, 2), words[a], *rng.choice(FILLER, 2)])
-        pairs.append(Pair(f"p{i}", query, doc))
-    return pairs
 
 
 def tiny(pooling="last", **loop) -> dict:
