@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from close import assert_close
 from mixret.errors import MixretError
 from mixret.matcher import (
     Matcher, MatcherConfig, as_pair_set, build_eval_sets, dedupe_queries, evaluate, hard_negative_pool,
@@ -97,8 +98,8 @@ def test_mask_acts_as_padding(trained):
         short = matcher(qs, cands[:, :12].contiguous())
         noisy = matcher(qs, torch.cat([cands[:, :12], torch.full((8, 8, E), float("nan"))], 1), mask)
     assert torch.isinf(masked[:, 12:]).all() and (masked[:, 12:] < 0).all()
-    torch.testing.assert_close(masked[:, :12], short)
-    torch.testing.assert_close(noisy[:, :12], short)  # masked-out content has no influence
+    assert_close(masked[:, :12], short)
+    assert_close(noisy[:, :12], short)  # masked-out content has no influence
 
 
 def test_score_candidates_matches_forward(trained):
@@ -107,7 +108,7 @@ def test_score_candidates_matches_forward(trained):
     scores = score_candidates(matcher, qs, cands, batch_size=3)
     assert isinstance(scores, np.ndarray) and scores.shape == (10, 31)
     with torch.no_grad():
-        np.testing.assert_allclose(scores, matcher(qs, cands).numpy(), rtol=1e-5, atol=1e-5)
+        assert_close(scores, matcher(qs, cands).numpy())
 
 
 # -- candidate sets ---------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from close import assert_close
 from mixret.errors import MixretError
 from mixret.matcher import Matcher, MatcherConfig, score_candidates
 from mixret.search import (BM25Index, Retriever, VectorIndex, matcher_score_fn, tournament, tournament_passes,
@@ -53,7 +54,7 @@ def test_tree_search_dot_product_is_exact(M, G, k):
     idx, scores, passes = tree_search(dot_score(calls), query, corpus, k, G)
     exact = np.argsort(-(corpus @ query), kind="stable")[:k]
     np.testing.assert_array_equal(idx, exact)
-    np.testing.assert_allclose(scores, (corpus @ query)[exact], rtol=1e-5)
+    assert_close(scores, (corpus @ query)[exact])
     assert passes == tournament_passes(M, k, G)
     assert sum(shape[0] for shape in calls) == passes          # one (query, group) row per pass
     assert all(shape[1] <= G for shape in calls)
@@ -113,7 +114,7 @@ def test_tree_search_with_real_matcher_equals_exhaustive_group_scoring():
     for k in (1, 3):
         idx, scores, passes = tree_search(matcher_score_fn(matcher), query, corpus, k, G)
         np.testing.assert_array_equal(idx, np.argsort(-exhaustive, kind="stable")[:k])
-        np.testing.assert_allclose(scores, exhaustive[idx], rtol=1e-4, atol=1e-5)
+        assert_close(scores, exhaustive[idx])
         assert passes == tournament_passes(200, k, G) == math.ceil((200 - k) / (G - k))
 
 
@@ -161,12 +162,12 @@ def test_flat_index_returns_exact_neighbours():
     qn = q / np.linalg.norm(q, axis=1, keepdims=True)
     cos = qn @ xn.T
     np.testing.assert_array_equal(idx, np.argsort(-cos, axis=1)[:, :10])
-    np.testing.assert_allclose(scores, np.take_along_axis(cos, idx, 1), rtol=1e-5)
+    assert_close(scores, np.take_along_axis(cos, idx, 1))
 
     scores, idx = VectorIndex.build(x, "Flat", "l2").search(q, 10)
     d2 = ((q[:, None, :] - x[None]) ** 2).sum(-1)
     np.testing.assert_array_equal(idx, np.argsort(d2, axis=1)[:, :10])
-    np.testing.assert_allclose(scores, np.take_along_axis(d2, idx, 1), rtol=1e-4)
+    assert_close(scores, np.take_along_axis(d2, idx, 1))
 
 
 def test_index_save_load_and_refusals(tmp_path):
