@@ -202,3 +202,26 @@ def test_tiny_model_overfits_one_batch(name):
         if loss.item() < 0.1:
             break
     assert loss.item() < 0.1, (name, step, loss.item())
+
+
+@pytest.mark.parametrize("name", [n for n in CONFIGS if CONFIGS[n]["arch"] == "masked-mixer"])
+def test_every_mixing_parameter_is_used(name):
+    """Each mixing matrix and each bias row moves the mixer's output: no dead parameters (a kernel-k mixer
+    once created k bias rows and used only the first)."""
+    model = make(name).train()
+    C = TINY["context"]
+    tril = torch.tril(torch.ones(C, C, dtype=torch.bool))
+    for block in model.blocks:
+        mix = block.mix
+        (mix(torch.randn(2, C, TINY["d_model"])) * torch.randn(2, C, TINY["d_model"])).sum().backward()
+        assert torch.all(mix.mats.weight.grad[:, tril] != 0)
+        assert torch.all(mix.mats.bias.grad != 0), name
+
+
+def test_kernel_mixer_adds_only_its_extra_matrices():
+    """kernel k = the flat mixer plus k-1 mixing matrices per layer; one bias, as the k products are summed."""
+    C, L, k = TINY["context"], TINY["n_layers"], 4
+    flat = build_model(ModelConfig(**TINY, arch="masked-mixer"))
+    kernel = build_model(ModelConfig(**TINY, arch="masked-mixer", mixer_kernel=k))
+    assert kernel.num_params() - flat.num_params() == L * (k - 1) * C * C
+    assert tuple(kernel.blocks[0].mix.mats.bias.shape) == (1, C)
