@@ -5,7 +5,8 @@ truncated to `max_length` tokens (the first ones are kept). Pooling:
     last  hidden state at the last content token (default)
     eos   append eos and take its hidden state; eos never predicts anything in training, so this is
           offered only for comparison
-    mean  mean hidden state over all tokens of the text (bos included)
+    mean  mean hidden state over the text's tokens, bos excluded (a causal model's output at bos is the
+          same for every text, so averaging it in only pulls all embeddings towards one point)
 Texts are batched by length and right-padded; every architecture is causal, so padding never changes an
 embedding, and results come back in input order.
 
@@ -145,9 +146,9 @@ def token_sequences(tokenizer, texts: list[str], max_length: int, pooling: str) 
 
 def pool(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
     """[B, L] right-padded ids and 0/1 mask -> [B, D] float32."""
-    if pooling == "mean":
-        h = model.hidden(input_ids).float()             # [B, L, D]
-        m = attention_mask.unsqueeze(-1).to(h.dtype)    # [B, L, 1]
+    if pooling == "mean":  # positions 1.. only: bos (position 0) has the same hidden state in every text
+        h = model.hidden(input_ids)[:, 1:].float()           # [B, L-1, D]
+        m = attention_mask[:, 1:].unsqueeze(-1).to(h.dtype)  # [B, L-1, 1]; every text has a content token
         return (h * m).sum(dim=1) / m.sum(dim=1)
     # "last" and "eos": the last real token is the last content token, or the appended eos
     return model.embed(input_ids, attention_mask).float()

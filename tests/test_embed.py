@@ -82,8 +82,21 @@ def test_pooling_positions():
     last, eos, mean = (encode(model, batch, pooling=p)[0] for p in ("last", "eos", "mean"))
     assert_close(last, h[len(ids) - 1].numpy())
     assert_close(eos, h_eos[-1].numpy())
-    assert_close(mean, h.mean(0).numpy())
+    assert_close(mean, h[1:].mean(0).numpy())  # the content tokens: bos is left out
     assert not np.allclose(last, eos, atol=1e-3)  # the two positions really differ
+
+
+def test_mean_pooling_leaves_out_bos():
+    """bos comes first in every text, so a causal model's output there is the same for all of them: the mean
+    must average the content tokens only."""
+    model = make()
+    texts = ["first text", "another, longer second text"]
+    hs = [hidden_of(model, [TOK.bos_id] + TOK.encode(t)) for t in texts]
+    assert torch.equal(hs[0][0], hs[1][0])  # the bos state is shared
+    mean = encode(model, texts, pooling="mean")
+    for row, h in zip(mean, hs):
+        assert_close(row, h[1:].mean(0))
+        assert not np.allclose(row, h.mean(0).numpy(), rtol=1e-3, atol=0)
 
 
 def test_output_order_equals_input_order_after_length_sorting():
