@@ -252,6 +252,16 @@ def load_pairs(
     return pairs
 
 
+def drop_repeated_queries(pairs: Iterable[Pair]) -> tuple[list[Pair], int]:
+    """Keep the first pair of each query text -> (pairs, number dropped). A query with two relevant
+    documents has no single right answer: train-matcher and evaluate both drop the later pairs, before
+    splitting, so that they agree on the test split."""
+    pairs = list(pairs)
+    seen: set[str] = set()
+    kept = [p for p in pairs if not (p.query in seen or seen.add(p.query))]
+    return kept, len(pairs) - len(kept)
+
+
 def _unit_hash(pair_id: str) -> float:
     """Stable number in [0, 1) from blake2b of the id."""
     return int.from_bytes(hashlib.blake2b(pair_id.encode("utf-8"), digest_size=8).digest(), "big") / 2**64

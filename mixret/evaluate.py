@@ -1,8 +1,15 @@
 """Retrieval evaluation: every test query against the whole corpus of the test targets.
 
 The corpus is the distinct target texts of the pairs; each query has one relevant document, its own
-target. Metrics (R@1, R@10, MRR@10, nDCG@10) are computed with ranx from the ranked lists each search
-mode returns; ranx sees scores derived from the ranks, so its tie-breaking never reorders a ranking.
+target. A query text that repeats an earlier pair's query is dropped (as `train-matcher` drops it), and
+the report says how many were. Metrics (R@1, R@10, MRR@10, nDCG@10) are computed with ranx from the
+ranked lists each search mode returns; ranx sees scores derived from the ranks, so its tie-breaking
+never reorders a ranking.
+
+Ties are pessimistic: the relevant document is ranked after every document that scores the same as it
+(see `mixret.search`: each search gets the relevant documents as `losers`). A model that gives every
+document the same score therefore finds nothing (R@1 = 0), rather than whatever the search library's
+order of equal scores happens to favour.
 queries/s counts the time to embed the queries (for the modes that use embeddings) and to search;
 embedding the corpus and building its indexes is done once, before, and not counted.
 """
@@ -13,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from mixret.data import drop_repeated_queries
 from mixret.errors import MixretError
 from mixret.search import MODES, SHORTLIST_SOURCES, Retriever
 
@@ -77,11 +85,13 @@ def evaluate_pairs(pairs: Sequence, model=None, matcher=None, modes: str | Seque
         raise MixretError(f"unknown shortlist source {shortlist_from!r}; expected vector or bm25")
     if limit is not None and limit < 1:
         raise MixretError(f"--limit must be a positive number of queries, got {limit}")
+    pairs, n_repeated = drop_repeated_queries(pairs)
     queries, docs, qrels = corpus_and_qrels(pairs)
     if not queries:
         raise MixretError("no pairs to evaluate")
     n = len(queries) if limit is None else min(limit, len(queries))
     queries, qrels = queries[:n], {f"q{i}": qrels[f"q{i}"] for i in range(n)}
+    gold = np.array([int(next(iter(qrels[f"q{i}"]))[1:]) for i in range(n)], dtype=np.int64)  # "d{j}" -> j
     k = min(K, len(docs))
     needs_emb = any(m != "bm25" for m in modes)
     if needs_emb and model is None:
@@ -98,19 +108,21 @@ def evaluate_pairs(pairs: Sequence, model=None, matcher=None, modes: str | Seque
         embed_seconds = time.perf_counter() - start
     else:
         corpus_seconds = 0.0
-    retriever = Retriever(corpus_emb, docs, matcher=matcher)
+    uses_matcher = any(m in MATCHER_MODES for m in modes)
+    retriever = Retriever(corpus_emb, docs, matcher=matcher if uses_matcher else None)
     report = {
-        "n_queries": n, "corpus_size": len(docs), "k": k, "pooling": pooling if needs_emb else None,
+        "n_queries": n, "repeated_queries_dropped": n_repeated, "corpus_size": len(docs), "k": k,
+        "ties": "pessimistic", "pooling": pooling if needs_emb else None,
         "shortlist": min(shortlist, len(docs)) if "hybrid" in modes else None,
         "shortlist_from": shortlist_from if "hybrid" in modes else None,
-        "matcher_context": matcher.config.context if matcher is not None else None,
+        "matcher_context": matcher.config.context if uses_matcher else None,
         "chance": {"R@1": 1 / len(docs), "R@10": k / len(docs)},
         "corpus_embed_seconds": corpus_seconds, "query_embed_seconds": embed_seconds,
         "modes": {},
     }
     for mode in modes:
         result = retriever.search(mode, k, query_emb=query_emb, queries=queries, shortlist=shortlist,
-                                  shortlist_from=shortlist_from)
+                                  shortlist_from=shortlist_from, losers=gold)
         seconds = result.seconds + (embed_seconds if mode != "bm25" else 0.0)
         report["modes"][mode] = {
             **ir_metrics(qrels, run_from(result.indices)),

@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mixret import io
+from mixret.data import drop_repeated_queries  # noqa: F401  (mixret.matcher.drop_repeated_queries)
 from mixret.errors import MixretError
 
 HARD_POOL_FACTOR = 4  # hard negatives are drawn each step from this many times K nearest targets
@@ -383,17 +384,6 @@ def dedupe_queries(queries, targets) -> tuple[np.ndarray, np.ndarray, np.ndarray
     _, first = np.unique(q, axis=0, return_index=True)
     keep = np.sort(first)
     return q[keep], np.asarray(targets)[keep], keep
-
-
-def drop_repeated_queries(pairs: list) -> tuple[list, int]:
-    """Keep the first pair of each query text -> (pairs, number dropped)."""
-    seen: set[str] = set()
-    kept = []
-    for p in pairs:
-        if p.query not in seen:
-            seen.add(p.query)
-            kept.append(p)
-    return kept, len(pairs) - len(kept)
 
 
 def embed_pairs(pairs: list, model: str | os.PathLike | None = None,

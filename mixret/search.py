@@ -21,6 +21,14 @@ matcher forward passes per query: ceil((M - 1) / (context - 2)) for k = 1. It ne
 M > G. When the matcher's logit for a candidate does not depend on the other candidates, the top k
 of the corpus are never knocked out (each is in the top k of every group it plays in), so the
 tournament returns exactly the corpus top k.
+
+Ties. A search breaks ties between equal scores in whatever order its library returns them. An
+evaluation must not let that order favour the relevant document, so every search takes `losers`: one
+corpus row per query that loses every tie (evaluation passes the query's relevant document). The
+tournament sorts each group by score, then the loser last among equal scores; vector and bm25 search
+fetch one result beyond k (and a hybrid shortlist one beyond its size) and move the loser behind every
+result that scores the same (`pessimistic_cut`), so a loser tied with the first result left out is
+left out too. With constant scores the loser is therefore never found.
 """
 from __future__ import annotations
 
@@ -278,13 +286,15 @@ def check_tournament(n: int, k: int, group_size: int) -> None:
 
 
 def tournament(score_fn: ScoreFn, queries, corpus, k: int, group_size: int,
-               candidates: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               candidates: np.ndarray | None = None, losers: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rank candidates for each query by a knockout tournament of matcher passes.
 
     queries [Q, E], corpus [M, E], candidates [Q, S] corpus indices (-1 = none; default: the whole
     corpus for every query) -> (indices [Q, k'] int64, scores [Q, k'] float32, passes [Q] int64) with
     k' = min(k, S), best first; indices are -1 (scores -inf) where a query had fewer candidates.
-    passes counts, per query, the groups holding at least one candidate.
+    passes counts, per query, the groups holding at least one candidate. losers [Q]: a corpus row per
+    query that is ranked after every candidate of its group with an equal score (see the module docstring).
     """
     q = np.asarray(queries, dtype=np.float32)
     corpus = np.asarray(corpus, dtype=np.float32)
@@ -302,15 +312,44 @@ def tournament(score_fn: ScoreFn, queries, corpus, k: int, group_size: int,
         groups = survivors[:, :n_groups * G].reshape(Q * n_groups, G)  # [Q*g, G]
         logits = _score_groups(score_fn, np.repeat(q, n_groups, axis=0), corpus, groups)
         passes += (groups >= 0).any(1).reshape(Q, n_groups).sum(1)
-        best = np.argsort(-logits, axis=1, kind="stable")[:, :k]        # [Q*g, k]
+        group_losers = None if losers is None else np.repeat(losers, n_groups)
+        best = _best_first(logits, groups, group_losers)[:, :k]         # [Q*g, k]
         winners = np.take_along_axis(groups, best, axis=1).reshape(Q, n_groups * k)
         survivors = np.concatenate([survivors[:, n_groups * G:], winners], axis=1)
     logits = _score_groups(score_fn, q, corpus, survivors)              # [Q, n <= G]
     passes += (survivors >= 0).any(1)
-    order = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    order = _best_first(logits, survivors, losers)[:, :k]
     indices = np.take_along_axis(survivors, order, axis=1)
     scores = np.take_along_axis(logits, order, axis=1)
     return indices, scores.astype(np.float32), passes
+
+
+def _best_first(logits: np.ndarray, groups: np.ndarray, losers: np.ndarray | None) -> np.ndarray:
+    """Column order of each row of logits [B, N], highest first; equal logits keep their order, except that
+    the row's loser (a corpus index in groups [B, N]) goes after all the others with its logit."""
+    if losers is None:
+        return np.argsort(-logits, axis=1, kind="stable")
+    return np.lexsort((groups == np.asarray(losers)[:, None], -logits), axis=-1)
+
+
+def pessimistic_cut(indices: np.ndarray, scores: np.ndarray, losers: np.ndarray, depth: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Ranked lists [Q, n] (best first, -1 = none) with each query's loser moved behind every result with the
+    same score, cut to `depth` columns. Pass n = depth + 1 when more results exist, so that a loser tied with
+    the first result beyond the cut falls outside it."""
+    out_i, out_s = indices[:, :depth].copy(), scores[:, :depth].copy()
+    for row, loser in enumerate(np.asarray(losers).tolist()):
+        idx, sc = indices[row].tolist(), scores[row].tolist()
+        if loser not in idx:
+            continue
+        j = idx.index(loser)
+        t = j
+        while t + 1 < len(idx) and idx[t + 1] >= 0 and sc[t + 1] == sc[j]:
+            t += 1
+        idx.insert(t, idx.pop(j))
+        sc.insert(t, sc.pop(j))
+        out_i[row], out_s[row] = idx[:depth], sc[:depth]
+    return out_i, out_s
 
 
 def tree_search(score_fn: ScoreFn, query, corpus, k: int, group_size: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -409,9 +448,11 @@ class Retriever:
         return self.matcher.config.context - 1
 
     def search(self, mode: str, k: int, query_emb=None, queries: Sequence[str] | None = None,
-               shortlist: int = 256, shortlist_from: str = "vector") -> SearchResult:
+               shortlist: int = 256, shortlist_from: str = "vector", losers=None) -> SearchResult:
         """Top k per query. vector and tree need query_emb [Q, E]; bm25 needs the query texts;
-        hybrid needs query_emb and, with shortlist_from="bm25", the texts as well."""
+        hybrid needs query_emb and, with shortlist_from="bm25", the texts as well. losers [Q]: a corpus
+        row per query that loses every tie (evaluation passes each query's relevant document; see the
+        module docstring)."""
         import time
         if mode not in MODES:
             raise MixretError(f"unknown search mode {mode!r}; expected one of {', '.join(MODES)}")
@@ -419,17 +460,22 @@ class Retriever:
             raise MixretError(f"k={k} but the corpus has {len(self)} texts; k must be between 1 and {len(self)}")
         if mode in ("tree", "hybrid") and self.matcher is None:
             raise MixretError(f"{mode} search needs a matcher (--matcher DIR)")
+        if losers is not None:
+            losers = np.asarray(losers, dtype=np.int64)
         start = time.perf_counter()
-        if mode == "bm25":
-            scores, indices = self.bm25.search(self._texts(queries), k)
-            passes = np.zeros(len(indices), dtype=np.int64)
-        elif mode == "vector":
-            scores, indices = self.index.search(self._query_emb(query_emb), k)
+        if mode in ("bm25", "vector"):
+            depth = k if losers is None else min(k + 1, len(self))  # one more, to see a tie at the cut
+            if mode == "bm25":
+                scores, indices = self.bm25.search(self._texts(queries), depth)
+            else:
+                scores, indices = self.index.search(self._query_emb(query_emb), depth)
+            if losers is not None:
+                indices, scores = pessimistic_cut(indices, scores, losers, k)
             passes = np.zeros(len(indices), dtype=np.int64)
         elif mode == "tree":
             q = self._query_emb(query_emb)
             check_tournament(len(self), k, self.group_size)
-            indices, scores, passes = self._tournament(q, None, k)
+            indices, scores, passes = self._tournament(q, None, k, losers)
         else:
             q = self._query_emb(query_emb)
             if shortlist_from not in SHORTLIST_SOURCES:
@@ -438,20 +484,24 @@ class Retriever:
             if size < k:
                 raise MixretError(f"the shortlist ({shortlist}) must hold at least k={k} candidates")
             check_tournament(size, k, self.group_size)
+            depth = size if losers is None else min(size + 1, len(self))
             if shortlist_from == "vector":
-                _, cands = self.index.search(q, size)
+                cand_scores, cands = self.index.search(q, depth)
             else:
-                _, cands = self.bm25.search(self._texts(queries), size)
-            indices, scores, passes = self._tournament(q, cands, k)
+                cand_scores, cands = self.bm25.search(self._texts(queries), depth)
+            if losers is not None:
+                cands, _ = pessimistic_cut(cands, cand_scores, losers, size)
+            indices, scores, passes = self._tournament(q, cands, k, losers)
         return SearchResult(indices, scores, passes, time.perf_counter() - start)
 
-    def _tournament(self, q: np.ndarray, cands: np.ndarray | None, k: int):
+    def _tournament(self, q: np.ndarray, cands: np.ndarray | None, k: int, losers: np.ndarray | None = None):
         """The tournament in chunks of queries, so that the gathered candidates stay within budget."""
         score_fn = matcher_score_fn(self.matcher)
         n = len(self) if cands is None else cands.shape[1]
         chunk = max(1, self.query_chunk_bytes // (4 * n * self.embeddings.shape[1]))
         parts = [tournament(score_fn, q[i:i + chunk], self.embeddings, k, self.group_size,
-                            None if cands is None else cands[i:i + chunk])
+                            None if cands is None else cands[i:i + chunk],
+                            None if losers is None else losers[i:i + chunk])
                  for i in range(0, max(len(q), 1), chunk)]  # no queries: one empty call
         return tuple(np.concatenate(p) for p in zip(*parts))
 

@@ -50,6 +50,67 @@ def test_run_from_keeps_our_order_despite_ties():
     assert m["MRR@10"] == pytest.approx((1 / 2 + 1) / 2)
 
 
+def test_pessimistic_cut_puts_the_relevant_document_after_its_ties():
+    from mixret.search import pessimistic_cut
+    idx = np.array([[7, 3, 5, 1],      # gold 3 ties with 5: goes after it
+                    [3, 5, 1, 2],      # gold 3 ties with all, down to the one beyond the cut
+                    [4, 3, 5, 1],      # gold 3 strictly between 4 and 5: stays
+                    [9, 8, 7, 6],      # gold absent
+                    [3, 2, -1, -1]])   # short list: gold ties with 2
+    sc = np.array([[9., 5., 5., 1.], [2., 2., 2., 2.], [3., 2., 1., 0.], [4., 3., 2., 1.], [1., 1., 0., 0.]])
+    out, scores = pessimistic_cut(idx, sc, np.array([3, 3, 3, 3, 3]), 3)
+    np.testing.assert_array_equal(out, [[7, 5, 3], [5, 1, 2], [4, 3, 5], [9, 8, 7], [2, 3, -1]])
+    np.testing.assert_array_equal(scores[0], [9., 5., 5.])
+
+
+class Constant:
+    """An embedding model that gives every text the same vector: every document ties with every other."""
+
+    def encode(self, texts, batch_size=64, **kwargs):
+        return np.ones((len(texts), 8), np.float32)
+
+
+def constant_matcher(emb_dim: int, context: int) -> Matcher:
+    """A matcher whose logit is the same for every candidate."""
+    matcher = Matcher(MatcherConfig(emb_dim=emb_dim, d_model=16, n_layers=1, context=context)).eval()
+    torch.nn.init.zeros_(matcher.head.weight)
+    return matcher
+
+
+def test_ties_never_count_for_the_relevant_document():
+    """Constant scores find nothing in every mode (the search libraries' own order of equal scores would put
+    some relevant documents first: FAISS returns the last rows first, the tournament the first)."""
+    pairs = pairs_fixture(60)
+    unrelated = [Pair(p.id, f"zz{i}", p.target) for i, p in enumerate(pairs)]  # BM25 scores all 0
+    report = evaluate_pairs(unrelated, Constant(), constant_matcher(8, 16), "all", shortlist=30)
+    assert report["ties"] == "pessimistic"
+    for mode, m in report["modes"].items():
+        assert m["R@1"] == m["R@10"] == m["MRR@10"] == m["nDCG@10"] == 0.0, mode
+    # a single tie at the top: the relevant document ranks second, not first
+    report = evaluate_pairs(pairs[:12], TieWithFirst(pairs[:12]), None, "vector")
+    assert report["modes"]["vector"]["R@1"] == 0.0 and report["modes"]["vector"]["MRR@10"] == pytest.approx(0.5)
+
+
+class TieWithFirst:
+    """Query i's embedding is equally close to its target and to one other document, and far from the rest."""
+
+    def __init__(self, pairs):
+        self.queries = [p.query for p in pairs]
+        self.targets = [p.target for p in pairs]
+
+    def encode(self, texts, batch_size=64, **kwargs):
+        n = len(self.targets)
+        out = np.zeros((len(texts), 2 * n), np.float32)
+        for r, t in enumerate(texts):
+            if t in self.queries:
+                i = self.queries.index(t)
+                out[r, i] = out[r, n + (i + 1) % n] = 1.0
+            else:
+                j = self.targets.index(t)
+                out[r, j] = out[r, n + j] = 1.0  # target j: cos = 1/2 with query j and with query j-1
+        return out
+
+
 def test_corpus_merges_repeated_targets():
     pairs = [Pair("1", "qa", "doc A"), Pair("2", "qb", "doc B"), Pair("3", "qc", "doc A")]
     queries, docs, qrels = corpus_and_qrels(pairs)
@@ -83,6 +144,14 @@ def test_evaluate_pairs_all_modes_and_table():
     table = format_table(report)
     assert table.splitlines()[2].startswith("| mode | R@1 | R@10 | MRR@10 | nDCG@10 |")
     assert "| tree |" in table and "| chance | 0.017 | 0.167 |" in table
+
+
+def test_repeated_queries_are_dropped_and_counted():
+    pairs = pairs_fixture(30)
+    repeated = pairs + [Pair("x1", pairs[3].query, "another document"), Pair("x2", pairs[7].query, "a third")]
+    report = evaluate_pairs(repeated, None, None, "bm25")
+    assert report["repeated_queries_dropped"] == 2
+    assert report["n_queries"] == report["corpus_size"] == 30
 
 
 def test_evaluate_pairs_bad_input():
