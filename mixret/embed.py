@@ -15,7 +15,12 @@ embedding, and results come back in input order.
     ids.jsonl               {"id": str, "text": str} a line, in the same order
     meta.json               model path and hash, arch, dim, pooling, max_length, count, truncated, ...
 It is built in a hidden sibling folder and renamed into place at the end, so an interrupted run never
-leaves an EMB_DIR that looks complete. Under torchrun each process embeds a contiguous shard, and rank 0
+leaves an EMB_DIR that looks complete.
+
+Identity. Two embeddings can be compared only when the same weights computed them with the same pooling
+from the same number of tokens: `EmbeddingSpec` (model hash, pooling, max_length) is recorded in meta.json,
+in index.json and in a matcher's config.json, and `EmbeddingSpec.check` refuses a query encoder, an index
+or a matcher whose spec differs from the corpus embeddings'. Under torchrun each process embeds a contiguous shard, and rank 0
 merges the shards.
 """
 from __future__ import annotations
@@ -53,21 +58,24 @@ def encode(
     normalize_embeddings: bool = False,
     convert_to_numpy: bool = True,
     max_length: int | None = None,
-    pooling: str = "last",
+    pooling: str | None = None,
     show_progress_bar: bool | None = None,
     device: str | torch.device | None = None,
 ) -> np.ndarray | torch.Tensor:
     """Embed texts with a causal LM (which needs `model.tokenizer`), sentence-transformers style.
 
     Returns [N, D] float32 in input order (a numpy array, or a CPU tensor when convert_to_numpy=False);
-    a single string gives [D]. max_length defaults to the model's context; longer texts keep their first
+    a single string gives [D]. pooling and max_length default to the model's own (`model.embedding_defaults`,
+    from its config.json), else last-token pooling over the model's context; longer texts keep their first
     tokens, with a warning giving the count. The model is moved to `device` (default: the GPU if there is
     one and the model is on the CPU) and left there. Empty texts raise MixretError naming their index.
     show_progress_bar=None shows a bar on a terminal when there is more than one batch.
     """
     single = isinstance(texts, str)
     texts = check_texts([texts] if single else texts)
-    max_length = check_options(model, batch_size, max_length, pooling)
+    defaults = getattr(model, "embedding_defaults", {})
+    pooling = pooling or defaults.get("pooling", "last")
+    max_length = check_options(model, batch_size, max_length or defaults.get("max_length"), pooling)
     device = pick_device(model, device)
     disable = not show_progress_bar if show_progress_bar is not None else (None if len(texts) > batch_size else True)
     with tqdm(total=len(texts), unit="text", desc="embed", disable=disable) as bar:
@@ -202,6 +210,62 @@ def encode_texts(model, texts: list[str], batch_size: int, max_length: int, pool
 
 # --- corpora ----------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class EmbeddingSpec:
+    """What makes two embeddings comparable: the weights that computed them (file hash of model.safetensors),
+    the pooling and the most tokens a text keeps (bos included). None: not recorded (older files)."""
+    model_hash: str | None
+    pooling: str | None
+    max_length: int | None
+
+    @classmethod
+    def of(cls, record: dict) -> "EmbeddingSpec":
+        """The spec a meta.json, an index.json or a matcher's config.json records (a matcher names the model
+        hash "embedder")."""
+        return cls(record.get("model_hash", record.get("embedder")), record.get("pooling"), record.get("max_length"))
+
+    @classmethod
+    def of_model(cls, model_dir: str | os.PathLike) -> "EmbeddingSpec":
+        """A model folder's own spec: its weights' hash, and the pooling and max_length its config.json sets as
+        its defaults (None when it sets none)."""
+        model_dir = Path(model_dir)
+        cfg = io.read_json(model_dir / io.CONFIG_NAME, "model config")
+        return cls(io.file_hash(model_dir / io.WEIGHTS_NAME), cfg.get("pooling"), cfg.get("max_length"))
+
+    def to_dict(self) -> dict:
+        return {"model_hash": self.model_hash, "pooling": self.pooling, "max_length": self.max_length}
+
+    def check(self, other: "EmbeddingSpec", mine: str, theirs: str) -> None:
+        """Refuse `other` (described as `theirs`) when it records a model hash, pooling or max_length that
+        differs from this spec (described as `mine`); a value either side does not record is not compared."""
+        names = {"model_hash": "model", "pooling": "pooling", "max_length": "max_length"}
+        diffs = [f"{label} {a!r} for {mine} but {b!r} for {theirs}"
+                 for (key, label), a, b in zip(names.items(), self.to_dict().values(), other.to_dict().values())
+                 if a is not None and b is not None and a != b]
+        if diffs:
+            raise MixretError(f"{theirs} does not match {mine}: {'; '.join(diffs)}. Embeddings are comparable only "
+                              "when the same model made them with the same pooling and max_length: use the "
+                              "matching one, or re-embed")
+
+
+def resolve_spec(model_dir: str | os.PathLike, pooling: str | None = None, max_length: int | None = None,
+                 match: Sequence[tuple[EmbeddingSpec, str]] = ()) -> EmbeddingSpec:
+    """The spec to embed with, using the model in model_dir.
+
+    pooling and max_length are what the user gave (None: not given). Each of `match` (a spec the embeddings
+    must agree with, e.g. a matcher's, and its description), then the model's own defaults, must agree with
+    what is settled so far (MixretError naming both values otherwise) and fills in what is not; the rest is
+    last-token pooling over the model's whole context.
+    """
+    own = EmbeddingSpec.of_model(model_dir)
+    spec = EmbeddingSpec(own.model_hash, pooling, max_length)
+    for other, what in [*match, (own, f"the config.json of {model_dir}")]:
+        other.check(spec, what, "the embeddings asked for")
+        spec = EmbeddingSpec(spec.model_hash, spec.pooling or other.pooling, spec.max_length or other.max_length)
+    context = io.read_json(Path(model_dir) / io.CONFIG_NAME, "model config").get("context")
+    return EmbeddingSpec(spec.model_hash, spec.pooling or "last", spec.max_length or context)
+
+
 @dataclass
 class Corpus:
     """Texts to embed with their ids; `skipped` counts records left out because their text was empty."""
@@ -302,12 +366,15 @@ def embed_corpus(
     batch_size: int = 64,
     dtype: str = "float32",
     max_length: int | None = None,
-    pooling: str = "last",
+    pooling: str | None = None,
     overwrite: bool = False,
     device: str | None = None,
     show_progress_bar: bool | None = None,
 ) -> dict:
     """Embed a corpus (see read_corpus) with the model in model_dir and write out_dir as an EMB_DIR.
+
+    pooling and max_length default to the model's own (see resolve_spec; a value that differs from one the
+    model's config.json sets is refused), else last-token pooling over the whole context.
 
     An existing out_dir is an error unless overwrite=True, and even then only an EMB_DIR is replaced,
     once the new one is complete. Empty texts are skipped and counted in meta.json; truncation is
@@ -321,7 +388,8 @@ def embed_corpus(
         raise MixretError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     model = load(model_dir)
-    max_length = check_options(model, batch_size, max_length, pooling)
+    spec = resolve_spec(model_dir, pooling, max_length)
+    pooling, max_length = spec.pooling, check_options(model, batch_size, spec.max_length, spec.pooling)
     check_out_dir(out_dir, overwrite)
     corpus_data = read_corpus(corpus, field, id_field)
     if corpus_data.skipped:

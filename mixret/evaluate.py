@@ -40,6 +40,53 @@ def ir_metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]
     return {name: float(scores[ranx_name]) for name, ranx_name in METRICS.items()}
 
 
+def held_out_split(pairs_path, trainers: dict[str, list | None], test_fraction: float | None = None
+                   ) -> tuple[float | None, str, list[str]]:
+    """Which pairs of the file to score, from what trained the models that score them.
+
+    trainers maps a name ("model runs/mm") to its `trained_on` record (mixret.data.sources_record; None when
+    it records none). Returns (test fraction, or None to score every pair; a sentence saying which and why;
+    warnings). A file that none of them was trained on is scored whole; one they were trained on is scored
+    on its test split (the smallest fraction recorded, which every model held out); when a model records
+    nothing, the default test split is scored, to be safe. An explicit test_fraction is used as given, with a
+    warning when it reaches into a training split. A model trained on every pair of the file is a warning:
+    nothing in that file is held out from it.
+    """
+    from mixret.data import BUNDLED_TEST_FRACTION, file_hash
+
+    digest = file_hash(pairs_path)
+    fractions, unknown, whole, warnings = {}, [], [], []
+    for name, record in trainers.items():
+        if record is None:
+            unknown.append(name)
+            continue
+        for entry in record:
+            if entry.get("hash") == digest:
+                if entry.get("split") == "train":
+                    fractions[name] = float(entry["test_fraction"])
+                else:
+                    whole.append(name)
+    for name in whole:
+        warnings.append(f"{name} was trained on every pair of {pairs_path}: no pair of it is held out from it, "
+                        "so its scores here measure text it has seen")
+    if test_fraction is not None:
+        reaching = [f"{n} (test fraction {f:g})" for n, f in fractions.items() if f < test_fraction]
+        if reaching:
+            warnings.append(f"--test-fraction {test_fraction:g} scores pairs that {', '.join(reaching)} trained on")
+        return test_fraction, f"the test split of {pairs_path} (--test-fraction {test_fraction:g})", warnings
+    if fractions:
+        f = min(fractions.values())
+        return f, (f"the test split of {pairs_path} (test fraction {f:g}): "
+                   f"{', '.join(fractions)} trained on the rest of it"), warnings
+    if unknown:
+        f = BUNDLED_TEST_FRACTION
+        return f, (f"the test split of {pairs_path} (test fraction {f:g}): {', '.join(unknown)} records no "
+                   "training data, so the pairs it may have seen are left out"), warnings
+    users = ", ".join(trainers) if trainers else "no trained model (bm25 only)"
+    return None, (f"every pair of {pairs_path}: it trained none of {users}" if trainers else
+                  f"every pair of {pairs_path}: {users}"), warnings
+
+
 def resolve_modes(mode: str | Sequence[str], have_matcher: bool) -> list[str]:
     """"all" -> vector, bm25 and, with a matcher, tree and hybrid; a mode needing a matcher without one is an error."""
     modes = [mode] if isinstance(mode, str) else list(mode)
@@ -72,12 +119,12 @@ def run_from(indices: np.ndarray) -> dict[str, dict[str, float]]:
 
 def evaluate_pairs(pairs: Sequence, model=None, matcher=None, modes: str | Sequence[str] = "vector",
                    shortlist: int = 256, shortlist_from: str = "vector", limit: int | None = None,
-                   batch_size: int = 64, pooling: str = "last") -> dict:
+                   batch_size: int = 64, pooling: str = "last", max_length: int | None = None) -> dict:
     """Search every query of `pairs` (the first `limit`) among all their distinct targets in each mode.
 
     model: anything with `encode(texts, batch_size=..., pooling=...) -> [N, E]` (a mixret language model),
-    needed by every mode but bm25; pooling: as for `mixret.embed.encode` (embed the texts the way the
-    matcher's training pairs were); matcher: a mixret Matcher, needed by tree and hybrid. Returns a report dict
+    needed by every mode but bm25; pooling, max_length: as for `mixret.embed.encode` (embed the texts the way
+    the matcher's training pairs were: see mixret.embed.resolve_spec); matcher: a mixret Matcher, needed by tree and hybrid. Returns a report dict
     with the corpus facts, chance levels and, per mode, the metrics, queries/s and matcher passes/query.
     """
     modes = resolve_modes(modes, matcher is not None)
@@ -101,10 +148,12 @@ def evaluate_pairs(pairs: Sequence, model=None, matcher=None, modes: str | Seque
     embed_seconds = 0.0
     if needs_emb:
         start = time.perf_counter()
-        corpus_emb = np.asarray(model.encode(docs, batch_size=batch_size, pooling=pooling), dtype=np.float32)
+        corpus_emb = np.asarray(model.encode(docs, batch_size=batch_size, pooling=pooling, max_length=max_length),
+                                dtype=np.float32)
         corpus_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        query_emb = np.asarray(model.encode(queries, batch_size=batch_size, pooling=pooling), dtype=np.float32)
+        query_emb = np.asarray(model.encode(queries, batch_size=batch_size, pooling=pooling, max_length=max_length),
+                               dtype=np.float32)
         embed_seconds = time.perf_counter() - start
     else:
         corpus_seconds = 0.0
@@ -113,6 +162,7 @@ def evaluate_pairs(pairs: Sequence, model=None, matcher=None, modes: str | Seque
     report = {
         "n_queries": n, "repeated_queries_dropped": n_repeated, "corpus_size": len(docs), "k": k,
         "ties": "pessimistic", "pooling": pooling if needs_emb else None,
+        "max_length": max_length if needs_emb else None,
         "shortlist": min(shortlist, len(docs)) if "hybrid" in modes else None,
         "shortlist_from": shortlist_from if "hybrid" in modes else None,
         "matcher_context": matcher.config.context if uses_matcher else None,

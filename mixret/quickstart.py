@@ -21,12 +21,13 @@ from mixret.errors import MixretError
 
 ARCHS = ("masked-mixer", "llama")
 POOLINGS = ("last", "eos", "mean")
+PRETRAIN_SHARE = 0.4  # of --budget-minutes, for pretraining both models (the README and --help say 40 %)
 
 
 @dataclass
 class QuickstartConfig:
     out: str = "quickstart-out"
-    budget_minutes: float = 12.0     # wall-clock target for the whole run (pretraining takes about half)
+    budget_minutes: float = 12.0     # wall-clock target for the whole run (pretraining gets PRETRAIN_SHARE)
     d_model: int = 128
     layers: int = 4
     context: int = 256
@@ -76,8 +77,8 @@ def run(cfg: QuickstartConfig, echo: Callable[[str], None] = print) -> dict:
 
 
 def _run(cfg: QuickstartConfig, echo: Callable[[str], None]) -> dict:
-    from mixret.data import bundled_splits, write_pairs_jsonl
-    from mixret.embed import embed_corpus, encode
+    from mixret.data import BUNDLED_TEST_FRACTION, bundled_pairs_path, bundled_splits, sources_record, write_pairs_jsonl
+    from mixret.embed import EmbeddingSpec, embed_corpus, encode
     from mixret.evaluate import evaluate_pairs
     from mixret.matcher import MatcherConfig, dedupe_queries, drop_repeated_queries, train_matcher
     from mixret.models import load
@@ -104,7 +105,7 @@ def _run(cfg: QuickstartConfig, echo: Callable[[str], None]) -> dict:
     # 2. pretraining: same size, steps, batch and context for both architectures
     from mixret.tokenizer import ByteTokenizer
     lengths = [len(ByteTokenizer().encode(p.target)) // 4 for p in train[:500]]  # ~4 bytes a BPE token
-    steps = plan_steps(cfg, 60 * cfg.budget_minutes * 0.4, lengths)
+    steps = plan_steps(cfg, 60 * cfg.budget_minutes * PRETRAIN_SHARE, lengths)
     echo(f"== pretraining {', '.join(ARCHS)}: {steps} steps of {cfg.batch_size} sequences each "
          f"(d_model {cfg.d_model}, {cfg.layers} layers, context {cfg.context})")
     model_dirs, pretrain_seconds = {}, {}
@@ -131,16 +132,18 @@ def _run(cfg: QuickstartConfig, echo: Callable[[str], None]) -> dict:
         t = encode(model, [p.target for p in mtrain + test])
         n = len(mtrain)
         (tq, tt, _), (sq, st, _) = dedupe_queries(q[:n], t[:n]), dedupe_queries(q[n:], t[n:])
+        spec = EmbeddingSpec(io.file_hash(Path(model_dirs[arch]) / io.WEIGHTS_NAME), "last", model.config.context)
         mcfg = MatcherConfig(emb_dim=q.shape[1], context=32, d_model=cfg.matcher_d_model,
-                             n_layers=cfg.matcher_layers, embedder=io.file_hash(Path(model_dirs[arch]) /
-                                                                                    io.WEIGHTS_NAME))
+                             n_layers=cfg.matcher_layers, embedder=spec.model_hash, pooling=spec.pooling,
+                             max_length=spec.max_length,
+                             trained_on=sources_record([bundled_pairs_path()], BUNDLED_TEST_FRACTION))
         matcher, mmetrics = train_matcher(tq, tt, sq, st, mcfg, epochs=cfg.matcher_epochs, seed=cfg.seed,
                                           out_dir=out / "matchers" / arch, progress=False)
         # 4. index the test documents (the corpus searched by `mixret search` below)
         emb_dir = out / "emb" / arch
         embed_corpus(model_dirs[arch], data_dir / "test.jsonl.gz", emb_dir, field="document", overwrite=True)
         emb, *_ = _load_emb(emb_dir)
-        VectorIndex.build(emb, "Flat", meta={"model_hash": mcfg.embedder,
+        VectorIndex.build(emb, "Flat", meta={**spec.to_dict(),
                                              "model_path": str(Path(model_dirs[arch]).resolve())}).save(emb_dir)
         # 5. every mode on the held-out pairs; tree on a sample of queries
         echo(f"== {arch}: evaluating vector, hybrid, tree ({min(cfg.tree_queries, len(test))} queries), bm25")

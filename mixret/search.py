@@ -188,9 +188,12 @@ class VectorIndex:
 
     @classmethod
     def load(cls, directory: str | os.PathLike, expected_dim: int | None = None,
-             expected_model_hash: str | None = None, expected_count: int | None = None) -> "VectorIndex":
-        """Read an index written by `save`; refuse one whose dim, model hash or size differ from the expected."""
+             expected_spec=None, expected_count: int | None = None) -> "VectorIndex":
+        """Read an index written by `save`; refuse one whose dim or size differ from the expected, or whose
+        embeddings differ from expected_spec (a mixret.embed.EmbeddingSpec: model hash, pooling, max_length)."""
         import faiss
+
+        from mixret.embed import EmbeddingSpec
         directory = Path(directory)
         meta_path, index_path = directory / INDEX_META_NAME, directory / INDEX_NAME
         for path in (meta_path, index_path):
@@ -204,11 +207,9 @@ class VectorIndex:
         if expected_dim is not None and meta["dim"] != expected_dim:
             raise MixretError(f"{meta_path}: the index holds {meta['dim']}-dim vectors but the model gives "
                               f"{expected_dim}-dim embeddings: it was built from another model")
-        stored_hash = meta.get("model_hash")
-        if expected_model_hash is not None and stored_hash is not None and stored_hash != expected_model_hash:
-            raise MixretError(f"{meta_path}: the index was built from embeddings of model {stored_hash}, "
-                              f"not of this model ({expected_model_hash}); search with the model that "
-                              f"embedded the corpus, or re-embed and re-index")
+        if expected_spec is not None:
+            expected_spec.check(EmbeddingSpec.of(meta), f"the corpus embeddings in {directory}",
+                                f"the index {meta_path} (rebuild it with `mixret index {directory}`)")
         if expected_count is not None and meta["count"] != expected_count:
             raise MixretError(f"{meta_path}: the index holds {meta['count']} vectors but the corpus has "
                               f"{expected_count} (rebuild it with `mixret index {directory}`)")
@@ -525,16 +526,16 @@ class Retriever:
 def load_model_checked(model_dir: str | os.PathLike, emb_meta: dict | None = None, emb_dir=None):
     """Load the language model in model_dir -> (model, weights hash); refuse it when emb_meta (the
     meta.json of the EMB_DIR it will be searched against) names another model or dim."""
+    from mixret.embed import EmbeddingSpec
     from mixret.models import load
     model = load(model_dir)
     model_hash = io.file_hash(Path(model_dir) / io.WEIGHTS_NAME)
     if emb_meta is not None:
         meta_path = Path(emb_dir) / "meta.json" if emb_dir is not None else "the embeddings"
-        stored = emb_meta.get("model_hash")
-        if stored is not None and stored != model_hash:
-            raise MixretError(f"{meta_path}: the corpus was embedded with model {stored} "
-                              f"({emb_meta.get('model_path', 'path unknown')}), not with {model_dir} ({model_hash}); "
-                              f"queries must be embedded with the same model")
+        EmbeddingSpec.of(emb_meta).check(EmbeddingSpec(model_hash, None, None),
+                                         f"the corpus embeddings ({meta_path}, made by "
+                                         f"{emb_meta.get('model_path', 'a model of unknown path')})",
+                                         f"the query encoder {model_dir}")
         dim = emb_meta.get("dim")
         if dim is not None and dim != model.config.d_model:
             raise MixretError(f"{meta_path}: the corpus embeddings have dim {dim} but {model_dir} gives "
@@ -542,15 +543,20 @@ def load_model_checked(model_dir: str | os.PathLike, emb_meta: dict | None = Non
     return model, model_hash
 
 
-def load_matcher_checked(matcher_dir: str | os.PathLike, model_hash: str | None = None):
-    """Load a matcher; refuse it when it records an embedding model other than model_hash."""
+def load_matcher_checked(matcher_dir: str | os.PathLike, spec=None, what: str = "the corpus embeddings"):
+    """Load a matcher; refuse it when the embeddings it was trained on differ from `spec` (a
+    mixret.embed.EmbeddingSpec, described as `what`) in model, pooling or max_length."""
     from mixret.matcher import Matcher
     matcher = Matcher.from_pretrained(matcher_dir)
-    embedder = matcher.config.embedder
-    if model_hash is not None and embedder is not None and embedder != model_hash:
-        raise MixretError(f"{matcher_dir}: the matcher was trained on embeddings of model {embedder}, "
-                          f"not of this model ({model_hash}); use the model it was trained with")
+    if spec is not None:
+        spec.check(matcher_spec(matcher), what, f"the matcher {matcher_dir}")
     return matcher
+
+
+def matcher_spec(matcher):
+    """The EmbeddingSpec of the embeddings a matcher was trained on."""
+    from mixret.embed import EmbeddingSpec
+    return EmbeddingSpec.of(matcher.config.to_dict())
 
 
 def format_hits(ids: Sequence[str], texts: Sequence[str], indices: np.ndarray, scores: np.ndarray,

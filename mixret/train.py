@@ -533,14 +533,16 @@ class Trainer:
 
     # -- data ----------------------------------------------------------------------------------
     def load_data(self) -> None:
-        from mixret.data import bundled_pairs_path, load_texts
+        from mixret.data import (BUNDLED_TEST_FRACTION, bundled_pairs_path, bundled_training_texts, load_texts,
+                                 sources_record)
 
         cfg, d = self.cfg, self.d
-        if cfg.data is None:
-            sources, fields = [bundled_pairs_path()], ["summary", "document"]
+        if cfg.data is None:  # the bundled pairs' training split only: their test split stays unseen
+            texts = bundled_training_texts()
+            self.trained_on = sources_record([bundled_pairs_path()], BUNDLED_TEST_FRACTION)
         else:
-            sources, fields = cfg.data, cfg.text_field
-        texts = load_texts(sources, text_field=fields)
+            texts = load_texts(cfg.data, text_field=cfg.text_field)
+            self.trained_on = sources_record(cfg.data)
         column = texts.data.column("text")
         self.n_docs = len(texts)
         self.fingerprint = corpus_fingerprint(column)
@@ -621,6 +623,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model_config(self.tokenizer.vocab_size)).to(d.device)
         self.model.tokenizer = self.tokenizer
+        self.model.trained_on = self.trained_on
         self.optimizer = make_optimizer(self.model, cfg, d.device)
         warmup, total = cfg.warmup, cfg.steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, warmup, total))
@@ -812,7 +815,7 @@ class Trainer:
     def describe(self, unigram: float) -> None:
         cfg, d = self.cfg, self.d
         epochs = cfg.steps * self.global_batch / len(self.train_seqs)
-        source = "the bundled corpus" if cfg.data is None else ", ".join(cfg.data)
+        source = "the bundled corpus's training split" if cfg.data is None else ", ".join(cfg.data)
         self.say(
             f"data: {self.n_docs:,} documents from {source}: {self.train_docs:,} for training "
             f"({len(self.train_seqs):,} sequences{', packed' if cfg.pack else ''}, "

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from close import assert_close
+from mixret.embed import EmbeddingSpec
 from mixret.errors import MixretError
 from mixret.matcher import Matcher, MatcherConfig, score_candidates
 from mixret.search import (BM25Index, Retriever, VectorIndex, matcher_score_fn, tournament, tournament_passes,
@@ -177,14 +178,15 @@ def test_index_save_load_and_refusals(tmp_path):
     index.save(tmp_path)
     assert json.loads((tmp_path / "index.json").read_text())["count"] == 100
     assert not list(tmp_path.glob(".*tmp"))
-    loaded = VectorIndex.load(tmp_path, expected_dim=16, expected_model_hash="abc", expected_count=100)
+    loaded = VectorIndex.load(tmp_path, expected_dim=16, expected_spec=EmbeddingSpec("abc", None, None),
+                              expected_count=100)
     np.testing.assert_array_equal(loaded.search(x[:3], 5)[1], index.search(x[:3], 5)[1])
     assert loaded.factory == "HNSW32" and loaded.meta["model_hash"] == "abc"
 
     with pytest.raises(MixretError, match="built from another model"):
         VectorIndex.load(tmp_path, expected_dim=32)
-    with pytest.raises(MixretError, match="model abc"):
-        VectorIndex.load(tmp_path, expected_model_hash="def")
+    with pytest.raises(MixretError, match="model 'def' for the corpus embeddings .* but 'abc' for the index"):
+        VectorIndex.load(tmp_path, expected_spec=EmbeddingSpec("def", "last", 64))
     with pytest.raises(MixretError, match="corpus has 99"):
         VectorIndex.load(tmp_path, expected_count=99)
     with pytest.raises(MixretError, match="dim 16"):
@@ -364,14 +366,14 @@ def test_cli_bad_input(corpus, tmp_path):
     fails("search", "perl", "--index", corpus / "wide_emb", match="index.json: index file not found")
     fails("search", "perl", "--index", tmp_path / "nothing", match="embeddings folder not found")
     fails("search", "perl", "--index", emb, "--model", corpus / "other_lm",
-          match="the corpus was embedded with model")
+          match=f"the query encoder {corpus / 'other_lm'} does not match the corpus embeddings")
     fails("search", "perl", "--index", corpus / "wide_emb", "--mode", "tree", "--matcher", corpus / "matcher",
-          match="trained on embeddings of model")
+          match=f"the matcher {corpus / 'matcher'} does not match the corpus embeddings in {corpus / 'wide_emb'}")
 
     # an index built from another model's embeddings is refused, whether the dim differs or only the model
     import shutil
     for other, match in (("wide_emb", "it was built from another model"),
-                         ("other_emb", "the index was built from embeddings of model")):
+                         ("other_emb", "index.json (rebuild it with `mixret index")):
         mixed = tmp_path / other
         shutil.copytree(corpus / other, mixed)
         for name in ("index.faiss", "index.json"):

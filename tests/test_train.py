@@ -456,3 +456,18 @@ def test_each_evaluation_prints_a_sample(tmp_path):
     samples = [line for line in result.output.splitlines() if line.startswith("sample: ")]
     assert len(samples) == 2  # evaluations at steps 3 and 6
     assert all(len(s) > len("sample: ") for s in samples)
+
+
+def test_default_data_is_the_bundled_training_split(tmp_path, monkeypatch):
+    """With no --data, pretraining reads the bundled pairs' training split (split_pairs, as every command splits
+    them) and records it, so that evaluating on the test split measures text the model never saw."""
+    from mixret.data import BUNDLED_TEST_FRACTION, bundled_splits, bundled_training_texts, file_hash
+    monkeypatch.setenv("MIXRET_CACHE", str(tmp_path / "cache"))
+    train_pairs, test_pairs = bundled_splits()
+    assert bundled_training_texts()["text"] == [t for p in train_pairs for t in (p.query, p.target)]
+    run = pretrain(TrainConfig(tokenizer="bytes", d_model=16, layers=1, context=32, batch_size=2, steps=1,
+                               eval_every=1, val_max_docs=20, out=str(tmp_path / "run")))
+    assert mixret.load(run).trained_on == [{"source": str(bundled_pairs_path().resolve()),
+                                            "hash": file_hash(bundled_pairs_path()), "split": "train",
+                                            "test_fraction": BUNDLED_TEST_FRACTION}]
+    assert len(test_pairs) > 500

@@ -40,6 +40,9 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.tokenizer = None  # attached by mixret.load / the trainer
+        self.trained_on = None  # the data that trained it (mixret.data.sources_record), saved in config.json
+        # pooling / max_length its embeddings use unless told otherwise (a fine-tuned embedder's), in config.json
+        self.embedding_defaults: dict = {}
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
         self.drop = nn.Dropout(config.dropout)
         rates = drop_path_rates(config.drop_path, config.n_layers)
@@ -149,8 +152,9 @@ class CausalLM(nn.Module):
                                   f"is {self.config.vocab_size}")
             tokenizer.save(directory / io.TOKENIZER_NAME)
         from mixret import __version__
+        extra = {**self.embedding_defaults, **({} if self.trained_on is None else {"trained_on": self.trained_on})}
         io.write_json(directory / io.CONFIG_NAME,
-                      {"kind": "clm", "mixret_version": __version__, **self.config.to_dict()})
+                      {"kind": "clm", "mixret_version": __version__, **extra, **self.config.to_dict()})
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "CausalLM":
