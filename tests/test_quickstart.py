@@ -18,8 +18,8 @@ def test_quickstart_runs_end_to_end_with_a_tiny_budget(tmp_path):
     assert set(report["models"]) == {"masked-mixer", "llama"}
     for arch, m in report["models"].items():
         assert set(m["eval"]["modes"]) == {"vector", "tree", "hybrid", "bm25"}
-        for mode, r in m["eval"]["modes"].items():
-            assert 0.0 <= r["R@1"] <= r["R@10"] <= 1.0
+        for mode, r in m["eval"]["modes"].items():  # each query has one relevant document, so these order
+            assert r["R@1"] <= r["MRR@10"] <= r["nDCG@10"] <= r["R@10"], (arch, mode, r)
         assert m["eval"]["modes"]["tree"]["passes_per_query"] >= 1
         assert (out / "runs" / arch / "model.safetensors").is_file()
         assert (out / "matchers" / arch / "model.safetensors").is_file()

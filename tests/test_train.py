@@ -179,17 +179,19 @@ def test_validation_loss_falls_below_a_unigram_model(tmp_path):
     {"arch": "llama", "n_heads": 2},
 ], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 def test_every_arch_trains_through_the_command(tmp_path, opts):
-    write_corpus(tmp_path / "corpus.txt")
+    """Every batch is the same four copies of one document: each arch must learn it, cutting the loss to
+    under half its first value in 30 steps (an arch that does not learn stays near ln 260 = 5.6)."""
+    (tmp_path / "corpus.txt").write_text("a small library for reading and writing debian package files\n" * 40)
     flags = [x for k, v in opts.items() if k != "arch"
              for x in ([f"--{k.replace('_', '-')}"] if v is True else [f"--{k.replace('_', '-')}", v])]
     result = invoke("--data", tmp_path / "corpus.txt", "--tokenizer", "bytes", "--arch", opts["arch"], *flags,
-                    "--d-model", 32, "--layers", 2, "--context", 32, "--steps", 4, "--batch-size", 4,
-                    "--out", tmp_path / "run")
+                    "--d-model", 32, "--layers", 2, "--context", 64, "--steps", 30, "--batch-size", 4,
+                    "--log-every", 1, "--eval-every", 30, "--out", tmp_path / "run")
     assert result.exit_code == 0, result.output
     model = mixret.load(tmp_path / "run")
     assert {k: getattr(model.config, k) for k in opts} == opts
     recs = metrics(tmp_path / "run")
-    assert np.isfinite(recs[-1]["val_loss"]) and recs[-1]["loss"] < recs[0]["loss"] + 0.5
+    assert recs[0]["loss"] > 4.5 and recs[-1]["loss"] < 0.5 * recs[0]["loss"], (recs[0]["loss"], recs[-1]["loss"])
 
 
 def test_bpe_tokenizer_is_trained_saved_and_reused_on_resume(tmp_path):
