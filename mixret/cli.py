@@ -182,7 +182,8 @@ def generate_cmd(prompt, model_dir, max_new_tokens, temperature, top_k, top_p, s
 @click.option("--batch-size", default=64, show_default=True, help="Texts per forward pass.")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="Stored embedding type.")
-@click.option("--max-length", type=int, default=None, help="Tokens per text, bos included (default: context).")
+@click.option("--max-length", type=int, default=None,
+              help="Tokens per text, bos included (default: the model's own, else its context).")
 @click.option("--pooling", type=click.Choice(["last", "eos", "mean"]), default=None,
               help="last content token, an appended eos (for comparison), or mean over the content tokens "
                    "(default: the model's own, else last).")

@@ -15,13 +15,13 @@ embedding, and results come back in input order.
     ids.jsonl               {"id": str, "text": str} a line, in the same order
     meta.json               model path and hash, arch, dim, pooling, max_length, count, truncated, ...
 It is built in a hidden sibling folder and renamed into place at the end, so an interrupted run never
-leaves an EMB_DIR that looks complete.
+leaves an EMB_DIR that looks complete. Under torchrun each process embeds a contiguous shard, and rank 0
+merges the shards.
 
 Identity. Two embeddings can be compared only when the same weights computed them with the same pooling
 from the same number of tokens: `EmbeddingSpec` (model hash, pooling, max_length) is recorded in meta.json,
 in index.json and in a matcher's config.json, and `EmbeddingSpec.check` refuses a query encoder, an index
-or a matcher whose spec differs from the corpus embeddings'. Under torchrun each process embeds a contiguous shard, and rank 0
-merges the shards.
+or a matcher whose spec differs from the corpus embeddings'.
 """
 from __future__ import annotations
 
@@ -238,9 +238,8 @@ class EmbeddingSpec:
     def check(self, other: "EmbeddingSpec", mine: str, theirs: str) -> None:
         """Refuse `other` (described as `theirs`) when it records a model hash, pooling or max_length that
         differs from this spec (described as `mine`); a value either side does not record is not compared."""
-        names = {"model_hash": "model", "pooling": "pooling", "max_length": "max_length"}
-        diffs = [f"{label} {a!r} for {mine} but {b!r} for {theirs}"
-                 for (key, label), a, b in zip(names.items(), self.to_dict().values(), other.to_dict().values())
+        diffs = [f"{'model' if key == 'model_hash' else key} {a!r} for {mine} but {b!r} for {theirs}"
+                 for (key, a), b in zip(self.to_dict().items(), other.to_dict().values())
                  if a is not None and b is not None and a != b]
         if diffs:
             raise MixretError(f"{theirs} does not match {mine}: {'; '.join(diffs)}. Embeddings are comparable only "

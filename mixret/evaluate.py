@@ -4,14 +4,14 @@ The corpus is the distinct target texts of the pairs; each query has one relevan
 target. A query text that repeats an earlier pair's query is dropped (as `train-matcher` drops it), and
 the report says how many were. Metrics (R@1, R@10, MRR@10, nDCG@10) are computed with ranx from the
 ranked lists each search mode returns; ranx sees scores derived from the ranks, so its tie-breaking
-never reorders a ranking.
+never reorders a ranking. queries/s counts the time to embed the queries (for the modes that use
+embeddings) and to search; embedding the corpus and building its indexes is done once, before, and not
+counted.
 
 Ties are pessimistic: the relevant document is ranked after every document that scores the same as it
 (see `mixret.search`: each search gets the relevant documents as `losers`). A model that gives every
 document the same score therefore finds nothing (R@1 = 0), rather than whatever the search library's
 order of equal scores happens to favour.
-queries/s counts the time to embed the queries (for the modes that use embeddings) and to search;
-embedding the corpus and building its indexes is done once, before, and not counted.
 """
 from __future__ import annotations
 
@@ -122,10 +122,12 @@ def evaluate_pairs(pairs: Sequence, model=None, matcher=None, modes: str | Seque
                    batch_size: int = 64, pooling: str = "last", max_length: int | None = None) -> dict:
     """Search every query of `pairs` (the first `limit`) among all their distinct targets in each mode.
 
-    model: anything with `encode(texts, batch_size=..., pooling=...) -> [N, E]` (a mixret language model),
-    needed by every mode but bm25; pooling, max_length: as for `mixret.embed.encode` (embed the texts the way
-    the matcher's training pairs were: see mixret.embed.resolve_spec); matcher: a mixret Matcher, needed by tree and hybrid. Returns a report dict
-    with the corpus facts, chance levels and, per mode, the metrics, queries/s and matcher passes/query.
+    model: anything with `encode(texts, batch_size=..., pooling=..., max_length=...) -> [N, E]` (a mixret
+    language model), needed by every mode but bm25; pooling, max_length: as for `mixret.embed.encode` (embed
+    the texts the way the matcher's training pairs were: see mixret.embed.resolve_spec); matcher: a mixret
+    Matcher, needed by tree and hybrid (and ignored by the other modes). Pairs repeating an earlier query are
+    dropped (drop_repeated_queries). Returns a report dict with the corpus facts, chance levels and, per mode,
+    the metrics, queries/s and matcher passes/query.
     """
     modes = resolve_modes(modes, matcher is not None)
     if shortlist_from not in SHORTLIST_SOURCES:

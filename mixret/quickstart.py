@@ -246,8 +246,8 @@ def format_report(report: dict) -> str:
         top1 = f"{mm['test_top1']:.3f}" if mm["test_top1"] is not None else "-"
         lines.append(f"| {arch} | {m['params']:,} | {m['pretrain_seconds']:.0f} | {val} | {ce} | {top1} |")
     lines += ["", "Which position is embedded (vector search, R@1 / MRR@10): last content token, an appended "
-              "end-of-text token, mean of all tokens:", "", "| model | " + " | ".join(POOLINGS) + " |",
-              "|---|" + "---:|" * len(POOLINGS)]
+              "end-of-text token, mean of the text's tokens (bos left out):", "",
+              "| model | " + " | ".join(POOLINGS) + " |", "|---|" + "---:|" * len(POOLINGS)]
     for arch, per in report["pooling"].items():
         lines.append(f"| {arch} | " + " | ".join(f"{per[p]['R@1']:.3f} / {per[p]['MRR@10']:.3f}"
                                                  for p in POOLINGS) + " |")
