@@ -133,7 +133,8 @@ def _pretrain_model_options(fn):
 @main.command("pretrain")
 @_pretrain_opt("--data", multiple=True, help="Corpus: .txt (one document a line, or separated by <|endoftext|>), "
                ".jsonl/.jsonl.gz, .parquet, a folder of these, or a Hugging Face dataset name. Repeat for several. "
-               "Default: the bundled corpus (summaries and documents).")
+               "Default: the training split of the bundled pairs (summaries and documents; the test split is left "
+               "out for evaluation).")
 @_pretrain_opt("--text-field", multiple=True, help="JSONL field / column holding the text; repeat to read several "
                "fields of each record as separate documents.", show="text")
 @_pretrain_opt("--val-fraction", type=float, help="Fraction of documents held out for validation (drawn with the "
@@ -215,6 +216,9 @@ def _finetune_model_options(fn):
               help="A model folder to fine-tune (from pretrain or finetune), or an architecture "
                    "(masked-mixer, hypermixer, llama) to start from random init with the model options below.")
 @_finetune_model_options
+@click.option("--pooling", type=click.Choice(["last", "mean", "eos"]), default="last", show_default=True,
+              help="The embedding trained: last content token, mean of the text's tokens, or an appended eos; the "
+                   "output model embeds with it by default.")
 @click.option("--tokenizer", default="bpe", show_default=True,
               help="Random init: bpe (trained on the training pairs), bytes, or the path of a tokenizer.json.")
 @click.option("--vocab-size", default=4096, show_default=True, help="Random init: BPE vocabulary size.")
@@ -240,7 +244,7 @@ def _finetune_model_options(fn):
 @click.option("--out", default=None, help="Output folder.  [default: runs/MODEL-ft]")
 @run_options
 @friendly
-def finetune_cmd(pairs_path, query_field, target_field, test_fraction, val_pairs, init, tokenizer, vocab_size,
+def finetune_cmd(pairs_path, query_field, target_field, test_fraction, val_pairs, init, pooling, tokenizer, vocab_size,
                  max_length, batch_size, temperature, learn_temperature, symmetric, hard_negatives, fusion_method,
                  steps, lr, weight_decay, eval_every, checkpoint_every, seed, out, budget_minutes, stop_after, resume,
                  overwrite, **model_kw):
@@ -260,9 +264,9 @@ def finetune_cmd(pairs_path, query_field, target_field, test_fraction, val_pairs
     from mixret.models.config import model_options
 
     given = {f.name: model_kw[name] for name, f in model_options().items() if model_kw.get(name) is not None}
-    if init not in ARCHS and set(given) - {"pooling"}:
-        raise MixretError(f"model options ({', '.join(sorted(set(given) - {'pooling'}))}) apply to a new model; "
-                          f"{init} is a model folder: only --pooling applies to it")
+    if init not in ARCHS and given:
+        raise MixretError(f"model options ({', '.join(sorted(given))}) apply to a new model; {init} is a model "
+                          f"folder: its own options stay")
     defaults = FinetuneConfig()
     model = dataclasses.replace(defaults.model, **given)
     if steps is None and budget_minutes is None:
@@ -271,7 +275,7 @@ def finetune_cmd(pairs_path, query_field, target_field, test_fraction, val_pairs
                                    weight_decay=weight_decay, eval_every=eval_every,
                                    checkpoint_every=checkpoint_every, stop_after=stop_after)
     cfg = FinetuneConfig(pairs=pairs_path, query_field=query_field, target_field=target_field,
-                         test_fraction=test_fraction, val_pairs=val_pairs, init=init, model=model,
+                         test_fraction=test_fraction, val_pairs=val_pairs, init=init, model=model, pooling=pooling,
                          tokenizer=tokenizer, vocab_size=vocab_size, max_length=max_length, batch_size=batch_size,
                          temperature=temperature, learn_temperature=learn_temperature, symmetric=symmetric,
                          hard_negatives=hard_negatives, fusion_method=fusion_method, seed=seed, loop=loop_cfg,
@@ -326,7 +330,8 @@ def generate_cmd(prompt, model_dir, max_new_tokens, temperature, top_k, top_p, s
 @click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None,
               help="Model folder (default: the newest model under ./runs).")
 @click.option("--field", default="text", show_default=True,
-              help="JSONL field / column with the texts; for a TinyStoriesInstruct .txt: summary or document.")
+              help="JSONL field / column with the texts (a pairs file such as the bundled one has summary and "
+                   "document, no text); for a TinyStoriesInstruct .txt: summary or document.")
 @click.option("--id-field", default="id", show_default=True,
               help="Field with the ids (line or row numbers when a record has none).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
@@ -334,9 +339,11 @@ def generate_cmd(prompt, model_dir, max_new_tokens, temperature, top_k, top_p, s
 @click.option("--batch-size", default=64, show_default=True, help="Texts per forward pass.")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="Stored embedding type.")
-@click.option("--max-length", type=int, default=None, help="Tokens per text, bos included (default: context).")
-@click.option("--pooling", type=click.Choice(["last", "eos", "mean"]), default="last", show_default=True,
-              help="last content token, an appended eos (for comparison), or mean over tokens.")
+@click.option("--max-length", type=int, default=None,
+              help="Tokens per text, bos included (default: the model's own, else its context).")
+@click.option("--pooling", type=click.Choice(["last", "eos", "mean"]), default=None,
+              help="last content token, an appended eos (for comparison), or mean over the content tokens "
+                   "(default: the model's own, else last).")
 @click.option("--device", default=None, help="torch device (default: the GPU if there is one).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing EMB_DIR once the new one is complete.")
 @friendly
@@ -369,6 +376,9 @@ def embed_cmd(corpus, model_dir, field, id_field, out_dir, batch_size, dtype, ma
               help="EMB_DIR of the target texts, used with --query-emb.")
 @click.option("--query-field", default="summary", show_default=True, help="Pairs field with the queries.")
 @click.option("--target-field", default="document", show_default=True, help="Pairs field with the targets.")
+@click.option("--pooling", type=click.Choice(["last", "eos", "mean"]), default=None,
+              help="How --model embeds the texts, as in `mixret embed` (default: the model's own, else last); "
+                   "with --query-emb it must agree with theirs. Recorded in the matcher.")
 @click.option("--context", default=32, show_default=True, help="Matcher slots: the query and context-1 candidates.")
 @click.option("--epochs", default=10, show_default=True)
 @click.option("--batch-size", default=256, show_default=True, help="Queries (candidate sets) per step.")
@@ -384,8 +394,8 @@ def embed_cmd(corpus, model_dir, field, id_field, out_dir, batch_size, dtype, ma
 @click.option("--test-fraction", default=0.1, show_default=True, help="Share of pairs held out, by a hash of the id.")
 @run_options
 @friendly
-def train_matcher_cmd(pairs_path, model_dir, query_emb, target_emb, query_field, target_field, context, epochs,
-                      batch_size, lr, d_model, n_layers, hard_negatives, out_dir, seed, test_fraction,
+def train_matcher_cmd(pairs_path, model_dir, query_emb, target_emb, query_field, target_field, pooling, context,
+                      epochs, batch_size, lr, d_model, n_layers, hard_negatives, out_dir, seed, test_fraction,
                       budget_minutes, stop_after, resume, overwrite):
     """Train a matcher that picks each query's target among context-1 candidates, on the embeddings of
     (query, target) pairs. Pairs repeating an earlier query are dropped (the count is printed); the
@@ -395,10 +405,10 @@ def train_matcher_cmd(pairs_path, model_dir, query_emb, target_emb, query_field,
     from pathlib import Path
 
     from mixret import io
-    from mixret.data import load_pairs, split_pairs
+    from mixret.data import drop_repeated_queries, load_pairs, sources_record, split_pairs
     from mixret.loop import Interrupted
-    from mixret.matcher import (MatcherConfig, check_split_sizes, dedupe_queries, drop_repeated_queries,
-                                embed_pairs, format_summary, train_matcher)
+    from mixret.matcher import (MatcherConfig, check_split_sizes, dedupe_queries, embed_pairs, format_summary,
+                                train_matcher)
 
     if query_emb is None and target_emb is None and model_dir is None:
         from mixret.embed import default_model_dir
@@ -415,7 +425,7 @@ def train_matcher_cmd(pairs_path, model_dir, query_emb, target_emb, query_field,
         check_split_sizes(len(train), len(test), context)
         if (Path(out_dir) / io.CONFIG_NAME).is_file() and not overwrite:  # refuse another kind before embedding
             io.check_out_dir(out_dir, io.CONFIG_NAME, "matcher", overwrite=True)
-        q, t, embedder = embed_pairs(train + test, model_dir, query_emb, target_emb)
+        q, t, spec = embed_pairs(train + test, model_dir, query_emb, target_emb, pooling=pooling)
     splits = {}
     for name, rows in (("train", slice(0, len(train))), ("test", slice(len(train), None))):
         sq, st, keep = dedupe_queries(q[rows], t[rows])
@@ -424,7 +434,8 @@ def train_matcher_cmd(pairs_path, model_dir, query_emb, target_emb, query_field,
                        "an earlier one", err=True)
         splits[name] = (sq, st)
     config = MatcherConfig(emb_dim=int(q.shape[1]), d_model=d_model, n_layers=n_layers, context=context,
-                           embedder=embedder)
+                           embedder=spec.model_hash, pooling=spec.pooling, max_length=spec.max_length,
+                           trained_on=sources_record([pairs_path], test_fraction))
     try:
         _, metrics = train_matcher(*splits["train"], *splits["test"], config, epochs=epochs, batch_size=batch_size,
                                    lr=lr, seed=seed, hard_negatives=hard_negatives, out_dir=out_dir,
@@ -452,12 +463,12 @@ def index_cmd(emb_dir, factory, metric):
     """Build a FAISS index over the embeddings in EMB_DIR (from `mixret embed`) and save it there
     as index.faiss + index.json. IVF and PQ indexes are trained on the embeddings themselves; an IVF
     with more lists than the corpus can train is shrunk, with a warning."""
-    from mixret.embed import load_emb_dir
+    from mixret.embed import EmbeddingSpec, load_emb_dir
     from mixret.search import VectorIndex
 
     emb, ids, _, meta = load_emb_dir(emb_dir)
     with Warnings():
-        index = VectorIndex.build(emb, factory, metric, meta={"model_hash": meta.get("model_hash"),
+        index = VectorIndex.build(emb, factory, metric, meta={**EmbeddingSpec.of(meta).to_dict(),
                                                               "model_path": meta.get("model_path")})
     index.save(emb_dir)
     click.echo(f"{emb_dir}: {index.factory} index ({metric}) over {index.count} vectors of dim {index.dim}")
@@ -471,6 +482,9 @@ def _search_options(fn):
                           "EMB_DIR/meta.json; evaluate: the newest model under ./runs)."),
         click.option("--matcher", "matcher_dir", type=click.Path(file_okay=False), default=None,
                      help="Matcher folder (from `mixret train-matcher`), for tree and hybrid."),
+        click.option("--fusion-weight", type=click.FloatRange(0, 1), default=None,
+                     help="fusion: weight of the model's score against BM25's (0: BM25's ranking, 1: the model's). "
+                          "Default: the weight `mixret finetune` fitted and saved with the model (fusion.json)."),
         click.option("--shortlist", default=256, show_default=True,
                      help="hybrid: candidates the matcher's tournament ranks."),
         click.option("--shortlist-from", type=click.Choice(["vector", "bm25"]), default="vector",
@@ -485,40 +499,46 @@ def _search_options(fn):
 @click.argument("query")
 @click.option("--index", "emb_dir", required=True, type=click.Path(file_okay=False),
               help="EMB_DIR of the corpus (with an index from `mixret index` for vector and hybrid).")
-@click.option("--mode", type=click.Choice(["vector", "tree", "hybrid", "bm25"]), default="vector",
-              show_default=True, help="vector: FAISS; tree: matcher tournament over the whole corpus; "
-                                      "hybrid: shortlist ranked by the matcher; bm25: lexical baseline.")
+@click.option("--mode", type=click.Choice(["vector", "fusion", "tree", "hybrid", "bm25"]), default="vector",
+              show_default=True, help="vector: FAISS; fusion: BM25 and the model's scores combined; tree: matcher "
+                                      "tournament over the whole corpus; hybrid: shortlist ranked by the matcher; "
+                                      "bm25: lexical baseline.")
 @click.option("-k", "k", default=10, show_default=True, help="Results to return.")
 @_search_options
 @friendly
-def search_cmd(query, emb_dir, mode, k, model_dir, matcher_dir, shortlist, shortlist_from, as_json):
+def search_cmd(query, emb_dir, mode, k, model_dir, matcher_dir, fusion_weight, shortlist, shortlist_from, as_json):
     """Search the corpus in EMB_DIR for QUERY and print rank, id, score and the start of each text
     (--json: one JSON object a line). The model defaults to the one that embedded the corpus."""
     import json
 
-    from mixret.embed import load_emb_dir
+    from mixret.embed import EmbeddingSpec, load_emb_dir
+    from mixret.fusion import load_fusion
     from mixret.search import Retriever, VectorIndex, format_hits, load_matcher_checked, load_model_checked
 
     if not query.strip():
         raise MixretError("empty query; expected some text to search for")
     emb, ids, texts, meta = load_emb_dir(emb_dir)
-    query_emb = index = matcher = None
+    corpus_spec, corpus_what = EmbeddingSpec.of(meta), f"the corpus embeddings in {emb_dir}"
+    query_emb = index = matcher = fusion = None
     with Warnings():
         if mode != "bm25":
             model_dir = model_dir or meta.get("model_path")
             if model_dir is None:
                 raise MixretError(f"{emb_dir}: meta.json names no model; pass --model DIR")
-            model, model_hash = load_model_checked(model_dir, meta, emb_dir)
-            if mode == "vector" or (mode == "hybrid" and shortlist_from == "vector"):
-                index = VectorIndex.load(emb_dir, expected_dim=emb.shape[1], expected_model_hash=model_hash,
+            model, _ = load_model_checked(model_dir, meta, emb_dir)
+            if mode in ("vector", "fusion") or (mode == "hybrid" and shortlist_from == "vector"):
+                index = VectorIndex.load(emb_dir, expected_dim=emb.shape[1], expected_spec=corpus_spec,
                                          expected_count=len(ids))
+            if mode == "fusion":
+                fusion = load_fusion(model_dir, fusion_weight)
             if mode in ("tree", "hybrid"):
                 if matcher_dir is None:
                     raise MixretError(f"{mode} search ranks with a matcher: pass --matcher DIR")
-                matcher = load_matcher_checked(matcher_dir, model_hash)
-            query_emb = model.encode([query], batch_size=1, pooling=meta.get("pooling", "last"),
-                                     show_progress_bar=False)
-        retriever = Retriever(emb if mode != "bm25" else None, texts, index=index, matcher=matcher)
+                matcher = load_matcher_checked(matcher_dir, corpus_spec, corpus_what)
+            # the query is embedded exactly as the corpus was: same pooling, same number of tokens kept
+            query_emb = model.encode([query], batch_size=1, pooling=corpus_spec.pooling or "last",
+                                     max_length=corpus_spec.max_length, show_progress_bar=False)
+        retriever = Retriever(emb if mode != "bm25" else None, texts, index=index, matcher=matcher, fusion=fusion)
         result = retriever.search(mode, k, query_emb=query_emb, queries=[query], shortlist=shortlist,
                                   shortlist_from=shortlist_from)
     indices, scores = result.indices[0], result.scores[0]
@@ -537,50 +557,82 @@ def search_cmd(query, emb_dir, mode, k, model_dir, matcher_dir, shortlist, short
 @main.command("evaluate")
 @click.option("--pairs", "pairs_path", required=True, type=click.Path(dir_okay=False),
               help="Pairs file: .jsonl, .jsonl.gz, .parquet or TinyStoriesInstruct .txt.")
-@click.option("--mode", type=click.Choice(["vector", "tree", "hybrid", "bm25", "all"]), default="all",
-              show_default=True, help="all: vector, bm25 and, with --matcher, tree and hybrid.")
+@click.option("--mode", type=click.Choice(["vector", "fusion", "tree", "hybrid", "bm25", "all"]), default="all",
+              show_default=True, help="all: vector, bm25, fusion when the model has a fusion weight, and with "
+                                      "--matcher tree and hybrid.")
 @click.option("--limit", type=int, default=None, help="Evaluate the first Q queries (the corpus stays whole).")
 @click.option("--query-field", default="summary", show_default=True, help="Pairs field with the queries.")
 @click.option("--target-field", default="document", show_default=True, help="Pairs field with the targets.")
-@click.option("--test-fraction", default=0.1, show_default=True,
-              help="Evaluate the held-out split train-matcher leaves out (1: every pair).")
+@click.option("--test-fraction", type=float, default=None,
+              help="Score the hash test split of this fraction. Default: every pair of a file that trained "
+                   "none of the models, the test split of one that did (as recorded in them).")
 @click.option("--batch-size", default=64, show_default=True, help="Texts per embedding forward pass.")
-@click.option("--pooling", type=click.Choice(["last", "eos", "mean"]), default="last", show_default=True,
-              help="How texts are embedded: as for `mixret embed`, and as the matcher's training pairs were.")
+@click.option("--pooling", type=click.Choice(["last", "eos", "mean"]), default=None,
+              help="How texts are embedded, as in `mixret embed` (default: as the matcher's training pairs were, "
+                   "else the model's own, else last); one that differs from the matcher's is refused.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")
 @_search_options
 @friendly
 def evaluate_cmd(pairs_path, mode, limit, query_field, target_field, test_fraction, batch_size, pooling, out_path,
-                 model_dir, matcher_dir, shortlist, shortlist_from, as_json):
+                 model_dir, matcher_dir, fusion_weight, shortlist, shortlist_from, as_json):
     """Search every held-out query of the pairs among all the held-out targets and report R@1, R@10,
-    MRR@10 and nDCG@10 (ranx), queries/s and, for tree and hybrid, matcher passes per query."""
+    MRR@10 and nDCG@10 (ranx), queries/s and, for tree and hybrid, matcher passes per query.
+
+    Held out means: every pair of a file that trained none of the models used, the test split of a file
+    that trained one (each model and matcher records its training data); the first line says which.
+    Pairs repeating an earlier query are dropped, as train-matcher drops them. Ties count against the
+    relevant document."""
     import json
+    import warnings
 
     from mixret import io
-    from mixret.data import load_pairs, split_pairs
-    from mixret.evaluate import evaluate_pairs, format_table, resolve_modes
-    from mixret.search import load_matcher_checked, load_model_checked
+    from mixret.data import drop_repeated_queries, file_hash, load_pairs, split_pairs
+    from mixret.embed import default_model_dir, resolve_spec
+    from mixret.evaluate import MATCHER_MODES, evaluate_pairs, format_table, held_out_split, resolve_modes
+    from mixret.fusion import load_fusion
+    from mixret.search import load_matcher_checked, load_model_checked, matcher_spec
 
-    modes = resolve_modes(mode, matcher_dir is not None)
+    if mode != "bm25" and model_dir is None:
+        model_dir = default_model_dir()
+    fusion = load_fusion(model_dir, fusion_weight) if mode in ("fusion", "all") else None
+    modes = resolve_modes(mode, matcher_dir is not None, fusion is not None)
     if mode == "all" and matcher_dir is None:
         click.echo("tree and hybrid skipped: they need --matcher", err=True)
-    model = model_hash = matcher = None
+    needs_model, needs_matcher = any(m != "bm25" for m in modes), any(m in MATCHER_MODES for m in modes)
+    unused = [flag for flag, given, used in (("--model", model_dir, needs_model), ("--pooling", pooling, needs_model),
+                                             ("--matcher", matcher_dir, needs_matcher)) if given and not used]
+    if unused:
+        click.echo(f"{', '.join(unused)} not used by mode {', '.join(modes)}", err=True)
+    model = matcher = spec = None
+    trainers = {}
     with Warnings():
-        _, test = split_pairs(load_pairs(pairs_path, query_field, target_field), test_fraction)
+        if needs_matcher:
+            matcher = load_matcher_checked(matcher_dir)
+            trainers[f"matcher {matcher_dir}"] = matcher.config.trained_on
+        if needs_model:
+            spec = resolve_spec(model_dir, pooling, None,
+                                [(matcher_spec(matcher), f"the matcher {matcher_dir}")] if matcher else [])
+            model, _ = load_model_checked(model_dir)
+            trainers[f"model {model_dir}"] = model.trained_on
+        pairs, n_repeated = drop_repeated_queries(load_pairs(pairs_path, query_field, target_field))
+        if n_repeated:
+            click.echo(f"{pairs_path}: dropped {n_repeated} pairs repeating an earlier query", err=True)
+        fraction, which, cautions = held_out_split(pairs_path, trainers, test_fraction)
+        for caution in cautions:
+            warnings.warn(caution, stacklevel=1)
+        click.echo(f"scoring {which}", err=True)
+        test = pairs if fraction is None else split_pairs(pairs, fraction)[1]
         if not test:
-            raise MixretError(f"{pairs_path}: no pairs in the held-out split (--test-fraction {test_fraction}); "
+            raise MixretError(f"{pairs_path}: no pairs in the held-out split (test fraction {fraction}); "
                               f"expected at least one")
-        if modes != ["bm25"]:
-            if model_dir is None:
-                from mixret.embed import default_model_dir
-                model_dir = default_model_dir()
-            model, model_hash = load_model_checked(model_dir)
-        if matcher_dir is not None:
-            matcher = load_matcher_checked(matcher_dir, model_hash)
         report = evaluate_pairs(test, model, matcher, modes, shortlist=shortlist, shortlist_from=shortlist_from,
-                                limit=limit, batch_size=batch_size, pooling=pooling)
-    report = {"pairs": str(pairs_path), "test_fraction": test_fraction,
-              "model": str(model_dir) if model is not None else None, "matcher": matcher_dir, **report}
+                                limit=limit, batch_size=batch_size, pooling=spec.pooling if spec else "last",
+                                max_length=spec.max_length if spec else None, fusion=fusion)
+    report = {"pairs": str(pairs_path), "pairs_hash": file_hash(pairs_path), "scored": which,
+              "test_fraction": fraction, "model": str(model_dir) if model is not None else None,
+              "matcher": str(matcher_dir) if matcher is not None else None,
+              "embeddings": spec.to_dict() if spec else None, **report,
+              "repeated_queries_dropped": n_repeated + report["repeated_queries_dropped"]}
     click.echo(json.dumps(report) if as_json else format_table(report))
     if out_path is not None:
         io.write_json(out_path, report)

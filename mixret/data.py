@@ -257,6 +257,16 @@ def load_pairs(
     return pairs
 
 
+def drop_repeated_queries(pairs: Iterable[Pair]) -> tuple[list[Pair], int]:
+    """Keep the first pair of each query text -> (pairs, number dropped). A query with two relevant
+    documents has no single right answer: train-matcher and evaluate both drop the later pairs, before
+    splitting, so that they agree on the test split."""
+    pairs = list(pairs)
+    seen: set[str] = set()
+    kept = [p for p in pairs if not (p.query in seen or seen.add(p.query))]
+    return kept, len(pairs) - len(kept)
+
+
 def _unit_hash(pair_id: str) -> float:
     """Stable number in [0, 1) from blake2b of the id."""
     return int.from_bytes(hashlib.blake2b(pair_id.encode("utf-8"), digest_size=8).digest(), "big") / 2**64
@@ -305,9 +315,48 @@ def bundled_pairs_path() -> Path:
     return path
 
 
-def bundled_splits(test_fraction: float = 0.1) -> tuple[list[Pair], list[Pair]]:
+BUNDLED_TEST_FRACTION = 0.1  # the bundled corpus's test split, the default of every command that splits pairs
+
+
+def bundled_splits(test_fraction: float = BUNDLED_TEST_FRACTION) -> tuple[list[Pair], list[Pair]]:
     """(train, test) pairs of the bundled corpus."""
     return split_pairs(load_pairs(bundled_pairs_path()), test_fraction)
+
+
+def bundled_training_texts():
+    """The texts a model pretrained on the bundled corpus may see: the summary and the document of each pair
+    of its training split (split_pairs, as everywhere), as load_texts gives them. The test split stays unseen,
+    so that evaluating on it measures text the model never read."""
+    import datasets
+
+    train, _ = bundled_splits()
+    texts = [t for p in train for t in (p.query, p.target)]
+    return datasets.Dataset(pa.table({"text": pa.array(texts, type=pa.large_string())}))
+
+
+# --- provenance -------------------------------------------------------------------------------
+
+def file_hash(path: str | os.PathLike) -> str:
+    """The content hash recorded for a data file (the first 16 hex digits of its sha256)."""
+    from mixret import io
+    return io.file_hash(path)
+
+
+def sources_record(sources: Sequence[str | os.PathLike], test_fraction: float | None = None) -> list[dict]:
+    """What trained a model, as saved with it (`trained_on` in config.json): one entry per file, with its path,
+    content hash and which pairs it gave: {"split": "train", "test_fraction": f} when only the training
+    split of split_pairs(f) was used, {"split": "all"} when every record was. A folder gives one entry per file;
+    a Hugging Face dataset name an entry without a hash."""
+    record = []
+    for source in sources:
+        files = _expand(source)
+        for f in files if files is not None else [None]:
+            entry = {"source": str(Path(f).resolve()) if f is not None else str(source),
+                     "hash": file_hash(f) if f is not None else None}
+            entry.update({"split": "all"} if test_fraction is None else
+                         {"split": "train", "test_fraction": test_fraction})
+            record.append(entry)
+    return record
 
 
 # --- texts ------------------------------------------------------------------------------------

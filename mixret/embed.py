@@ -5,7 +5,8 @@ truncated to `max_length` tokens (the first ones are kept). Pooling:
     last  hidden state at the last content token (default)
     eos   append eos and take its hidden state; eos never predicts anything in training, so this is
           offered only for comparison
-    mean  mean hidden state over all tokens of the text (bos included)
+    mean  mean hidden state over the text's tokens, bos excluded (a causal model's output at bos is the
+          same for every text, so averaging it in only pulls all embeddings towards one point)
 Texts are batched by length and right-padded; every architecture is causal, so padding never changes an
 embedding, and results come back in input order.
 
@@ -17,6 +18,11 @@ It is built in a hidden sibling folder and put in place by io.publish_dir at the
 never leaves an EMB_DIR that looks complete. The corpus is read by mixret.data.read_corpus. Under torchrun
 each process embeds a contiguous shard and rank 0 merges the shards; a failure on any rank stops every rank
 with that rank's message.
+
+Identity. Two embeddings can be compared only when the same weights computed them with the same pooling
+from the same number of tokens: `EmbeddingSpec` (model hash, pooling, max_length) is recorded in meta.json,
+in index.json and in a matcher's config.json, and `EmbeddingSpec.check` refuses a query encoder, an index
+or a matcher whose spec differs from the corpus embeddings'.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import json
 import os
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -52,21 +59,24 @@ def encode(
     normalize_embeddings: bool = False,
     convert_to_numpy: bool = True,
     max_length: int | None = None,
-    pooling: str = "last",
+    pooling: str | None = None,
     show_progress_bar: bool | None = None,
     device: str | torch.device | None = None,
 ) -> np.ndarray | torch.Tensor:
     """Embed texts with a causal LM (which needs `model.tokenizer`), sentence-transformers style.
 
     Returns [N, D] float32 in input order (a numpy array, or a CPU tensor when convert_to_numpy=False);
-    a single string gives [D]. max_length defaults to the model's context; longer texts keep their first
+    a single string gives [D]. pooling and max_length default to the model's own (`model.embedding_defaults`,
+    from its config.json), else last-token pooling over the model's context; longer texts keep their first
     tokens, with a warning giving the count. The model is moved to `device` (default: the GPU if there is
     one and the model is on the CPU) and left there. Empty texts raise MixretError naming their index.
     show_progress_bar=None shows a bar on a terminal when there is more than one batch.
     """
     single = isinstance(texts, str)
     texts = check_texts([texts] if single else texts)
-    max_length = check_options(model, batch_size, max_length, pooling)
+    defaults = getattr(model, "embedding_defaults", {})
+    pooling = pooling or defaults.get("pooling", "last")
+    max_length = check_options(model, batch_size, max_length or defaults.get("max_length"), pooling)
     device = pick_device(model, device)
     disable = not show_progress_bar if show_progress_bar is not None else (None if len(texts) > batch_size else True)
     with tqdm(total=len(texts), unit="text", desc="embed", disable=disable) as bar:
@@ -145,9 +155,9 @@ def token_sequences(tokenizer, texts: list[str], max_length: int, pooling: str) 
 
 def pool(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
     """[B, L] right-padded ids and 0/1 mask -> [B, D] float32."""
-    if pooling == "mean":
-        h = model.hidden(input_ids).float()             # [B, L, D]
-        m = attention_mask.unsqueeze(-1).to(h.dtype)    # [B, L, 1]
+    if pooling == "mean":  # positions 1.. only: bos (position 0) has the same hidden state in every text
+        h = model.hidden(input_ids)[:, 1:].float()           # [B, L-1, D]
+        m = attention_mask[:, 1:].unsqueeze(-1).to(h.dtype)  # [B, L-1, 1]; every text has a content token
         return (h * m).sum(dim=1) / m.sum(dim=1)
     # "last" and "eos": the last real token is the last content token, or the appended eos
     return model.embed(input_ids, attention_mask).float()
@@ -205,6 +215,63 @@ def encode_texts(model, texts: list[str], batch_size: int, max_length: int, pool
     return out, truncated
 
 
+# --- what makes embeddings comparable ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class EmbeddingSpec:
+    """What makes two embeddings comparable: the weights that computed them (file hash of model.safetensors),
+    the pooling and the most tokens a text keeps (bos included). None: not recorded (older files)."""
+    model_hash: str | None
+    pooling: str | None
+    max_length: int | None
+
+    @classmethod
+    def of(cls, record: dict) -> "EmbeddingSpec":
+        """The spec a meta.json, an index.json or a matcher's config.json records (a matcher names the model
+        hash "embedder")."""
+        return cls(record.get("model_hash", record.get("embedder")), record.get("pooling"), record.get("max_length"))
+
+    @classmethod
+    def of_model(cls, model_dir: str | os.PathLike) -> "EmbeddingSpec":
+        """A model folder's own spec: its weights' hash, and the pooling and max_length its config.json sets as
+        its defaults (None when it sets none)."""
+        model_dir = Path(model_dir)
+        cfg = io.read_json(model_dir / io.CONFIG_NAME, "model config")
+        return cls(io.file_hash(model_dir / io.WEIGHTS_NAME), cfg.get("pooling"), cfg.get("max_length"))
+
+    def to_dict(self) -> dict:
+        return {"model_hash": self.model_hash, "pooling": self.pooling, "max_length": self.max_length}
+
+    def check(self, other: "EmbeddingSpec", mine: str, theirs: str) -> None:
+        """Refuse `other` (described as `theirs`) when it records a model hash, pooling or max_length that
+        differs from this spec (described as `mine`); a value either side does not record is not compared."""
+        diffs = [f"{'model' if key == 'model_hash' else key} {a!r} for {mine} but {b!r} for {theirs}"
+                 for (key, a), b in zip(self.to_dict().items(), other.to_dict().values())
+                 if a is not None and b is not None and a != b]
+        if diffs:
+            raise MixretError(f"{theirs} does not match {mine}: {'; '.join(diffs)}. Embeddings are comparable only "
+                              "when the same model made them with the same pooling and max_length: use the "
+                              "matching one, or re-embed")
+
+
+def resolve_spec(model_dir: str | os.PathLike, pooling: str | None = None, max_length: int | None = None,
+                 match: Sequence[tuple[EmbeddingSpec, str]] = ()) -> EmbeddingSpec:
+    """The spec to embed with, using the model in model_dir.
+
+    pooling and max_length are what the user gave (None: not given). Each of `match` (a spec the embeddings
+    must agree with, e.g. a matcher's, and its description), then the model's own defaults, must agree with
+    what is settled so far (MixretError naming both values otherwise) and fills in what is not; the rest is
+    last-token pooling over the model's whole context.
+    """
+    own = EmbeddingSpec.of_model(model_dir)
+    spec = EmbeddingSpec(own.model_hash, pooling, max_length)
+    for other, what in [*match, (own, f"the config.json of {model_dir}")]:
+        other.check(spec, what, "the embeddings asked for")
+        spec = EmbeddingSpec(spec.model_hash, spec.pooling or other.pooling, spec.max_length or other.max_length)
+    context = io.read_json(Path(model_dir) / io.CONFIG_NAME, "model config").get("context")
+    return EmbeddingSpec(spec.model_hash, spec.pooling or "last", spec.max_length or context)
+
+
 # --- EMB_DIR ----------------------------------------------------------------------------------
 
 def embed_corpus(
@@ -216,12 +283,15 @@ def embed_corpus(
     batch_size: int = 64,
     dtype: str = "float32",
     max_length: int | None = None,
-    pooling: str = "last",
+    pooling: str | None = None,
     overwrite: bool = False,
     device: str | None = None,
     show_progress_bar: bool | None = None,
 ) -> dict:
     """Embed a corpus (see mixret.data.read_corpus) with the model in model_dir and write out_dir as an EMB_DIR.
+
+    pooling and max_length default to the model's own (see resolve_spec; a value that differs from one the
+    model's config.json sets is refused), else last-token pooling over the whole context.
 
     An existing out_dir is an error unless overwrite=True, and even then only an EMB_DIR is replaced,
     once the new one is complete. Empty texts are skipped and counted in meta.json; truncation is
@@ -235,7 +305,8 @@ def embed_corpus(
         raise MixretError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     model = load(model_dir)
-    max_length = check_options(model, batch_size, max_length, pooling)
+    spec = resolve_spec(model_dir, pooling, max_length)
+    pooling, max_length = spec.pooling, check_options(model, batch_size, spec.max_length, spec.pooling)
     io.check_out_dir(out_dir, META_NAME, "embeddings", overwrite, what="embeddings")
     corpus_data = read_corpus(corpus, field, id_field)
     if corpus_data.skipped:

@@ -1,10 +1,17 @@
 """Retrieval evaluation: every test query against the whole corpus of the test targets.
 
 The corpus is the distinct target texts of the pairs; each query has one relevant document, its own
-target. Metrics (R@1, R@10, MRR@10, nDCG@10) are computed with ranx from the ranked lists each search
-mode returns; ranx sees scores derived from the ranks, so its tie-breaking never reorders a ranking.
-queries/s counts the time to embed the queries (for the modes that use embeddings) and to search;
-embedding the corpus and building its indexes is done once, before, and not counted.
+target. A query text that repeats an earlier pair's query is dropped (as `train-matcher` drops it), and
+the report says how many were. Metrics (R@1, R@10, MRR@10, nDCG@10) are computed with ranx from the
+ranked lists each search mode returns; ranx sees scores derived from the ranks, so its tie-breaking
+never reorders a ranking. queries/s counts the time to embed the queries (for the modes that use
+embeddings) and to search; embedding the corpus and building its indexes is done once, before, and not
+counted.
+
+Ties are pessimistic: the relevant document is ranked after every document that scores the same as it
+(see `mixret.search`: each search gets the relevant documents as `losers`). A model that gives every
+document the same score therefore finds nothing (R@1 = 0), rather than whatever the search library's
+order of equal scores happens to favour.
 """
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from mixret.data import drop_repeated_queries
 from mixret.errors import MixretError
 from mixret.search import MODES, SHORTLIST_SOURCES, Retriever
 
@@ -30,6 +38,53 @@ def ir_metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]
         raise MixretError("no queries to evaluate")
     scores = evaluate(Qrels(qrels), Run(run), list(METRICS.values()), make_comparable=True)
     return {name: float(scores[ranx_name]) for name, ranx_name in METRICS.items()}
+
+
+def held_out_split(pairs_path, trainers: dict[str, list | None], test_fraction: float | None = None
+                   ) -> tuple[float | None, str, list[str]]:
+    """Which pairs of the file to score, from what trained the models that score them.
+
+    trainers maps a name ("model runs/mm") to its `trained_on` record (mixret.data.sources_record; None when
+    it records none). Returns (test fraction, or None to score every pair; a sentence saying which and why;
+    warnings). A file that none of them was trained on is scored whole; one they were trained on is scored
+    on its test split (the smallest fraction recorded, which every model held out); when a model records
+    nothing, the default test split is scored, to be safe. An explicit test_fraction is used as given, with a
+    warning when it reaches into a training split. A model trained on every pair of the file is a warning:
+    nothing in that file is held out from it.
+    """
+    from mixret.data import BUNDLED_TEST_FRACTION, file_hash
+
+    digest = file_hash(pairs_path)
+    fractions, unknown, whole, warnings = {}, [], [], []
+    for name, record in trainers.items():
+        if record is None:
+            unknown.append(name)
+            continue
+        for entry in record:
+            if entry.get("hash") == digest:
+                if entry.get("split") == "train":
+                    fractions[name] = float(entry["test_fraction"])
+                else:
+                    whole.append(name)
+    for name in whole:
+        warnings.append(f"{name} was trained on every pair of {pairs_path}: no pair of it is held out from it, "
+                        "so its scores here measure text it has seen")
+    if test_fraction is not None:
+        reaching = [f"{n} (test fraction {f:g})" for n, f in fractions.items() if f < test_fraction]
+        if reaching:
+            warnings.append(f"--test-fraction {test_fraction:g} scores pairs that {', '.join(reaching)} trained on")
+        return test_fraction, f"the test split of {pairs_path} (--test-fraction {test_fraction:g})", warnings
+    if fractions:
+        f = min(fractions.values())
+        return f, (f"the test split of {pairs_path} (test fraction {f:g}): "
+                   f"{', '.join(fractions)} trained on the rest of it"), warnings
+    if unknown:
+        f = BUNDLED_TEST_FRACTION
+        return f, (f"the test split of {pairs_path} (test fraction {f:g}): {', '.join(unknown)} records no "
+                   "training data, so the pairs it may have seen are left out"), warnings
+    users = ", ".join(trainers) if trainers else "no trained model (bm25 only)"
+    return None, (f"every pair of {pairs_path}: it trained none of {users}" if trainers else
+                  f"every pair of {pairs_path}: {users}"), warnings
 
 
 def resolve_modes(mode: str | Sequence[str], have_matcher: bool, have_fusion: bool = False) -> list[str]:
@@ -66,25 +121,29 @@ def run_from(indices: np.ndarray) -> dict[str, dict[str, float]]:
 
 def evaluate_pairs(pairs: Sequence, model=None, matcher=None, modes: str | Sequence[str] = "vector",
                    shortlist: int = 256, shortlist_from: str = "vector", limit: int | None = None,
-                   batch_size: int = 64, pooling: str = "last", fusion=None) -> dict:
+                   batch_size: int = 64, pooling: str | None = None, max_length: int | None = None,
+                   fusion=None) -> dict:
     """Search every query of `pairs` (the first `limit`) among all their distinct targets in each mode.
 
-    model: anything with `encode(texts, batch_size=..., pooling=...) -> [N, E]` (a mixret language model),
-    needed by every mode but bm25; pooling: as for `mixret.embed.encode` (embed the texts the way the
-    matcher's training pairs were); matcher: a mixret Matcher, needed by tree and hybrid; fusion: a
-    mixret.fusion.Fusion, needed by fusion. Returns a report dict
-    with the corpus facts, chance levels and, per mode, the metrics, queries/s and matcher passes/query.
+    model: anything with `encode(texts, batch_size=..., pooling=..., max_length=...) -> [N, E]` (a mixret
+    language model), needed by every mode but bm25; pooling, max_length: as for `mixret.embed.encode` (embed
+    the texts the way the matcher's training pairs were: see mixret.embed.resolve_spec); matcher: a mixret
+    Matcher, needed by tree and hybrid (and ignored by the other modes); fusion: a mixret.fusion.Fusion, needed
+    by fusion. Pairs repeating an earlier query are dropped (drop_repeated_queries). Returns a report dict with
+    the corpus facts, chance levels and, per mode, the metrics, queries/s and matcher passes/query.
     """
     modes = resolve_modes(modes, matcher is not None, fusion is not None)
     if shortlist_from not in SHORTLIST_SOURCES:
         raise MixretError(f"unknown shortlist source {shortlist_from!r}; expected vector or bm25")
     if limit is not None and limit < 1:
         raise MixretError(f"--limit must be a positive number of queries, got {limit}")
+    pairs, n_repeated = drop_repeated_queries(pairs)
     queries, docs, qrels = corpus_and_qrels(pairs)
     if not queries:
         raise MixretError("no pairs to evaluate")
     n = len(queries) if limit is None else min(limit, len(queries))
     queries, qrels = queries[:n], {f"q{i}": qrels[f"q{i}"] for i in range(n)}
+    gold = np.array([int(next(iter(qrels[f"q{i}"]))[1:]) for i in range(n)], dtype=np.int64)  # "d{j}" -> j
     k = min(K, len(docs))
     needs_emb = any(m != "bm25" for m in modes)
     if needs_emb and model is None:
@@ -94,19 +153,26 @@ def evaluate_pairs(pairs: Sequence, model=None, matcher=None, modes: str | Seque
     embed_seconds = 0.0
     if needs_emb:
         start = time.perf_counter()
-        corpus_emb = np.asarray(model.encode(docs, batch_size=batch_size, pooling=pooling), dtype=np.float32)
+        corpus_emb = np.asarray(model.encode(docs, batch_size=batch_size, pooling=pooling, max_length=max_length),
+                                dtype=np.float32)
         corpus_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        query_emb = np.asarray(model.encode(queries, batch_size=batch_size, pooling=pooling), dtype=np.float32)
+        query_emb = np.asarray(model.encode(queries, batch_size=batch_size, pooling=pooling, max_length=max_length),
+                               dtype=np.float32)
         embed_seconds = time.perf_counter() - start
     else:
         corpus_seconds = 0.0
-    retriever = Retriever(corpus_emb, docs, matcher=matcher, fusion=fusion)
+    uses_matcher = any(m in MATCHER_MODES for m in modes)
+    retriever = Retriever(corpus_emb, docs, matcher=matcher if uses_matcher else None,
+                          fusion=fusion if "fusion" in modes else None)
     report = {
-        "n_queries": n, "corpus_size": len(docs), "k": k, "pooling": pooling if needs_emb else None,
+        "n_queries": n, "repeated_queries_dropped": n_repeated, "corpus_size": len(docs), "k": k,
+        "ties": "pessimistic",
+        "pooling": (pooling or model.embedding_defaults.get("pooling", "last")) if needs_emb else None,
+        "max_length": max_length if needs_emb else None,
         "shortlist": min(shortlist, len(docs)) if "hybrid" in modes else None,
         "shortlist_from": shortlist_from if "hybrid" in modes else None,
-        "matcher_context": matcher.config.context if matcher is not None else None,
+        "matcher_context": matcher.config.context if uses_matcher else None,
         "fusion": fusion.to_dict() if fusion is not None and "fusion" in modes else None,
         "chance": {"R@1": 1 / len(docs), "R@10": k / len(docs)},
         "corpus_embed_seconds": corpus_seconds, "query_embed_seconds": embed_seconds,
@@ -114,7 +180,7 @@ def evaluate_pairs(pairs: Sequence, model=None, matcher=None, modes: str | Seque
     }
     for mode in modes:
         result = retriever.search(mode, k, query_emb=query_emb, queries=queries, shortlist=shortlist,
-                                  shortlist_from=shortlist_from)
+                                  shortlist_from=shortlist_from, losers=gold)
         seconds = result.seconds + (embed_seconds if mode != "bm25" else 0.0)
         report["modes"][mode] = {
             **ir_metrics(qrels, run_from(result.indices)),

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from mixret import io, loop
 from mixret.distributed import Distributed
-from mixret.embed import embed_sequences, pad_sequences, pool, token_sequences
+from mixret.embed import POOLINGS, embed_sequences, pad_sequences, pool, token_sequences
 from mixret.errors import MixretError
 from mixret.fusion import FUSION_METHODS, FUSION_NAME, Fusion, fit_weight
 from mixret.loop import LoopConfig
@@ -61,7 +61,8 @@ class FinetuneConfig:
     test_fraction: float = 0.1            # pairs held out (by a hash of the id) and never trained on
     val_pairs: int = 500                  # training pairs kept for validation and for fitting the fusion weight
     init: str = "masked-mixer"            # a model folder, or an architecture to start from random init
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(**FINETUNE_MODEL))  # random init; pooling always
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(**FINETUNE_MODEL))  # for random init
+    pooling: str = "last"                 # the embedding trained, and the one the output model embeds with
     tokenizer: str = "bpe"                # random init: "bpe" (trained on the training pairs), "bytes" or a path
     vocab_size: int = 4096
     max_length: int | None = None         # tokens per text, [bos] included (default: the model's context)
@@ -88,6 +89,8 @@ class FinetuneConfig:
             raise MixretError(f"max_length must be at least 2 ([bos] and one token), got {self.max_length}")
         if not self.temperature > 0:
             raise MixretError(f"temperature must be positive, got {self.temperature!r}")
+        if self.pooling not in POOLINGS:
+            raise MixretError(f"unknown pooling {self.pooling!r}; expected one of {', '.join(POOLINGS)}")
         if self.hard_negatives not in HARD_NEGATIVES:
             raise MixretError(f"unknown hard_negatives {self.hard_negatives!r}; expected one of "
                               f"{', '.join(HARD_NEGATIVES)}")
@@ -105,7 +108,8 @@ class FinetuneConfig:
 
 
 # Options a resumed run must keep (the rest may change between invocations).
-RUN_IDENTITY = ("pairs", "query_field", "target_field", "test_fraction", "val_pairs", "init", "model", "tokenizer",
+RUN_IDENTITY = ("pairs", "query_field", "target_field", "test_fraction", "val_pairs", "init", "model", "pooling",
+                "tokenizer",
                 "vocab_size", "max_length", "batch_size", "temperature", "learn_temperature", "symmetric",
                 "hard_negatives", "seed")
 
@@ -254,7 +258,8 @@ class FinetuneTask:
         self.build_model()
         max_length = min(cfg.max_length or self.lm.config.context, self.lm.config.context)
         self.max_length = max_length
-        pooling = self.lm.config.pooling
+        pooling = cfg.pooling
+        self.lm.embedding_defaults = {"pooling": pooling, "max_length": max_length}
         tokenize = lambda texts: token_sequences(self.tokenizer, texts, max_length, pooling)  # noqa: E731
         (self.q_seqs, tq), (self.d_seqs, td) = tokenize([p.query for p in self.train]), \
             tokenize([p.target for p in self.train])
@@ -303,7 +308,6 @@ class FinetuneTask:
             lm = load(cfg.init)
             if lm.tokenizer is None:
                 raise MixretError(f"{cfg.init}: the model folder has no {io.TOKENIZER_NAME}")
-            lm.config = dataclasses.replace(lm.config, pooling=cfg.model.pooling)
             self.tokenizer = lm.tokenizer
         else:
             saved = self.out / io.TOKENIZER_NAME
@@ -320,6 +324,8 @@ class FinetuneTask:
             torch.manual_seed(cfg.seed)
             lm = build_model(dataclasses.replace(cfg.model, arch=cfg.init, vocab_size=self.tokenizer.vocab_size))
             lm.tokenizer = self.tokenizer
+        from mixret.data import sources_record
+        lm.trained_on = (lm.trained_on or []) + sources_record([self.source], self.cfg.test_fraction or None)
         self.lm = lm.to(self.dist.device)
         self.lm.train()
 
@@ -405,7 +411,7 @@ class FinetuneTask:
             f"{self.n_test:,} held out as the test split"
             + (f"; {self.n_dropped:,} dropped (repeated query or document text)" if self.n_dropped else "") + "\n"
             f"model: {lm.config.arch} {start}, {lm.num_params():,} parameters (d_model {lm.config.d_model}, "
-            f"{lm.config.n_layers} layers, context {lm.config.context}); pooling {lm.config.pooling}, "
+            f"{lm.config.n_layers} layers, context {lm.config.context}); pooling {cfg.pooling}, "
             f"max_length {self.max_length}"
             + (f"; {self.truncated:,} texts truncated" if self.truncated else "") + "\n"
             f"training: {length} of {cfg.batch_size} pairs{hard}, temperature {cfg.temperature:g}"

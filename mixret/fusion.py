@@ -58,6 +58,20 @@ class Fusion:
         return cls(**d)
 
 
+def load_fusion(model_dir, weight: float | None = None) -> Fusion | None:
+    """The fusion saved with a fine-tuned model (model_dir/fusion.json), its weight replaced by `weight` when
+    given; with no file, a convex fusion of that weight (None when no weight is given either)."""
+    from pathlib import Path
+
+    from mixret import io
+    path = Path(model_dir) / FUSION_NAME if model_dir is not None else None
+    saved = Fusion.from_dict(io.read_json(path, "fusion weight"), str(path)) if path and path.is_file() else None
+    if weight is None:
+        return saved
+    return Fusion(weight=weight, method=saved.method if saved else "convex", depth=saved.depth if saved else 100,
+                  fitted={"given": "--fusion-weight"})
+
+
 def candidate_union(*index_lists: np.ndarray) -> np.ndarray:
     """Corpus indices [Q, a], [Q, b], ... (-1 = none) -> [Q, n] the distinct indices per query, -1 padded."""
     rows = [np.unique(np.concatenate([ix[q] for ix in index_lists])) for q in range(len(index_lists[0]))]

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mixret import io
+from mixret.data import drop_repeated_queries  # noqa: F401  (mixret.matcher.drop_repeated_queries)
 from mixret.errors import MixretError
 from mixret.models.layers import FeedForward
 
@@ -49,6 +50,9 @@ class MatcherConfig:
     dropout: float = 0.0
     query_product: bool = True  # feed each candidate slot proj(c * q) as well as proj(c)
     embedder: str | None = None  # file hash of the LM that produced the embeddings, when known
+    pooling: str | None = None   # how those embeddings were pooled (mixret.embed.EmbeddingSpec), when known
+    max_length: int | None = None  # and how many tokens of each text they kept
+    trained_on: list | None = None  # the pairs file(s) that trained it (mixret.data.sources_record)
 
     def __post_init__(self):
         for name in ("emb_dim", "d_model", "n_layers", "ff_mult"):
@@ -357,40 +361,32 @@ def dedupe_queries(queries, targets) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return q[keep], np.asarray(targets)[keep], keep
 
 
-def drop_repeated_queries(pairs: list) -> tuple[list, int]:
-    """Keep the first pair of each query text -> (pairs, number dropped)."""
-    seen: set[str] = set()
-    kept = []
-    for p in pairs:
-        if p.query not in seen:
-            seen.add(p.query)
-            kept.append(p)
-    return kept, len(pairs) - len(kept)
-
-
 def embed_pairs(pairs: list, model: str | os.PathLike | None = None,
                 query_emb: str | os.PathLike | None = None, target_emb: str | os.PathLike | None = None,
-                batch_size: int = 64) -> tuple[np.ndarray, np.ndarray, str | None]:
-    """Embeddings of each pair's query and target -> (queries [N, E], targets [N, E], embedder hash).
+                batch_size: int = 64, pooling: str | None = None):
+    """Embeddings of each pair's query and target -> (queries [N, E], targets [N, E], EmbeddingSpec).
 
-    Either embeds both sides with the language model folder `model`, or takes the rows of two
-    embedding folders written by `mixret embed`, matched to the pairs by id. The embedder hash is the
-    file hash of the language model's weights.
+    Either embeds both sides with the language model folder `model` (pooling: as `mixret embed` takes it,
+    default the model's own or last; the whole context), or takes the rows of two embedding folders written
+    by `mixret embed`, matched to the pairs by id, which must have been made alike (mixret.embed.EmbeddingSpec:
+    same model, pooling and max_length; a given pooling must agree with theirs).
     """
+    from mixret.embed import EmbeddingSpec, encode, resolve_spec
     if model is not None and (query_emb is None and target_emb is None):
-        from mixret.embed import encode
         from mixret.models import load
+        spec = resolve_spec(model, pooling)
         lm = load(model)
-        q = encode(lm, [p.query for p in pairs], batch_size=batch_size)
-        t = encode(lm, [p.target for p in pairs], batch_size=batch_size)
-        return q, t, io.file_hash(Path(model) / io.WEIGHTS_NAME)
+        q = encode(lm, [p.query for p in pairs], batch_size=batch_size, pooling=spec.pooling,
+                   max_length=spec.max_length)
+        t = encode(lm, [p.target for p in pairs], batch_size=batch_size, pooling=spec.pooling,
+                   max_length=spec.max_length)
+        return q, t, spec
     if model is None and query_emb is not None and target_emb is not None:
         (q, q_meta), (t, t_meta) = (_emb_rows(pairs, query_emb, "query"), _emb_rows(pairs, target_emb, "target"))
-        if q_meta.get("model_hash") != t_meta.get("model_hash"):
-            raise MixretError(f"{query_emb} and {target_emb} were embedded with different models "
-                              f"(hashes {q_meta.get('model_hash')} and {t_meta.get('model_hash')}); "
-                              "expected both sides from the same model")
-        return q, t, q_meta.get("model_hash")
+        spec = EmbeddingSpec.of(q_meta)
+        spec.check(EmbeddingSpec.of(t_meta), f"the query embeddings {query_emb}", f"the target embeddings {target_emb}")
+        spec.check(EmbeddingSpec(None, pooling, None), f"the query embeddings {query_emb}", "--pooling")
+        return q, t, spec
     raise MixretError("give either a model to embed with, or both a query and a target embedding folder")
 
 

@@ -78,7 +78,7 @@ def run(cfg: QuickstartConfig, echo: Callable[[str], None] = print) -> dict:
 def load_split(cfg: QuickstartConfig) -> tuple[list, list, str]:
     """(train pairs, test pairs, where they come from), repeated queries dropped from each."""
     from mixret.data import bundled_splits, load_pairs, split_pairs
-    from mixret.matcher import drop_repeated_queries
+    from mixret.data import drop_repeated_queries
     if cfg.pairs is None:
         train, test = bundled_splits()
         source = "bundled Debian descriptions, hash split"
@@ -134,7 +134,7 @@ def train_model(arch: str, cfg: QuickstartConfig, data_dir: Path, out: Path, ech
 
 def _run(cfg: QuickstartConfig, echo: Callable[[str], None]) -> dict:
     from mixret.data import write_pairs_jsonl
-    from mixret.embed import embed_corpus, encode
+    from mixret.embed import EmbeddingSpec, embed_corpus, encode
     from mixret.evaluate import evaluate_pairs
     from mixret.fusion import FUSION_NAME, Fusion
     from mixret.matcher import MatcherConfig, dedupe_queries, train_matcher
@@ -171,8 +171,10 @@ def _run(cfg: QuickstartConfig, echo: Callable[[str], None]) -> dict:
         t = encode(model, [p.target for p in mtrain + test])
         n = len(mtrain)
         (tq, tt, _), (sq, st, _) = dedupe_queries(q[:n], t[:n]), dedupe_queries(q[n:], t[n:])
+        spec = EmbeddingSpec.of_model(model_dir)
         mcfg = MatcherConfig(emb_dim=q.shape[1], context=32, d_model=cfg.matcher_d_model,
-                             n_layers=cfg.matcher_layers, embedder=io.file_hash(model_dir / io.WEIGHTS_NAME))
+                             n_layers=cfg.matcher_layers, embedder=spec.model_hash, pooling=spec.pooling,
+                             max_length=spec.max_length, trained_on=model.trained_on)
         matcher, mmetrics = train_matcher(tq, tt, sq, st, mcfg, epochs=cfg.matcher_epochs, seed=cfg.seed,
                                           out_dir=out / "matchers" / arch, progress=False, overwrite=True)
 
@@ -180,19 +182,16 @@ def _run(cfg: QuickstartConfig, echo: Callable[[str], None]) -> dict:
         emb_dir = out / "emb" / arch
         embed_corpus(model_dir, data_dir / "test.jsonl.gz", emb_dir, field="document", overwrite=True)
         emb, *_ = _load_emb(emb_dir)
-        VectorIndex.build(emb, "Flat", meta={"model_hash": mcfg.embedder,
-                                             "model_path": str(model_dir.resolve())}).save(emb_dir)
+        VectorIndex.build(emb, "Flat", meta={**spec.to_dict(), "model_path": str(model_dir.resolve())}).save(emb_dir)
 
         # 5. every mode on the held-out pairs; tree on a sample of queries
         echo(f"== {arch}: evaluating vector, fusion, hybrid, tree ({min(cfg.tree_queries, len(test))} queries), "
              f"bm25")
-        rep = evaluate_pairs(test, model, matcher, modes=["vector", "fusion", "hybrid", "bm25"],
-                             pooling=model.config.pooling, fusion=fusion)
-        tree = evaluate_pairs(test, model, matcher, modes=["tree"], limit=cfg.tree_queries,
-                              pooling=model.config.pooling)
+        rep = evaluate_pairs(test, model, matcher, modes=["vector", "fusion", "hybrid", "bm25"], fusion=fusion)
+        tree = evaluate_pairs(test, model, matcher, modes=["tree"], limit=cfg.tree_queries)
         rep["modes"]["tree"] = tree["modes"]["tree"]
         rep["tree_queries"] = tree["n_queries"]
-        report["models"][arch] = {**facts, "params": model.num_params(), "pooling": model.config.pooling,
+        report["models"][arch] = {**facts, "params": model.num_params(), "pooling": spec.pooling,
                                   "fusion": {"weight": fusion.weight, "method": fusion.method},
                                   "matcher_dir": str(out / "matchers" / arch), "emb_dir": str(emb_dir),
                                   "matcher": _matcher_summary(mmetrics), "eval": rep}

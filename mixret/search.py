@@ -24,6 +24,14 @@ matcher forward passes per query: ceil((M - 1) / (context - 2)) for k = 1. It ne
 M > G. When the matcher's logit for a candidate does not depend on the other candidates, the top k
 of the corpus are never knocked out (each is in the top k of every group it plays in), so the
 tournament returns exactly the corpus top k.
+
+Ties. A search breaks ties between equal scores in whatever order its library returns them. An
+evaluation must not let that order favour the relevant document, so every search takes `losers`: one
+corpus row per query that loses every tie (evaluation passes the query's relevant document). The
+tournament sorts each group by score, then the loser last among equal scores; vector and bm25 search
+fetch one result beyond k (and a hybrid shortlist one beyond its size) and move the loser behind every
+result that scores the same (`pessimistic_cut`), so a loser tied with the first result left out is
+left out too. With constant scores the loser is therefore never found.
 """
 from __future__ import annotations
 
@@ -196,9 +204,12 @@ class VectorIndex:
 
     @classmethod
     def load(cls, directory: str | os.PathLike, expected_dim: int | None = None,
-             expected_model_hash: str | None = None, expected_count: int | None = None) -> "VectorIndex":
-        """Read an index written by `save`; refuse one whose dim, model hash or size differ from the expected."""
+             expected_spec=None, expected_count: int | None = None) -> "VectorIndex":
+        """Read an index written by `save`; refuse one whose dim or size differ from the expected, or whose
+        embeddings differ from expected_spec (a mixret.embed.EmbeddingSpec: model hash, pooling, max_length)."""
         import faiss
+
+        from mixret.embed import EmbeddingSpec
         directory = Path(directory)
         meta_path, index_path = directory / INDEX_META_NAME, directory / INDEX_NAME
         for path in (meta_path, index_path):
@@ -212,11 +223,9 @@ class VectorIndex:
         if expected_dim is not None and meta["dim"] != expected_dim:
             raise MixretError(f"{meta_path}: the index holds {meta['dim']}-dim vectors but the model gives "
                               f"{expected_dim}-dim embeddings: it was built from another model")
-        stored_hash = meta.get("model_hash")
-        if expected_model_hash is not None and stored_hash is not None and stored_hash != expected_model_hash:
-            raise MixretError(f"{meta_path}: the index was built from embeddings of model {stored_hash}, "
-                              f"not of this model ({expected_model_hash}); search with the model that "
-                              f"embedded the corpus, or re-embed and re-index")
+        if expected_spec is not None:
+            expected_spec.check(EmbeddingSpec.of(meta), f"the corpus embeddings in {directory}",
+                                f"the index {meta_path} (rebuild it with `mixret index {directory}`)")
         if expected_count is not None and meta["count"] != expected_count:
             raise MixretError(f"{meta_path}: the index holds {meta['count']} vectors but the corpus has "
                               f"{expected_count} (rebuild it with `mixret index {directory}`)")
@@ -314,13 +323,15 @@ def check_tournament(n: int, k: int, group_size: int) -> None:
 
 
 def tournament(score_fn: ScoreFn, queries, corpus, k: int, group_size: int,
-               candidates: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               candidates: np.ndarray | None = None, losers: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rank candidates for each query by a knockout tournament of matcher passes.
 
     queries [Q, E], corpus [M, E], candidates [Q, S] corpus indices (-1 = none; default: the whole
     corpus for every query) -> (indices [Q, k'] int64, scores [Q, k'] float32, passes [Q] int64) with
     k' = min(k, S), best first; indices are -1 (scores -inf) where a query had fewer candidates.
-    passes counts, per query, the groups holding at least one candidate.
+    passes counts, per query, the groups holding at least one candidate. losers [Q]: a corpus row per
+    query that is ranked after every candidate of its group with an equal score (see the module docstring).
     """
     q = np.asarray(queries, dtype=np.float32)
     corpus = np.asarray(corpus, dtype=np.float32)
@@ -338,15 +349,44 @@ def tournament(score_fn: ScoreFn, queries, corpus, k: int, group_size: int,
         groups = survivors[:, :n_groups * G].reshape(Q * n_groups, G)  # [Q*g, G]
         logits = _score_groups(score_fn, np.repeat(q, n_groups, axis=0), corpus, groups)
         passes += (groups >= 0).any(1).reshape(Q, n_groups).sum(1)
-        best = np.argsort(-logits, axis=1, kind="stable")[:, :k]        # [Q*g, k]
+        group_losers = None if losers is None else np.repeat(losers, n_groups)
+        best = _best_first(logits, groups, group_losers)[:, :k]         # [Q*g, k]
         winners = np.take_along_axis(groups, best, axis=1).reshape(Q, n_groups * k)
         survivors = np.concatenate([survivors[:, n_groups * G:], winners], axis=1)
     logits = _score_groups(score_fn, q, corpus, survivors)              # [Q, n <= G]
     passes += (survivors >= 0).any(1)
-    order = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    order = _best_first(logits, survivors, losers)[:, :k]
     indices = np.take_along_axis(survivors, order, axis=1)
     scores = np.take_along_axis(logits, order, axis=1)
     return indices, scores.astype(np.float32), passes
+
+
+def _best_first(logits: np.ndarray, groups: np.ndarray, losers: np.ndarray | None) -> np.ndarray:
+    """Column order of each row of logits [B, N], highest first; equal logits keep their order, except that
+    the row's loser (a corpus index in groups [B, N]) goes after all the others with its logit."""
+    if losers is None:
+        return np.argsort(-logits, axis=1, kind="stable")
+    return np.lexsort((groups == np.asarray(losers)[:, None], -logits), axis=-1)
+
+
+def pessimistic_cut(indices: np.ndarray, scores: np.ndarray, losers: np.ndarray, depth: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Ranked lists [Q, n] (best first, -1 = none) with each query's loser moved behind every result with the
+    same score, cut to `depth` columns. Pass n = depth + 1 when more results exist, so that a loser tied with
+    the first result beyond the cut falls outside it."""
+    out_i, out_s = indices[:, :depth].copy(), scores[:, :depth].copy()
+    for row, loser in enumerate(np.asarray(losers).tolist()):
+        idx, sc = indices[row].tolist(), scores[row].tolist()
+        if loser not in idx:
+            continue
+        j = idx.index(loser)
+        t = j
+        while t + 1 < len(idx) and idx[t + 1] >= 0 and sc[t + 1] == sc[j]:
+            t += 1
+        idx.insert(t, idx.pop(j))
+        sc.insert(t, sc.pop(j))
+        out_i[row], out_s[row] = idx[:depth], sc[:depth]
+    return out_i, out_s
 
 
 def tree_search(score_fn: ScoreFn, query, corpus, k: int, group_size: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -446,9 +486,11 @@ class Retriever:
         return self.matcher.config.context - 1
 
     def search(self, mode: str, k: int, query_emb=None, queries: Sequence[str] | None = None,
-               shortlist: int = 256, shortlist_from: str = "vector") -> SearchResult:
+               shortlist: int = 256, shortlist_from: str = "vector", losers=None) -> SearchResult:
         """Top k per query. vector and tree need query_emb [Q, E]; bm25 needs the query texts; fusion both;
-        hybrid needs query_emb and, with shortlist_from="bm25", the texts as well."""
+        hybrid needs query_emb and, with shortlist_from="bm25", the texts as well. losers [Q]: a corpus
+        row per query that loses every tie (evaluation passes each query's relevant document; see the
+        module docstring)."""
         import time
         if mode not in MODES:
             raise MixretError(f"unknown search mode {mode!r}; expected one of {', '.join(MODES)}")
@@ -459,20 +501,24 @@ class Retriever:
         if mode == "fusion" and self.fusion is None:
             raise MixretError("fusion search needs a fusion weight: fine-tune the model with `mixret finetune` "
                               "(it fits one) or pass --fusion-weight")
+        if losers is not None:
+            losers = np.asarray(losers, dtype=np.int64)
         start = time.perf_counter()
-        if mode == "bm25":
-            scores, indices = self.bm25.search(self._texts(queries), k)
-            passes = np.zeros(len(indices), dtype=np.int64)
-        elif mode == "vector":
-            scores, indices = self.index.search(self._query_emb(query_emb), k)
-            passes = np.zeros(len(indices), dtype=np.int64)
-        elif mode == "fusion":
-            indices, scores = self._fusion(self._query_emb(query_emb), self._texts(queries), k)
+        if mode in ("bm25", "vector", "fusion"):
+            depth = k if losers is None else min(k + 1, len(self))  # one more, to see a tie at the cut
+            if mode == "bm25":
+                scores, indices = self.bm25.search(self._texts(queries), depth)
+            elif mode == "vector":
+                scores, indices = self.index.search(self._query_emb(query_emb), depth)
+            else:
+                scores, indices = self._fusion(self._query_emb(query_emb), self._texts(queries), depth)
+            if losers is not None:
+                indices, scores = pessimistic_cut(indices, scores, losers, k)
             passes = np.zeros(len(indices), dtype=np.int64)
         elif mode == "tree":
             q = self._query_emb(query_emb)
             check_tournament(len(self), k, self.group_size)
-            indices, scores, passes = self._tournament(q, None, k)
+            indices, scores, passes = self._tournament(q, None, k, losers)
         else:
             q = self._query_emb(query_emb)
             if shortlist_from not in SHORTLIST_SOURCES:
@@ -481,11 +527,14 @@ class Retriever:
             if size < k:
                 raise MixretError(f"the shortlist ({shortlist}) must hold at least k={k} candidates")
             check_tournament(size, k, self.group_size)
+            depth = size if losers is None else min(size + 1, len(self))
             if shortlist_from == "vector":
-                _, cands = self.index.search(q, size)
+                cand_scores, cands = self.index.search(q, depth)
             else:
-                _, cands = self.bm25.search(self._texts(queries), size)
-            indices, scores, passes = self._tournament(q, cands, k)
+                cand_scores, cands = self.bm25.search(self._texts(queries), depth)
+            if losers is not None:
+                cands, _ = pessimistic_cut(cands, cand_scores, losers, size)
+            indices, scores, passes = self._tournament(q, cands, k, losers)
         return SearchResult(indices, scores, passes, time.perf_counter() - start)
 
     def fusion_candidates(self, q: np.ndarray, texts: list[str], depth: int):
@@ -499,19 +548,21 @@ class Retriever:
         return cands, self.index.similarity(q, self.embeddings, cands), self.bm25.scores_of(texts, cands)
 
     def _fusion(self, q: np.ndarray, texts: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores [Q, k] float32, indices [Q, k]) of fusion search, best first."""
         from mixret.fusion import fused_order
         f = self.fusion
         cands, dense, lexical = self.fusion_candidates(q, texts, max(f.depth, k))
         order, fused = fused_order(dense, lexical, cands, f.weight, f.method)
-        return np.take_along_axis(cands, order, axis=1)[:, :k], fused[:, :k].astype(np.float32)
+        return fused[:, :k].astype(np.float32), np.take_along_axis(cands, order, axis=1)[:, :k]
 
-    def _tournament(self, q: np.ndarray, cands: np.ndarray | None, k: int):
+    def _tournament(self, q: np.ndarray, cands: np.ndarray | None, k: int, losers: np.ndarray | None = None):
         """The tournament in chunks of queries, so that the gathered candidates stay within budget."""
         score_fn = matcher_score_fn(self.matcher)
         n = len(self) if cands is None else cands.shape[1]
         chunk = max(1, self.query_chunk_bytes // (4 * n * self.embeddings.shape[1]))
         parts = [tournament(score_fn, q[i:i + chunk], self.embeddings, k, self.group_size,
-                            None if cands is None else cands[i:i + chunk])
+                            None if cands is None else cands[i:i + chunk],
+                            None if losers is None else losers[i:i + chunk])
                  for i in range(0, max(len(q), 1), chunk)]  # no queries: one empty call
         return tuple(np.concatenate(p) for p in zip(*parts))
 
@@ -535,16 +586,16 @@ class Retriever:
 def load_model_checked(model_dir: str | os.PathLike, emb_meta: dict | None = None, emb_dir=None):
     """Load the language model in model_dir -> (model, weights hash); refuse it when emb_meta (the
     meta.json of the EMB_DIR it will be searched against) names another model or dim."""
+    from mixret.embed import EmbeddingSpec
     from mixret.models import load
     model = load(model_dir)
     model_hash = io.file_hash(Path(model_dir) / io.WEIGHTS_NAME)
     if emb_meta is not None:
         meta_path = Path(emb_dir) / "meta.json" if emb_dir is not None else "the embeddings"
-        stored = emb_meta.get("model_hash")
-        if stored is not None and stored != model_hash:
-            raise MixretError(f"{meta_path}: the corpus was embedded with model {stored} "
-                              f"({emb_meta.get('model_path', 'path unknown')}), not with {model_dir} ({model_hash}); "
-                              f"queries must be embedded with the same model")
+        EmbeddingSpec.of(emb_meta).check(EmbeddingSpec(model_hash, None, None),
+                                         f"the corpus embeddings ({meta_path}, made by "
+                                         f"{emb_meta.get('model_path', 'a model of unknown path')})",
+                                         f"the query encoder {model_dir}")
         dim = emb_meta.get("dim")
         if dim is not None and dim != model.config.d_model:
             raise MixretError(f"{meta_path}: the corpus embeddings have dim {dim} but {model_dir} gives "
@@ -552,15 +603,20 @@ def load_model_checked(model_dir: str | os.PathLike, emb_meta: dict | None = Non
     return model, model_hash
 
 
-def load_matcher_checked(matcher_dir: str | os.PathLike, model_hash: str | None = None):
-    """Load a matcher; refuse it when it records an embedding model other than model_hash."""
+def load_matcher_checked(matcher_dir: str | os.PathLike, spec=None, what: str = "the corpus embeddings"):
+    """Load a matcher; refuse it when the embeddings it was trained on differ from `spec` (a
+    mixret.embed.EmbeddingSpec, described as `what`) in model, pooling or max_length."""
     from mixret.matcher import Matcher
     matcher = Matcher.from_pretrained(matcher_dir)
-    embedder = matcher.config.embedder
-    if model_hash is not None and embedder is not None and embedder != model_hash:
-        raise MixretError(f"{matcher_dir}: the matcher was trained on embeddings of model {embedder}, "
-                          f"not of this model ({model_hash}); use the model it was trained with")
+    if spec is not None:
+        spec.check(matcher_spec(matcher), what, f"the matcher {matcher_dir}")
     return matcher
+
+
+def matcher_spec(matcher):
+    """The EmbeddingSpec of the embeddings a matcher was trained on."""
+    from mixret.embed import EmbeddingSpec
+    return EmbeddingSpec.of(matcher.config.to_dict())
 
 
 def format_hits(ids: Sequence[str], texts: Sequence[str], indices: np.ndarray, scores: np.ndarray,

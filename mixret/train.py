@@ -319,6 +319,7 @@ class PretrainTask:
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model_config(self.tokenizer.vocab_size)).to(dist.device)
         self.model.tokenizer = self.tokenizer
+        self.model.trained_on = self.trained_on
         self.objective = NextTokenLoss(self.model, cfg.label_smoothing)
         self.unigram = unigram_loss(self.train_seqs, self.val_seqs, self.tokenizer.vocab_size)
         self.curve_reference = (self.unigram, "unigram (validation)")
@@ -330,14 +331,16 @@ class PretrainTask:
 
     # -- data ----------------------------------------------------------------------------------
     def load_data(self) -> None:
-        from mixret.data import bundled_pairs_path, load_texts
+        from mixret.data import (BUNDLED_TEST_FRACTION, bundled_pairs_path, bundled_training_texts, load_texts,
+                                 sources_record)
 
         cfg, dist = self.cfg, self.dist
-        if cfg.data is None:
-            sources, fields = [bundled_pairs_path()], ["summary", "document"]
+        if cfg.data is None:  # the bundled pairs' training split only: their test split stays unseen
+            texts = bundled_training_texts()
+            self.trained_on = sources_record([bundled_pairs_path()], BUNDLED_TEST_FRACTION)
         else:
-            sources, fields = cfg.data, cfg.text_field
-        texts = load_texts(sources, text_field=fields)
+            texts = load_texts(cfg.data, text_field=cfg.text_field)
+            self.trained_on = sources_record(cfg.data)
         column = texts.data.column("text")
         self.n_docs = len(texts)
         self.fingerprint = corpus_fingerprint(column)
@@ -424,7 +427,7 @@ class PretrainTask:
             length = f"{cfg.steps:,} steps of {self.global_batch} sequences (~{epochs:.2f} epochs)"
         else:
             length = f"{cfg.budget_minutes:g} minutes of steps of {self.global_batch} sequences"
-        source = "the bundled corpus" if cfg.data is None else ", ".join(cfg.data)
+        source = "the bundled corpus's training split" if cfg.data is None else ", ".join(cfg.data)
         self.say(
             f"data: {self.n_docs:,} documents from {source}: {self.train_docs:,} for training "
             f"({len(self.train_seqs):,} sequences{', packed' if cfg.pack else ''}, "

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 import mixret
 import mixret.embed as embed
+from close import assert_close
 from mixret.cli import main
 from mixret.data import load_pairs
 from mixret.embed import embed_corpus, encode, load_emb_dir
@@ -67,7 +68,7 @@ def test_batch_equals_each_text_alone(variant, pooling):
         batched = encode(model, texts, batch_size=4, pooling=pooling)
         alone = np.stack([encode(model, t, pooling=pooling) for t in texts])
     assert batched.shape == (len(texts), TINY["d_model"]) and batched.dtype == np.float32
-    np.testing.assert_allclose(batched, alone, atol=1e-5)
+    assert_close(batched, alone)
     assert len({row.tobytes() for row in batched}) == len(texts)  # distinct texts, distinct rows
 
 
@@ -79,10 +80,23 @@ def test_pooling_positions():
     h_eos = hidden_of(model, ids + [TOK.eos_id])
     batch = [text, "a longer one: padding"]
     last, eos, mean = (encode(model, batch, pooling=p)[0] for p in ("last", "eos", "mean"))
-    np.testing.assert_allclose(last, h[len(ids) - 1].numpy(), atol=1e-5)
-    np.testing.assert_allclose(eos, h_eos[-1].numpy(), atol=1e-5)
-    np.testing.assert_allclose(mean, h.mean(0).numpy(), atol=1e-5)
+    assert_close(last, h[len(ids) - 1].numpy())
+    assert_close(eos, h_eos[-1].numpy())
+    assert_close(mean, h[1:].mean(0).numpy())  # the content tokens: bos is left out
     assert not np.allclose(last, eos, atol=1e-3)  # the two positions really differ
+
+
+def test_mean_pooling_leaves_out_bos():
+    """bos comes first in every text, so a causal model's output there is the same for all of them: the mean
+    must average the content tokens only."""
+    model = make()
+    texts = ["first text", "another, longer second text"]
+    hs = [hidden_of(model, [TOK.bos_id] + TOK.encode(t)) for t in texts]
+    assert torch.equal(hs[0][0], hs[1][0])  # the bos state is shared
+    mean = encode(model, texts, pooling="mean")
+    for row, h in zip(mean, hs):
+        assert_close(row, h[1:].mean(0))
+        assert not np.allclose(row, h.mean(0).numpy(), rtol=1e-3, atol=0)
 
 
 def test_output_order_equals_input_order_after_length_sorting():
@@ -96,7 +110,7 @@ def test_output_order_equals_input_order_after_length_sorting():
     assert [s[1] for s in shapes] == [[26, 18, 13], [10, 6, 4], [2]]
     assert [s[0][1] for s in shapes] == [26, 10, 2]
     for i, t in enumerate(texts):  # row i is text i
-        np.testing.assert_allclose(E[i], hidden_of(model, [TOK.bos_id] + TOK.encode(t))[-1].numpy(), atol=1e-5)
+        assert_close(E[i], hidden_of(model, [TOK.bos_id] + TOK.encode(t))[-1].numpy())
 
 
 def test_truncation_keeps_first_tokens_and_warns_with_count():
@@ -105,12 +119,12 @@ def test_truncation_keeps_first_tokens_and_warns_with_count():
     with pytest.warns(UserWarning, match=r"1 of 2 texts were longer than 32 tokens"):
         E = encode(model, [long, "short"])
     ids = ([TOK.bos_id] + TOK.encode(long))[:32]
-    np.testing.assert_allclose(E[0], hidden_of(model, ids)[-1].numpy(), atol=1e-5)
+    assert_close(E[0], hidden_of(model, ids)[-1].numpy())
     # eos pooling keeps the eos at the end of a truncated text
     with pytest.warns(UserWarning, match="1 of 1"):
         e = encode(model, long, pooling="eos", max_length=10)
     ids = [TOK.bos_id] + TOK.encode(long)[:8] + [TOK.eos_id]
-    np.testing.assert_allclose(e, hidden_of(model, ids)[-1].numpy(), atol=1e-5)
+    assert_close(e, hidden_of(model, ids)[-1].numpy())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         encode(model, "short")  # no warning when nothing is truncated
@@ -119,11 +133,11 @@ def test_truncation_keeps_first_tokens_and_warns_with_count():
 def test_encode_options_and_model_method():
     model = make()
     E = model.encode(TEXTS, batch_size=2)
-    np.testing.assert_allclose(E, encode(model, TEXTS), atol=1e-6)
+    assert_close(E, encode(model, TEXTS))
     t = model.encode(TEXTS, convert_to_numpy=False, normalize_embeddings=True)
     assert isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.shape == (len(TEXTS), 32)
-    torch.testing.assert_close(t.norm(dim=1), torch.ones(len(TEXTS)))
-    np.testing.assert_allclose(t.numpy(), E / np.linalg.norm(E, axis=1, keepdims=True), atol=1e-5)
+    assert_close(t.norm(dim=1), torch.ones(len(TEXTS)))
+    assert_close(t.numpy(), E / np.linalg.norm(E, axis=1, keepdims=True))
     assert model.encode("hello").shape == (32,)
 
 
@@ -155,8 +169,8 @@ def test_encode_errors():
 
 def test_mixret_load_then_encode(model_dir):
     model = mixret.load(model_dir)
-    np.testing.assert_allclose(model.encode(TEXTS, batch_size=64, normalize_embeddings=False, convert_to_numpy=True),
-                               encode(make(), TEXTS), atol=1e-6)
+    assert_close(model.encode(TEXTS, batch_size=64, normalize_embeddings=False, convert_to_numpy=True),
+                 encode(make(), TEXTS))
 
 
 # --- embed_corpus / EMB_DIR --------------------------------------------------------------------
@@ -172,7 +186,7 @@ def test_embed_pairs_file_fields_and_meta(model_dir, tmp_path):
         assert ids == [p.id for p in pairs]
         assert texts == [p.query if field == "summary" else p.target for p in pairs]
         with pytest.warns(UserWarning):
-            np.testing.assert_allclose(E, model.encode(texts), atol=1e-6)
+            assert_close(E, model.encode(texts))
         assert meta["model_path"] == str(model_dir.resolve()) and Path(meta["model_path"]).is_absolute()
         assert meta["model_hash"] == mixret.io.file_hash(model_dir / "model.safetensors")
         assert (meta["arch"], meta["dim"], meta["pooling"], meta["max_length"]) == ("masked-mixer", 32, "last", 32)
@@ -194,7 +208,7 @@ def test_ids_fall_back_to_line_numbers_and_float16(model_dir, tmp_path):
     E, ids, texts, meta = load_emb_dir(tmp_path / "e")
     assert ids == ["1", "7", "4"] and texts == ["alpha", "beta", "gamma"]
     assert E.dtype == np.float32 and meta["dtype"] == "float16" and meta["max_length"] == 8
-    np.testing.assert_allclose(E, encode(make(), texts, pooling="mean", max_length=8), atol=1e-2)
+    assert_close(E, encode(make(), texts, pooling="mean", max_length=8), rtol=1e-3)  # stored as float16
 
 
 def test_parquet_txt_and_tinystories_corpora(model_dir, tmp_path):
@@ -377,7 +391,7 @@ def test_torchrun_shards_match_single_process(model_dir, tmp_path):
     E1, ids1, texts1, meta1 = load_emb_dir(tmp_path / "single")
     E2, ids2, texts2, meta2 = load_emb_dir(tmp_path / "multi")
     assert ids1 == ids2 and texts1 == texts2
-    np.testing.assert_allclose(E1, E2, atol=1e-6)
+    assert_close(E1, E2)
     assert meta1["truncated"] == meta2["truncated"] > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl", "multi", "single"]
     assert sorted(p.name for p in (tmp_path / "multi").iterdir()) == ["embeddings.safetensors", "ids.jsonl",

@@ -38,7 +38,7 @@ def _private_cache(tmp_path, monkeypatch):
 
 def tiny(pooling="last", **loop) -> dict:
     return dict(init="masked-mixer", val_pairs=32, tokenizer="bpe", vocab_size=300, batch_size=16,
-                model=ModelConfig(d_model=64, n_layers=2, context=32, mixing_init="mean", pooling=pooling),
+                model=ModelConfig(d_model=64, n_layers=2, context=32, mixing_init="mean"), pooling=pooling,
                 loop=LoopConfig(**{"steps": 200, "lr": 3e-3, "weight_decay": 0.01, "eval_every": 100,
                                    "checkpoint_every": 1000, "progress": False, **loop}))
 
@@ -49,10 +49,10 @@ def test_finetune_solves_a_planted_corpus_with_either_pooling(tmp_path, pooling)
     write_pairs_jsonl(planted_pairs(), path)
     out = finetune(FinetuneConfig(pairs=str(path), test_fraction=0.2, out=str(tmp_path / "ft"), **tiny(pooling)))
     model = mixret.load(out)
-    assert model.config.pooling == pooling                       # recorded: encode uses it untold
+    assert model.embedding_defaults["pooling"] == pooling        # recorded: encode uses it untold
     test = split_pairs(load_pairs(path), 0.2)[1]
     assert len(test) > 40
-    report = evaluate_pairs(test, model=model, modes="vector", pooling=pooling)
+    report = evaluate_pairs(test, model=model, modes="vector")
     assert report["modes"]["vector"]["R@1"] > 0.9
     # the same model before training is far from that: the signal is learned, not given by the init
     untrained = build_model(dataclasses.replace(model.config))
@@ -154,7 +154,7 @@ def test_finetune_cli_refuses_model_options_for_a_folder_and_runs_from_an_arch(t
     assert "model written to" in res.output and (tmp_path / "ft" / "fusion.json").is_file()
     res = CliRunner().invoke(main, common + ["--model", str(tmp_path / "ft"), "--d-model", "64", "--steps", "2",
                                              "--out", str(tmp_path / "ft2")])
-    assert res.exit_code == 1 and "only --pooling applies" in res.output
+    assert res.exit_code == 1 and "its own options stay" in res.output
 
 
 # --- the running-mean mixing init ---------------------------------------------------------------

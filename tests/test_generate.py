@@ -8,6 +8,7 @@ from mixret.errors import MixretError
 from mixret.generate import filter_logits, generate, generate_text, sample_next, sample_text
 from mixret.tokenizer import ByteTokenizer
 
+from close import assert_close
 from zoo import CONFIGS, TINY, make
 
 
@@ -23,8 +24,8 @@ def test_step_logits_match_full_forward(name):
         chunked = model.new_cache(3)
         pieces = [model.step(ids[:, :7], chunked)] + [model.step(ids[:, t:t + 1], chunked) for t in range(7, 10)]
         pieces.append(model.step(ids[:, 10:], chunked))
-    torch.testing.assert_close(stepped, full, atol=1e-5 * float(full.abs().max()), rtol=1e-5)
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5 * float(full.abs().max()), rtol=1e-5)
+    assert_close(stepped, full)
+    assert_close(torch.cat(pieces, dim=1), full)
     assert one_by_one.pos == chunked.pos == TINY["context"]
 
 

@@ -6,6 +6,7 @@ import torch
 from click.testing import CliRunner
 
 import mixret
+from close import assert_close
 from mixret.cli import main
 from mixret.errors import MixretError
 from mixret.models import VARIANTS, ModelConfig, build_model, load
@@ -38,7 +39,7 @@ def test_short_input_equals_prefix_of_full_context(name):
     ids = torch.randint(0, 64, (3, TINY["context"]))
     full = model(ids).hidden_states
     for L in (1, 7, 23):
-        assert torch.allclose(model(ids[:, :L]).hidden_states, full[:, :L], atol=1e-6)
+        assert_close(model(ids[:, :L]).hidden_states, full[:, :L])
 
 
 @pytest.mark.parametrize("name", [n for n in CONFIGS if CONFIGS[n]["arch"] == "masked-mixer"])
@@ -64,11 +65,11 @@ def _hyper_inputs(B=2, L=37, H=2, K=5, E=3):
 def test_hypermix_chunked_equals_recurrent_and_naive(chunk):
     w1, w2, x = _hyper_inputs()
     y = hypermix(w1, w2, x, chunk)
-    assert torch.allclose(y, hypermix_recurrent(w1, w2, x), atol=1e-5)
-    assert torch.allclose(y, hypermix_naive(w1, w2, x), atol=1e-5)
+    assert_close(y, hypermix_recurrent(w1, w2, x))
+    assert_close(y, hypermix_naive(w1, w2, x))
     # a prefix of length L gives the first L positions of the longer input
     for L in (1, 9, 20):
-        assert torch.allclose(hypermix(w1[:, :L], w2[:, :L], x[:, :L], chunk), y[:, :L], atol=1e-6)
+        assert_close(hypermix(w1[:, :L], w2[:, :L], x[:, :L], chunk), y[:, :L])
 
 
 def test_hypermix_checkpointed_gradients_match():
@@ -79,7 +80,7 @@ def test_hypermix_checkpointed_gradients_match():
         t.grad = None
     hypermix_naive(w1, w2, x).square().sum().backward()
     for a, t in zip(g1, (w1, w2, x)):
-        assert torch.allclose(a, t.grad, atol=1e-4)
+        assert_close(a, t.grad)
 
 
 def test_hypermixer_model_prefix_property():
@@ -87,7 +88,7 @@ def test_hypermixer_model_prefix_property():
     ids = torch.randint(0, 64, (2, 24))
     full = model(ids).hidden_states
     for L in (3, 11):
-        assert torch.allclose(model(ids[:, :L]).hidden_states, full[:, :L], atol=1e-5)
+        assert_close(model(ids[:, :L]).hidden_states, full[:, :L])
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -102,8 +103,8 @@ def test_embed_right_padded_batch_equals_each_alone(name):
     batch = model.embed(ids, mask)
     for i, s in enumerate(seqs):
         alone = model.embed(s[None], torch.ones(1, len(s), dtype=torch.long))[0]
-        assert torch.allclose(batch[i], alone, atol=1e-5)
-        assert torch.allclose(batch[i], model(ids).hidden_states[i, len(s) - 1], atol=1e-5)
+        assert_close(batch[i], alone)
+        assert_close(batch[i], model(ids).hidden_states[i, len(s) - 1])
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -202,3 +203,26 @@ def test_tiny_model_overfits_one_batch(name):
         if loss.item() < 0.1:
             break
     assert loss.item() < 0.1, (name, step, loss.item())
+
+
+@pytest.mark.parametrize("name", [n for n in CONFIGS if CONFIGS[n]["arch"] == "masked-mixer"])
+def test_every_mixing_parameter_is_used(name):
+    """Each mixing matrix and each bias row moves the mixer's output: no dead parameters (a kernel-k mixer
+    once created k bias rows and used only the first)."""
+    model = make(name).train()
+    C = TINY["context"]
+    tril = torch.tril(torch.ones(C, C, dtype=torch.bool))
+    for block in model.blocks:
+        mix = block.mix
+        (mix(torch.randn(2, C, TINY["d_model"])) * torch.randn(2, C, TINY["d_model"])).sum().backward()
+        assert torch.all(mix.mats.weight.grad[:, tril] != 0)
+        assert torch.all(mix.mats.bias.grad != 0), name
+
+
+def test_kernel_mixer_adds_only_its_extra_matrices():
+    """kernel k = the flat mixer plus k-1 mixing matrices per layer; one bias, as the k products are summed."""
+    C, L, k = TINY["context"], TINY["n_layers"], 4
+    flat = build_model(ModelConfig(**TINY, arch="masked-mixer"))
+    kernel = build_model(ModelConfig(**TINY, arch="masked-mixer", mixer_kernel=k))
+    assert kernel.num_params() - flat.num_params() == L * (k - 1) * C * C
+    assert tuple(kernel.blocks[0].mix.mats.bias.shape) == (1, C)

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from close import assert_close
+from mixret.embed import EmbeddingSpec
 from mixret.errors import MixretError
 from mixret.matcher import Matcher, MatcherConfig, score_candidates
 from mixret.search import (BM25Index, Retriever, VectorIndex, matcher_score_fn, tournament, tournament_passes,
@@ -53,7 +55,7 @@ def test_tree_search_dot_product_is_exact(M, G, k):
     idx, scores, passes = tree_search(dot_score(calls), query, corpus, k, G)
     exact = np.argsort(-(corpus @ query), kind="stable")[:k]
     np.testing.assert_array_equal(idx, exact)
-    np.testing.assert_allclose(scores, (corpus @ query)[exact], rtol=1e-5)
+    assert_close(scores, (corpus @ query)[exact])
     assert passes == tournament_passes(M, k, G)
     assert sum(shape[0] for shape in calls) == passes          # one (query, group) row per pass
     assert all(shape[1] <= G for shape in calls)
@@ -113,7 +115,7 @@ def test_tree_search_with_real_matcher_equals_exhaustive_group_scoring():
     for k in (1, 3):
         idx, scores, passes = tree_search(matcher_score_fn(matcher), query, corpus, k, G)
         np.testing.assert_array_equal(idx, np.argsort(-exhaustive, kind="stable")[:k])
-        np.testing.assert_allclose(scores, exhaustive[idx], rtol=1e-4, atol=1e-5)
+        assert_close(scores, exhaustive[idx])
         assert passes == tournament_passes(200, k, G) == math.ceil((200 - k) / (G - k))
 
 
@@ -161,12 +163,12 @@ def test_flat_index_returns_exact_neighbours():
     qn = q / np.linalg.norm(q, axis=1, keepdims=True)
     cos = qn @ xn.T
     np.testing.assert_array_equal(idx, np.argsort(-cos, axis=1)[:, :10])
-    np.testing.assert_allclose(scores, np.take_along_axis(cos, idx, 1), rtol=1e-5)
+    assert_close(scores, np.take_along_axis(cos, idx, 1))
 
     scores, idx = VectorIndex.build(x, "Flat", "l2").search(q, 10)
     d2 = ((q[:, None, :] - x[None]) ** 2).sum(-1)
     np.testing.assert_array_equal(idx, np.argsort(d2, axis=1)[:, :10])
-    np.testing.assert_allclose(scores, np.take_along_axis(d2, idx, 1), rtol=1e-4)
+    assert_close(scores, np.take_along_axis(d2, idx, 1))
 
 
 def test_index_save_load_and_refusals(tmp_path):
@@ -176,14 +178,15 @@ def test_index_save_load_and_refusals(tmp_path):
     index.save(tmp_path)
     assert json.loads((tmp_path / "index.json").read_text())["count"] == 100
     assert not list(tmp_path.glob(".*tmp"))
-    loaded = VectorIndex.load(tmp_path, expected_dim=16, expected_model_hash="abc", expected_count=100)
+    loaded = VectorIndex.load(tmp_path, expected_dim=16, expected_spec=EmbeddingSpec("abc", None, None),
+                              expected_count=100)
     np.testing.assert_array_equal(loaded.search(x[:3], 5)[1], index.search(x[:3], 5)[1])
     assert loaded.factory == "HNSW32" and loaded.meta["model_hash"] == "abc"
 
     with pytest.raises(MixretError, match="built from another model"):
         VectorIndex.load(tmp_path, expected_dim=32)
-    with pytest.raises(MixretError, match="model abc"):
-        VectorIndex.load(tmp_path, expected_model_hash="def")
+    with pytest.raises(MixretError, match="model 'def' for the corpus embeddings .* but 'abc' for the index"):
+        VectorIndex.load(tmp_path, expected_spec=EmbeddingSpec("def", "last", 64))
     with pytest.raises(MixretError, match="corpus has 99"):
         VectorIndex.load(tmp_path, expected_count=99)
     with pytest.raises(MixretError, match="dim 16"):
@@ -246,7 +249,8 @@ def test_retriever_modes_agree():
     tree = r.search("tree", 3, query_emb=q)
     assert (tree.passes == tournament_passes(120, 3, 7)).all()
     full = r.search("hybrid", 3, query_emb=q, shortlist=1000)  # shortlist of the whole corpus = tree
-    np.testing.assert_array_equal(np.sort(full.indices, 1), np.sort(tree.indices, 1))
+    np.testing.assert_array_equal(full.indices, tree.indices)  # the same ranking, in the same order
+    assert_close(full.scores, tree.scores)
     hybrid = r.search("hybrid", 3, query_emb=q, shortlist=20)
     assert (hybrid.passes == tournament_passes(20, 3, 7)).all()
     lexical = r.search("hybrid", 3, query_emb=q, queries=["zip"] * 3, shortlist=20, shortlist_from="bm25")
@@ -363,14 +367,14 @@ def test_cli_bad_input(corpus, tmp_path):
     fails("search", "perl", "--index", corpus / "wide_emb", match="index.json: index file not found")
     fails("search", "perl", "--index", tmp_path / "nothing", match="embeddings folder not found")
     fails("search", "perl", "--index", emb, "--model", corpus / "other_lm",
-          match="the corpus was embedded with model")
+          match=f"the query encoder {corpus / 'other_lm'} does not match the corpus embeddings")
     fails("search", "perl", "--index", corpus / "wide_emb", "--mode", "tree", "--matcher", corpus / "matcher",
-          match="trained on embeddings of model")
+          match=f"the matcher {corpus / 'matcher'} does not match the corpus embeddings in {corpus / 'wide_emb'}")
 
     # an index built from another model's embeddings is refused, whether the dim differs or only the model
     import shutil
     for other, match in (("wide_emb", "it was built from another model"),
-                         ("other_emb", "the index was built from embeddings of model")):
+                         ("other_emb", "index.json (rebuild it with `mixret index")):
         mixed = tmp_path / other
         shutil.copytree(corpus / other, mixed)
         for name in ("index.faiss", "index.json"):

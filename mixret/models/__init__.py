@@ -12,6 +12,7 @@ from mixret.models.hypermixer import HyperMixerLM
 from mixret.models.llama import LlamaLM
 from mixret.models.masked_mixer import MaskedMixerLM
 
+EMBEDDING_DEFAULTS = ("pooling", "max_length")  # config.json keys a model may set for its embeddings
 MODEL_CLASSES = {"masked-mixer": MaskedMixerLM, "hypermixer": HyperMixerLM, "llama": LlamaLM}
 
 # Named variants shown by `mixret models` and used by the benchmarks: name -> config overrides.
@@ -34,7 +35,10 @@ def load(directory: str | os.PathLike) -> CausalLM:
     directory = Path(directory)
     raw = io.read_config(directory, "clm", "language model", "model")
     cfg_path = directory / io.CONFIG_NAME
+    trained_on = raw.pop("trained_on", None)
+    embedding_defaults = {k: raw.pop(k) for k in EMBEDDING_DEFAULTS if k in raw}
     model = build_model(ModelConfig.from_dict(raw, source=str(cfg_path)))
+    model.trained_on, model.embedding_defaults = trained_on, embedding_defaults
     io.load_weights(model, directory)
     tok_path = directory / io.TOKENIZER_NAME
     if tok_path.exists():

@@ -40,6 +40,9 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.tokenizer = None  # attached by mixret.load / the trainer
+        self.trained_on = None  # the data that trained it (mixret.data.sources_record), saved in config.json
+        # pooling / max_length its embeddings use unless told otherwise (a fine-tuned embedder's), in config.json
+        self.embedding_defaults: dict = {}
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
         self.drop = nn.Dropout(config.dropout)
         rates = drop_path_rates(config.drop_path, config.n_layers)
@@ -151,7 +154,8 @@ class CausalLM(nn.Module):
                 raise MixretError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size "
                                   f"is {self.config.vocab_size}")
             tokenizer.save(directory / io.TOKENIZER_NAME)
-        io.write_config(directory, "clm", self.config.to_dict())
+        extra = {**self.embedding_defaults, **({} if self.trained_on is None else {"trained_on": self.trained_on})}
+        io.write_config(directory, "clm", {**extra, **self.config.to_dict()})
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "CausalLM":

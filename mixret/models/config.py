@@ -13,7 +13,6 @@ from mixret.errors import MixretError
 
 ARCHS = ("masked-mixer", "hypermixer", "llama")
 MIXING_INITS = ("random", "mean")
-POOLINGS = ("last", "mean", "eos")
 
 
 def _option(default, help: str, name: str | None = None, arch: str | None = None, choices: tuple | None = None):
@@ -37,8 +36,6 @@ class ModelConfig:
     mixing_init: str = _option("random", "Token-mixing init: random, or mean (every mixing starts as the running "
                                "mean of its prefix, so the last position summarises the whole text).",
                                choices=MIXING_INITS)
-    pooling: str = _option("last", "How `encode` embeds a text by default: last (content token), mean or eos.",
-                           choices=POOLINGS)
     mixer_expand: bool = _option(False, "masked-mixer: two mixing matrices with GELU between.", arch="masked-mixer")
     mixer_heads: int = _option(1, "masked-mixer: mixing heads (project, one matrix per head, project back).",
                                arch="masked-mixer")

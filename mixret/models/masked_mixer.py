@@ -84,17 +84,18 @@ def use_blocked(x: torch.Tensor) -> bool:
 
 
 class MaskedMixing(nn.Module):
-    """n masked (context x context) matrices with a bias per output position.
+    """n masked (context x context) matrices with a bias per output position: one bias row per matrix, or
+    `n_bias` rows when the matrices' outputs are summed into one (the kernel mixer: one row, as a Conv1d has).
 
     `mix(x, i)` applies matrix i along the sequence axis: out[..., t, :] = sum_{s<=t} W_i[t, s] x[..., s, :] + b_i[t].
     """
     decayed_parameters = ("weight",)  # the mixing matrices get weight decay, the biases do not
 
-    def __init__(self, n: int, context: int):
+    def __init__(self, n: int, context: int, n_bias: int | None = None):
         super().__init__()
         bound = 1 / math.sqrt(context)  # nn.Conv1d's default init with `context` input channels
         self.weight = nn.Parameter(torch.empty(n, context, context).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(n, context).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n if n_bias is None else n_bias, context).uniform_(-bound, bound))
         self.register_buffer("tril", torch.tril(torch.ones(context, context)), persistent=False)
 
     def init_mean_(self, which: range | None = None) -> None:
@@ -206,7 +207,7 @@ class KernelMix(nn.Module):
         super().__init__()
         self.k = cfg.mixer_kernel
         self.d_model = cfg.d_model
-        self.mats = MaskedMixing(self.k, cfg.context)
+        self.mats = MaskedMixing(self.k, cfg.context, n_bias=1)  # the k products are summed: one bias
 
     def init_mean_(self) -> None:
         """The unshifted matrix (tau = k//2) becomes the running mean, the shifted ones start near zero."""
