@@ -168,7 +168,7 @@ def evaluate_pairs(pairs: Sequence, model=None, matcher=None, modes: str | Seque
     report = {
         "n_queries": n, "repeated_queries_dropped": n_repeated, "corpus_size": len(docs), "k": k,
         "ties": "pessimistic",
-        "pooling": (pooling or model.embedding_defaults.get("pooling", "last")) if needs_emb else None,
+        "pooling": (pooling or getattr(model, "embedding_defaults", {}).get("pooling", "last")) if needs_emb else None,
         "max_length": max_length if needs_emb else None,
         "shortlist": min(shortlist, len(docs)) if "hybrid" in modes else None,
         "shortlist_from": shortlist_from if "hybrid" in modes else None,
