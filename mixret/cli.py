@@ -211,7 +211,8 @@ def _finetune_model_options(fn):
               help="Share of pairs held out as the test split (by a hash of the id) and never trained on; 0 when "
                    "the test pairs are in another file.")
 @click.option("--val-pairs", default=500, show_default=True,
-              help="Training pairs kept aside for validation R@1 and for fitting the fusion weight.")
+              help="Training pairs kept aside for validation R@1 and for fitting the fusion weight (at most a fifth "
+                   "of them).")
 @click.option("--model", "init", default="masked-mixer", show_default=True,
               help="A model folder to fine-tune (from pretrain or finetune), or an architecture "
                    "(masked-mixer, hypermixer, llama) to start from random init with the model options below.")

@@ -59,7 +59,8 @@ class FinetuneConfig:
     query_field: str = "summary"
     target_field: str = "document"
     test_fraction: float = 0.1            # pairs held out (by a hash of the id) and never trained on
-    val_pairs: int = 500                  # training pairs kept for validation and for fitting the fusion weight
+    val_pairs: int = 500                  # training pairs kept for validation and fitting the fusion weight (at most
+                                          # a fifth of them)
     init: str = "masked-mixer"            # a model folder, or an architecture to start from random init
     model: ModelConfig = field(default_factory=lambda: ModelConfig(**FINETUNE_MODEL))  # for random init
     pooling: str = "last"                 # the embedding trained, and the one the output model embeds with
@@ -131,9 +132,9 @@ def distinct_pairs(pairs) -> tuple[list, int]:
 def validation_slice(pairs, n: int) -> tuple[list, list]:
     """(train, validation): the n pairs with the smallest hash of "val:" + id are the validation slice; the
     choice depends on the ids alone (not on order), each side keeps input order."""
-    if len(pairs) < n + 2:
-        raise MixretError(f"{len(pairs)} training pairs leave too few to train on after a validation slice of "
-                          f"{n}; expected more pairs or a smaller val_pairs")
+    if n < 2 or len(pairs) < n + 2:
+        raise MixretError(f"{len(pairs)} training pairs are too few for a validation slice of {n} and training; "
+                          f"expected at least 12 pairs")
     keys = [hashlib.blake2b(f"val:{p.id}".encode(), digest_size=8).digest() for p in pairs]
     chosen = set(sorted(range(len(pairs)), key=keys.__getitem__)[:n])
     return ([p for i, p in enumerate(pairs) if i not in chosen], [p for i, p in enumerate(pairs) if i in chosen])
@@ -293,7 +294,7 @@ class FinetuneTask:
         train, test = split_pairs(pairs, cfg.test_fraction)
         self.n_test = len(test)
         train, self.n_dropped = distinct_pairs(train)
-        self.train, self.val = validation_slice(train, cfg.val_pairs)
+        self.train, self.val = validation_slice(train, min(cfg.val_pairs, len(train) // 5))
         h = hashlib.blake2b(digest_size=16)
         for p in self.train + self.val:
             h.update(f"{p.id}\0{p.query}\0{p.target}\0".encode())

@@ -15,7 +15,7 @@ MODES = {"vector", "fusion", "hybrid", "tree", "bm25"}
 
 def test_quickstart_runs_end_to_end_on_a_users_pairs(tmp_path, monkeypatch):
     monkeypatch.setenv("MIXRET_CACHE", str(tmp_path / "cache"))
-    pairs = planted_pairs(320)
+    pairs = planted_pairs(320, n_words=30)
     write_pairs_jsonl(pairs[:260], tmp_path / "train.jsonl")
     write_pairs_jsonl(pairs[260:], tmp_path / "test.jsonl")
     out = tmp_path / "qs"

@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mixret.models.base import CausalLM
 from mixret.models.config import ModelConfig
+from mixret.models.layers import near_identity_
 
 
 def hypermix_chunk(w1, w2, x, state, start: int):
@@ -74,6 +75,7 @@ class HyperMixing(nn.Module):
         The hypernetworks' output weights become zero and their biases alternate in sign: w1 = (1, -1, 1, ...)
         and w2 = (a, -a, a, ...) with a = 2/k', so each pair of slots gives a*GELU(m) - a*GELU(-m) = a*m with
         m = H_t/t the prefix mean, and the k'/2 pairs sum to m (tied: w1 = w2 = +-sqrt(2/k')). An odd last slot is 0.
+        The output projection starts near the identity.
         """
         k = self.k - self.k % 2
         sign = torch.tensor([1.0, -1.0]).repeat(k // 2)
@@ -83,6 +85,7 @@ class HyperMixing(nn.Module):
                 net.proj.weight.zero_()
                 net.proj.bias.zero_()
                 net.proj.bias.view(self.h, self.k)[:, :k] = scale * sign
+        near_identity_(self.proj)
 
     def weights(self, x: torch.Tensor, start: int = 0):
         """x [B, L, D] at positions start..start+L-1 -> w1, w2 [B, L, h, k'] and x per head [B, L, h, D/h]."""

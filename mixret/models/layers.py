@@ -19,6 +19,16 @@ class FeedForward(nn.Module):
         return self.drop(self.proj(F.gelu(self.fc(x))))
 
 
+def near_identity_(linear: nn.Linear, noise: float = 0.02) -> None:
+    """A square Linear becomes the identity plus noise of std noise/sqrt(d), with zero bias (token-mixing inits
+    that pass their input through unchanged at the start)."""
+    d = linear.in_features
+    with torch.no_grad():
+        linear.weight.copy_(torch.eye(d) + torch.randn(d, d) * (noise / d ** 0.5))
+        if linear.bias is not None:
+            linear.bias.zero_()
+
+
 class DropPath(nn.Module):
     """Stochastic depth: drop a whole residual branch per sample during training."""
 

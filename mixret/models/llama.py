@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from mixret.models.base import CausalLM
 from mixret.models.config import ModelConfig
+from mixret.models.layers import near_identity_
 
 
 def rope_tables(context: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,9 +39,13 @@ class Attention(nn.Module):
         self.register_buffer("sin", sin, persistent=False)
 
     def init_mean_(self) -> None:
-        """Zero query projection: every score is 0, so position t attends uniformly to 0..t (the running mean)."""
+        """The running mean of the input: a zero query projection makes every score 0, so position t attends
+        uniformly to 0..t; the value and output projections start near the identity."""
+        D = self.proj.in_features
         with torch.no_grad():
-            self.qkv.weight[:self.proj.in_features].zero_()
+            self.qkv.weight[:D].zero_()
+            self.qkv.weight[2 * D:] = torch.eye(D) + torch.randn(D, D) * (0.02 / D ** 0.5)
+        near_identity_(self.proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, D] -> [B, L, D]
         B, L, D = x.shape

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from mixret.models.base import CausalLM
 from mixret.models.config import ModelConfig
+from mixret.models.layers import near_identity_
 
 
 BLOCK = 256             # rows (and columns) per block of `tril_matmul`
@@ -98,15 +99,16 @@ class MaskedMixing(nn.Module):
         self.bias = nn.Parameter(torch.empty(n if n_bias is None else n_bias, context).uniform_(-bound, bound))
         self.register_buffer("tril", torch.tril(torch.ones(context, context)), persistent=False)
 
-    def init_mean_(self, which: range | None = None) -> None:
-        """Matrices `which` (default all) become the running mean (row t = 1/(t+1) on s <= t), the others zero;
-        every matrix gets noise of std 0.02/sqrt(context); the bias becomes zero."""
+    def init_(self, kinds: list[str]) -> None:
+        """Matrix i becomes kinds[i]: "mean" (row t = 1/(t+1) on s <= t, the running mean), "identity" or "zero",
+        plus noise of std 0.02/sqrt(context); the bias becomes zero."""
         C = self.context
-        mean = torch.ones(C, C).tril() / torch.arange(1, C + 1).unsqueeze(1)   # [C, C]
+        start = {"mean": torch.ones(C, C).tril() / torch.arange(1, C + 1).unsqueeze(1),   # [C, C]
+                 "identity": torch.eye(C), "zero": torch.zeros(C, C)}
         with torch.no_grad():
             self.weight.normal_(0.0, 0.02 / math.sqrt(C))
-            for i in which if which is not None else range(self.weight.shape[0]):
-                self.weight[i] += mean
+            for i, kind in enumerate(kinds):
+                self.weight[i] += start[kind]
             self.bias.zero_()
 
     def masked(self, L: int) -> torch.Tensor:  # [n, L, L]
@@ -139,7 +141,8 @@ class FlatMix(nn.Module):
         self.mats = MaskedMixing(2 if cfg.mixer_expand else 1, cfg.context)
 
     def init_mean_(self) -> None:
-        self.mats.init_mean_()
+        """The running mean; expanded: the running mean, then GELU, then the identity."""
+        self.mats.init_(["mean", "identity"][:self.mats.weight.shape[0]])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, D] -> [B, L, D]
         x = self.mats.mix(x, 0)
@@ -175,7 +178,10 @@ class HeadsMix(nn.Module):
         self.proj_out = nn.Linear(cfg.d_model, cfg.d_model)
 
     def init_mean_(self) -> None:
-        self.mats.init_mean_()
+        """Every head the running mean, between projections near the identity."""
+        self.mats.init_(["mean"] * self.h)
+        near_identity_(self.proj_in)
+        near_identity_(self.proj_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, D] -> [B, L, D]
         B, L, D = x.shape
@@ -211,7 +217,7 @@ class KernelMix(nn.Module):
 
     def init_mean_(self) -> None:
         """The unshifted matrix (tau = k//2) becomes the running mean, the shifted ones start near zero."""
-        self.mats.init_mean_(range(self.k // 2, self.k // 2 + 1))
+        self.mats.init_(["zero"] * (self.k // 2) + ["mean"] + ["zero"] * (self.k - 1 - self.k // 2))
 
     def shifted(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, D] -> [B, k, L, D]
         """x[..., f + tau - k//2] for each tau, zero outside 0..D-1."""
