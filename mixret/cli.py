@@ -327,22 +327,26 @@ def index_cmd(emb_dir, factory, metric):
     click.echo(f"{emb_dir}: {index.factory} index ({metric}) over {index.count} vectors of dim {index.dim}")
 
 
-def _search_options(fn):
-    """Options shared by search and evaluate."""
+def _retrieval_options(fn):
+    """Options shared by search, serve and evaluate."""
     for option in reversed([
         click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None,
-                     help="Language model folder that embeds the texts (search: default the model named in "
-                          "EMB_DIR/meta.json; evaluate: the newest model under ./runs)."),
+                     help="Language model folder that embeds the texts (search, serve: default the model named "
+                          "in EMB_DIR/meta.json; evaluate: the newest model under ./runs)."),
         click.option("--matcher", "matcher_dir", type=click.Path(file_okay=False), default=None,
                      help="Matcher folder (from `mixret train-matcher`), for tree and hybrid."),
         click.option("--shortlist", default=256, show_default=True,
                      help="hybrid: candidates the matcher's tournament ranks."),
         click.option("--shortlist-from", type=click.Choice(["vector", "bm25"]), default="vector",
                      show_default=True, help="hybrid: where the shortlist comes from."),
-        click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table."),
     ]):
         fn = option(fn)
     return fn
+
+
+def _search_options(fn):
+    """Options shared by search and evaluate."""
+    return _retrieval_options(click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(fn))
 
 
 @main.command("search")
@@ -448,6 +452,29 @@ def evaluate_cmd(pairs_path, mode, limit, query_field, target_field, test_fracti
     click.echo(json.dumps(report) if as_json else format_table(report))
     if out_path is not None:
         io.write_json(out_path, report)
+
+
+@main.command("serve")
+@click.option("--index", "emb_dir", required=True, type=click.Path(file_okay=False),
+              help="EMB_DIR of the corpus, with an index from `mixret index`.")
+@_retrieval_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; 0.0.0.0 makes the server reachable from other machines.")
+@click.option("--port", default=8000, show_default=True, help="Port to listen on (0: any free port).")
+@click.option("--threads", type=int, default=None, help="torch and FAISS threads, set once at start "
+              "(default: the number of CPU cores).")
+@click.option("--max-batch", default=64, show_default=True, help="Most queries encoded together in one batch.")
+@click.option("--max-wait-ms", default=2.0, show_default=True,
+              help="How long a batch waits for more queries after its first one.")
+@friendly
+def serve_cmd(emb_dir, model_dir, matcher_dir, host, port, threads, max_batch, max_wait_ms, **options):
+    """Serve searches of the corpus in EMB_DIR over HTTP: POST /search (JSON), GET /health, GET / (a page
+    comparing two modes side by side) and GET /docs. The model, index, BM25 and matcher are loaded once;
+    concurrent queries are encoded in batches. Every mode of `mixret search` is served; tree and hybrid
+    need --matcher."""
+    from mixret.serve import serve
+    serve(emb_dir, model_dir, matcher_dir, host=host, port=port, threads=threads, max_batch=max_batch,
+          max_wait_ms=max_wait_ms, echo=lambda line: click.echo(line, err=True), **options)
 
 
 # --- quickstart ------------------------------------------------------------------------------
