@@ -346,7 +346,8 @@ def _retrieval_options(fn):
 
 def _search_options(fn):
     """Options shared by search and evaluate."""
-    return _retrieval_options(click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(fn))
+    as_json = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+    return _retrieval_options(as_json(fn))
 
 
 @main.command("search")
