@@ -321,9 +321,9 @@ def create_app(searcher: Searcher, max_batch: int = 64, max_wait_ms: float = 2.0
         timings = {"queue_ms": queued * 1e3, **outcome.timings, "total_ms": (time.perf_counter() - start) * 1e3}
         results = [{"query": q, "hits": searcher.hits(outcome.indices[i], outcome.scores[i]),
                     "passes": int(outcome.passes[i])} for i, q in enumerate(job.queries)]
-        if req.query is not None:
-            return {**results[0], "mode": job.mode, "k": job.k, "timings": timings}
-        return {"mode": job.mode, "k": job.k, "results": results, "timings": timings}
+        if req.query is not None:  # plain JSON types: JSONResponse skips FastAPI's (slow) jsonable_encoder
+            return JSONResponse({**results[0], "mode": job.mode, "k": job.k, "timings": timings})
+        return JSONResponse({"mode": job.mode, "k": job.k, "results": results, "timings": timings})
 
     return app
 
