@@ -85,7 +85,7 @@ class Searcher:
                      "arch": self.model.config.arch, "dim": int(emb.shape[1]), "pooling": self.pooling,
                      "index": index.factory, "metric": index.metric, "corpus_size": len(self.ids),
                      "matcher": None if matcher_dir is None else str(matcher_dir),
-                     "options": {k: v for k, v in options.items()}}
+                     "options": dict(options)}
         self.modes, self.off, self.needs_embedding = self._probe()
 
     def _probe(self) -> tuple[list[str], dict[str, str], dict[str, bool]]:

@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -214,6 +215,7 @@ latency is measured by the client. Server start-up (load model, index, BM25, mat
 {args.cli_repeats} (OMP_NUM_THREADS={args.threads}). "x CLI" = queries the server answers in the time of
 one CLI query (req/s x CLI s).
 """
+    intro = textwrap.fill(" ".join(intro.split()), 110)
     table = bc.markdown_table(rows, [("mode", "mode"), ("clients", "clients"), ("req_s", "req/s"),
                                      ("p50_ms", "p50 ms"), ("p95_ms", "p95 ms"), ("p99_ms", "p99 ms"),
                                      ("mean_batch", "mean batch"), ("cli_s", "`mixret search` s"),
