@@ -23,8 +23,9 @@ def test_step_logits_match_full_forward(name):
         chunked = model.new_cache(3)
         pieces = [model.step(ids[:, :7], chunked)] + [model.step(ids[:, t:t + 1], chunked) for t in range(7, 10)]
         pieces.append(model.step(ids[:, 10:], chunked))
-    torch.testing.assert_close(stepped, full, atol=1e-5, rtol=0)
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)
+    scale = full.abs().max().item()  # float32 rounding grows with the logits (up to ~40 here)
+    torch.testing.assert_close(stepped, full, atol=1e-6 * scale, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-6 * scale, rtol=1e-5)
     assert one_by_one.pos == chunked.pos == TINY["context"]
 
 
