@@ -243,7 +243,9 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         from fastapi import HTTPException
         length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+        if length is not None and not length.isdigit():
+            return await _send_json(send, 400, "invalid Content-Length header; expected a number of bytes")
+        if length is not None and int(length) > self.max_bytes:
             return await _send_json(send, 413, self._message())
         received = 0
 

@@ -178,7 +178,8 @@ def main() -> None:
         if args.index is None:
             start = time.perf_counter()
             emb_dir, matcher, queries = build_setup(tmp, args.docs)
-            print(f"setup: {args.docs} documents embedded and indexed in {time.perf_counter() - start:.0f} s", flush=True)
+            print(f"setup: {args.docs} documents embedded and indexed in {time.perf_counter() - start:.0f} s",
+                  flush=True)
         else:
             emb_dir, matcher, queries = args.index, args.matcher, queries_of(args.index)
         server = Server(emb_dir, matcher, args.threads, tmp / "server.log")
@@ -220,8 +221,8 @@ one CLI query (req/s x CLI s).
                                      ("p50_ms", "p50 ms"), ("p95_ms", "p95 ms"), ("p99_ms", "p99 ms"),
                                      ("mean_batch", "mean batch"), ("cli_s", "`mixret search` s"),
                                      ("speedup", "x CLI")])
-    text = bc.write_report(args.out, "serve", "mixret serve under load", info, intro, [("Throughput and latency", table)],
-                           {"rows": rows, "cli_s": cli, "startup_s": server.startup_s, "setup": setup})
+    text = bc.write_report(args.out, "serve", "mixret serve under load", info, intro,
+                           [("Throughput and latency", table)], {"rows": rows, "cli_s": cli, "startup_s": server.startup_s, "setup": setup})
     print(text)
 
 

@@ -225,10 +225,10 @@ def test_bad_input_gets_4xx_and_the_server_keeps_answering(servers):
     big = json.dumps({"query": "a" * (1 << 20)}).encode()
     chunked = httpx.post(full.url + "/search", content=iter([big[:1000], big[1000:]]), timeout=60)  # no length
     assert chunked.status_code == 413 and "too large" in chunked.json()["error"]
-    for length in (b"x", b"99999999999", b"-1"):  # a malformed or lying Content-Length, sent raw
+    for length, status in ((b"x", b"400"), (b"-1", b"400"), (b"99999999999", b"413")):  # sent raw: httpx refuses
         reply = raw_request(full.url, b"POST /search HTTP/1.1\r\nHost: localhost\r\nContent-Length: " + length +
                             b"\r\nConnection: close\r\n\r\n{}")
-        assert re.match(rb"HTTP/1.1 4\d\d ", reply), reply
+        assert reply.startswith(b"HTTP/1.1 " + status), reply
     assert full.get("/../../etc/passwd").status_code == 404
     assert full.get("/search").status_code == 405 and "error" in full.get("/search").json()
     form = httpx.post(full.url + "/search", data={"query": "perl"})  # a form post is not JSON
