@@ -222,7 +222,8 @@ one CLI query (req/s x CLI s).
                                      ("mean_batch", "mean batch"), ("cli_s", "`mixret search` s"),
                                      ("speedup", "x CLI")])
     text = bc.write_report(args.out, "serve", "mixret serve under load", info, intro,
-                           [("Throughput and latency", table)], {"rows": rows, "cli_s": cli, "startup_s": server.startup_s, "setup": setup})
+                           [("Throughput and latency", table)],
+                           {"rows": rows, "cli_s": cli, "startup_s": server.startup_s, "setup": setup})
     print(text)
 
 
