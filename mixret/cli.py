@@ -475,12 +475,12 @@ def index_cmd(emb_dir, factory, metric):
     click.echo(f"{emb_dir}: {index.factory} index ({metric}) over {index.count} vectors of dim {index.dim}")
 
 
-def _search_options(fn):
-    """Options shared by search and evaluate."""
+def _retrieval_options(fn):
+    """Options shared by search, serve and evaluate."""
     for option in reversed([
         click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None,
-                     help="Language model folder that embeds the texts (search: default the model named in "
-                          "EMB_DIR/meta.json; evaluate: the newest model under ./runs)."),
+                     help="Language model folder that embeds the texts (search, serve: default the model named "
+                          "in EMB_DIR/meta.json; evaluate: the newest model under ./runs)."),
         click.option("--matcher", "matcher_dir", type=click.Path(file_okay=False), default=None,
                      help="Matcher folder (from `mixret train-matcher`), for tree and hybrid."),
         click.option("--fusion-weight", type=click.FloatRange(0, 1), default=None,
@@ -490,10 +490,15 @@ def _search_options(fn):
                      help="hybrid: candidates the matcher's tournament ranks."),
         click.option("--shortlist-from", type=click.Choice(["vector", "bm25"]), default="vector",
                      show_default=True, help="hybrid: where the shortlist comes from."),
-        click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table."),
     ]):
         fn = option(fn)
     return fn
+
+
+def _search_options(fn):
+    """Options shared by search and evaluate."""
+    as_json = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+    return _retrieval_options(as_json(fn))
 
 
 @main.command("search")
@@ -512,36 +517,16 @@ def search_cmd(query, emb_dir, mode, k, model_dir, matcher_dir, fusion_weight, s
     (--json: one JSON object a line). The model defaults to the one that embedded the corpus."""
     import json
 
-    from mixret.embed import EmbeddingSpec, load_emb_dir
-    from mixret.fusion import load_fusion
-    from mixret.search import Retriever, VectorIndex, format_hits, load_matcher_checked, load_model_checked
+    from mixret.search import format_hits, load_corpus
 
     if not query.strip():
         raise MixretError("empty query; expected some text to search for")
-    emb, ids, texts, meta = load_emb_dir(emb_dir)
-    corpus_spec, corpus_what = EmbeddingSpec.of(meta), f"the corpus embeddings in {emb_dir}"
-    query_emb = index = matcher = fusion = None
     with Warnings():
-        if mode != "bm25":
-            model_dir = model_dir or meta.get("model_path")
-            if model_dir is None:
-                raise MixretError(f"{emb_dir}: meta.json names no model; pass --model DIR")
-            model, _ = load_model_checked(model_dir, meta, emb_dir)
-            if mode in ("vector", "fusion") or (mode == "hybrid" and shortlist_from == "vector"):
-                index = VectorIndex.load(emb_dir, expected_dim=emb.shape[1], expected_spec=corpus_spec,
-                                         expected_count=len(ids))
-            if mode == "fusion":
-                fusion = load_fusion(model_dir, fusion_weight)
-            if mode in ("tree", "hybrid"):
-                if matcher_dir is None:
-                    raise MixretError(f"{mode} search ranks with a matcher: pass --matcher DIR")
-                matcher = load_matcher_checked(matcher_dir, corpus_spec, corpus_what)
-            # the query is embedded exactly as the corpus was: same pooling, same number of tokens kept
-            query_emb = model.encode([query], batch_size=1, pooling=corpus_spec.pooling or "last",
-                                     max_length=corpus_spec.max_length, show_progress_bar=False)
-        retriever = Retriever(emb if mode != "bm25" else None, texts, index=index, matcher=matcher, fusion=fusion)
-        result = retriever.search(mode, k, query_emb=query_emb, queries=[query], shortlist=shortlist,
-                                  shortlist_from=shortlist_from)
+        corpus = load_corpus(emb_dir, [mode], model_dir, matcher_dir, fusion_weight, shortlist_from)
+        query_emb = corpus.encode([query]) if corpus.model is not None else None
+        result = corpus.retriever.search(mode, k, query_emb=query_emb, queries=[query], shortlist=shortlist,
+                                         shortlist_from=shortlist_from)
+    ids, texts, matcher = corpus.ids, corpus.texts, corpus.retriever.matcher
     indices, scores = result.indices[0], result.scores[0]
     if as_json:
         for rank, (i, s) in enumerate(zip(indices, scores), 1):
@@ -637,6 +622,29 @@ def evaluate_cmd(pairs_path, mode, limit, query_field, target_field, test_fracti
     click.echo(json.dumps(report) if as_json else format_table(report))
     if out_path is not None:
         io.write_json(out_path, report)
+
+
+@main.command("serve")
+@click.option("--index", "emb_dir", required=True, type=click.Path(file_okay=False),
+              help="EMB_DIR of the corpus, with an index from `mixret index`.")
+@_retrieval_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; 0.0.0.0 makes the server reachable from other machines.")
+@click.option("--port", default=8000, show_default=True, help="Port to listen on (0: any free port).")
+@click.option("--threads", type=int, default=None, help="torch and FAISS threads, set once at start "
+              "(default: the number of CPU cores).")
+@click.option("--max-batch", default=64, show_default=True, help="Most queries encoded together in one batch.")
+@click.option("--max-wait-ms", default=2.0, show_default=True,
+              help="How long a batch waits for more queries after its first one.")
+@friendly
+def serve_cmd(emb_dir, model_dir, matcher_dir, host, port, threads, max_batch, max_wait_ms, **options):
+    """Serve searches of the corpus in EMB_DIR over HTTP: POST /search (JSON), GET /health, GET / (a page
+    comparing two modes side by side) and GET /docs. The model, index, BM25 and matcher are loaded once;
+    concurrent queries are encoded in batches. Every mode of `mixret search` is served; tree and hybrid
+    need --matcher."""
+    from mixret.serve import serve
+    serve(emb_dir, model_dir, matcher_dir, host=host, port=port, threads=threads, max_batch=max_batch,
+          max_wait_ms=max_wait_ms, echo=lambda line: click.echo(line, err=True), **options)
 
 
 # --- quickstart ------------------------------------------------------------------------------

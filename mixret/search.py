@@ -583,6 +583,53 @@ class Retriever:
 
 # -- loading what a search needs --------------------------------------------------------------
 
+@dataclass
+class Corpus:
+    """An EMB_DIR loaded for searching: ids and texts, the Retriever, and the query encoder (None when only
+    bm25 was asked for)."""
+    ids: list[str]
+    texts: list[str]
+    retriever: Retriever
+    model: object | None
+    model_dir: str | None
+    spec: object           # mixret.embed.EmbeddingSpec of the corpus embeddings
+
+    def encode(self, queries: Sequence[str]) -> np.ndarray:
+        """Queries embedded exactly as the corpus was: same model, pooling and number of tokens kept."""
+        return self.model.encode(list(queries), batch_size=max(len(queries), 1), pooling=self.spec.pooling or "last",
+                                 max_length=self.spec.max_length, show_progress_bar=False)
+
+
+def load_corpus(emb_dir: str | os.PathLike, modes: Sequence[str], model_dir=None, matcher_dir=None,
+                fusion_weight: float | None = None, shortlist_from: str = "vector") -> Corpus:
+    """What searching EMB_DIR in `modes` needs, each part checked against the corpus embeddings: the model
+    (default: the one named in meta.json), the FAISS index, the matcher and the fusion weight (default: the
+    model's fusion.json). Parts no mode uses are not loaded; tree and hybrid without a matcher are refused
+    when they are the only modes asked for."""
+    from mixret.embed import EmbeddingSpec, load_emb_dir
+    from mixret.fusion import load_fusion
+
+    emb, ids, texts, meta = load_emb_dir(emb_dir)
+    spec, what = EmbeddingSpec.of(meta), f"the corpus embeddings in {emb_dir}"
+    model = index = matcher = fusion = None
+    if any(m != "bm25" for m in modes):
+        model_dir = model_dir or meta.get("model_path")
+        if model_dir is None:
+            raise MixretError(f"{emb_dir}: meta.json names no model; pass --model DIR")
+        model, _ = load_model_checked(model_dir, meta, emb_dir)
+        if {"vector", "fusion"} & set(modes) or ("hybrid" in modes and shortlist_from == "vector"):
+            index = VectorIndex.load(emb_dir, expected_dim=emb.shape[1], expected_spec=spec, expected_count=len(ids))
+        matcher_modes = [m for m in modes if m in ("tree", "hybrid")]
+        if matcher_dir is not None and matcher_modes:
+            matcher = load_matcher_checked(matcher_dir, spec, what)
+        elif matcher_modes and len(matcher_modes) == len(modes):
+            raise MixretError(f"{' and '.join(matcher_modes)} search ranks with a matcher: pass --matcher DIR")
+        if "fusion" in modes:
+            fusion = load_fusion(model_dir, fusion_weight)
+    retriever = Retriever(emb if model is not None else None, texts, index=index, matcher=matcher, fusion=fusion)
+    return Corpus(ids, texts, retriever, model, None if model is None else str(model_dir), spec)
+
+
 def load_model_checked(model_dir: str | os.PathLike, emb_meta: dict | None = None, emb_dir=None):
     """Load the language model in model_dir -> (model, weights hash); refuse it when emb_meta (the
     meta.json of the EMB_DIR it will be searched against) names another model or dim."""

@@ -107,6 +107,19 @@ def test_bench_generate(tmp_path):
     assert all(r["same_tokens"] for r in data["rows"])
 
 
+@pytest.mark.slow  # a server and four `mixret search` processes; mixret serve itself is tested in test_serve.py
+def test_bench_serve(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "bench_serve.py"), "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| mode | clients | req/s | p50 ms |" in (tmp_path / "serve.md").read_text()
+    data = json.loads((tmp_path / "serve.json").read_text())
+    assert {(r["mode"], r["clients"]) for r in data["rows"]} == {(m, c) for m in data["cli_s"] for c in (1, 4)}
+    assert set(data["cli_s"]) >= {"vector", "tree", "hybrid", "bm25"}
+    for r in data["rows"]:
+        assert r["requests"] == 20 and r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] and r["mean_batch"] >= 1
+
+
 def test_fit_and_exponent():
     xs = [256, 512, 1024, 2048]
     line = bench_hypermixer.fit(xs, [3 + 2 * x for x in xs], 1)

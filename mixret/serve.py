@@ -1,0 +1,406 @@
+"""`mixret serve`: the corpus of an EMB_DIR searchable over HTTP, with everything loaded once.
+
+Endpoints (FastAPI on uvicorn, bound to 127.0.0.1 unless told otherwise):
+    POST /search  {"query": "...", "mode": "vector", "k": 10} -> ranked hits (rank, id, score, snippet) and
+                  timings; {"queries": [...], ...} is the batch form (one result per query, in order)
+    GET  /health  model, index, corpus size, the modes this server answers and why any other is off
+    GET  /        a results page: one query, the hits of two chosen modes side by side
+    GET  /docs    the OpenAPI page FastAPI generates
+
+Modes are those of `mixret.search.MODES`, searched by the same `Retriever.search` as `mixret search`, with
+query embeddings from the same `model.encode`. At start-up every mode runs once on a probe query: a mode
+that fails (tree and hybrid without a matcher) is reported off with the Retriever's reason, and a mode that
+answers without query embeddings (bm25) never has its queries encoded.
+
+Micro-batching. Requests go to one queue; a batch opens with the first request and closes when it holds
+`max_batch` queries or `max_wait_ms` have passed. Its distinct query texts are encoded in one forward pass,
+then each (mode, k) group of it is searched in one Retriever call. Batches run one at a time on a single
+worker thread, off the event loop; requests that arrive meanwhile form the next batch. torch and FAISS
+threads are set once, before loading.
+
+Bad input gets a 4xx with {"error": "..."} saying what was expected: 400 malformed JSON, 413 a body over
+MAX_BODY_BYTES, 422 anything else (empty query, unknown or unavailable mode, k out of range, wrong types,
+unknown fields). Clients send only query texts, a mode name and k: nothing they send names a file.
+"""
+
+import asyncio
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from mixret.errors import MixretError
+
+MAX_BODY_BYTES = 1 << 20    # a request body larger than this is refused (413)
+MAX_QUERIES = 256           # queries in one batch-form request
+MAX_QUERY_CHARS = 4000      # characters in one query (the model truncates long queries anyway)
+SNIPPET_CHARS = 200         # characters of each hit's text returned, whitespace collapsed
+
+
+# -- the loaded state -------------------------------------------------------------------------
+
+@dataclass
+class Job:
+    """One request: its queries, searched with one mode and k."""
+    queries: list[str]
+    mode: str
+    k: int
+
+
+@dataclass
+class Outcome:
+    """A job's result (indices [Q, k], scores [Q, k], passes [Q]) or its error, and the batch's timings."""
+    indices: np.ndarray | None = None
+    scores: np.ndarray | None = None
+    passes: np.ndarray | None = None
+    error: MixretError | None = None
+    timings: dict = field(default_factory=dict)
+
+
+class Searcher:
+    """The corpus of an EMB_DIR with its model, FAISS index, BM25 and matcher, loaded the way `mixret search`
+    loads them; `options` (shortlist, shortlist_from) go to every Retriever.search call as in the CLI."""
+
+    def __init__(self, emb_dir, model_dir=None, matcher_dir=None, fusion_weight=None, **options):
+        from mixret.search import MODES, load_corpus
+
+        self.corpus = load_corpus(emb_dir, MODES, model_dir, matcher_dir, fusion_weight,
+                                  options.get("shortlist_from", "vector"))
+        self.model, self.retriever = self.corpus.model, self.corpus.retriever
+        self.ids, self.texts = self.corpus.ids, self.corpus.texts
+        self.options = options
+        index, spec = self.retriever.index, self.corpus.spec
+        self.info = {"emb_dir": str(emb_dir), "model": self.corpus.model_dir, "model_hash": spec.model_hash,
+                     "arch": self.model.config.arch, "dim": index.dim, "pooling": spec.pooling or "last",
+                     "index": index.factory, "metric": index.metric, "corpus_size": len(self.ids),
+                     "matcher": None if matcher_dir is None else str(matcher_dir),
+                     "fusion": None if self.retriever.fusion is None else self.retriever.fusion.weight,
+                     "options": dict(options)}
+        self.modes, self.off, self.needs_embedding = self._probe()
+
+    def _probe(self) -> tuple[list[str], dict[str, str], dict[str, bool]]:
+        """Run every mode of search.MODES once: (modes that answer, {mode: why not} for the others,
+        {mode: whether it needs query embeddings})."""
+        from mixret.search import MODES
+        probe = [" ".join(self.texts[0].split()[:8]) or "probe"]
+        emb = self._encode(probe)
+        modes, off, needs = [], {}, {}
+        for mode in MODES:
+            try:
+                self.retriever.search(mode, 1, query_emb=None, queries=probe, **self.options)
+                needs[mode] = False
+            except MixretError:
+                try:
+                    self.retriever.search(mode, 1, query_emb=emb, queries=probe, **self.options)
+                    needs[mode] = True
+                except MixretError as e:
+                    off[mode] = str(e)
+                    continue
+            modes.append(mode)
+        return modes, off, needs
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        return self.corpus.encode(texts)
+
+    def run(self, jobs: list[Job]) -> list[Outcome]:
+        """Search a batch of jobs: the distinct texts of the jobs whose mode needs embeddings are encoded
+        in one call, then each (mode, k) group is one Retriever.search call. A job's bad input fails only
+        its own group."""
+        start = time.perf_counter()
+        texts = list(dict.fromkeys(q for job in jobs if self.needs_embedding[job.mode] for q in job.queries))
+        rows = {t: i for i, t in enumerate(texts)}
+        emb = self._encode(texts) if texts else None
+        encoded = time.perf_counter()
+        timings = {"batch_queries": sum(len(job.queries) for job in jobs), "encode_ms": (encoded - start) * 1e3}
+        groups: dict[tuple[str, int], list[int]] = {}
+        for j, job in enumerate(jobs):
+            groups.setdefault((job.mode, job.k), []).append(j)
+        outcomes = [Outcome() for _ in jobs]
+        for (mode, k), members in groups.items():
+            queries = [q for j in members for q in jobs[j].queries]
+            query_emb = emb[[rows[q] for q in queries]] if self.needs_embedding[mode] else None
+            try:
+                res = self.retriever.search(mode, k, query_emb=query_emb, queries=queries, **self.options)
+            except MixretError as e:
+                for j in members:
+                    outcomes[j].error = e
+                continue
+            row = 0
+            for j in members:
+                n = len(jobs[j].queries)
+                outcomes[j].indices, outcomes[j].scores = res.indices[row:row + n], res.scores[row:row + n]
+                outcomes[j].passes = res.passes[row:row + n]
+                outcomes[j].timings = {**timings, "search_ms": res.seconds * 1e3}
+                row += n
+        return outcomes
+
+    def hits(self, indices: np.ndarray, scores: np.ndarray) -> list[dict]:
+        """One query's results [k] as JSON hits (a -1 index, a missing result, is left out)."""
+        out = []
+        for rank, (i, s) in enumerate(zip(indices.tolist(), scores.tolist()), 1):
+            if i >= 0:
+                text = " ".join(self.texts[i].split())
+                snippet = text if len(text) <= SNIPPET_CHARS else text[:SNIPPET_CHARS - 3] + "..."
+                out.append({"rank": rank, "id": self.ids[i], "score": s, "snippet": snippet})
+        return out
+
+    def health(self) -> dict:
+        return {"status": "ok", **self.info, "modes": self.modes, "modes_off": self.off}
+
+
+# -- micro-batching ---------------------------------------------------------------------------
+
+class MicroBatcher:
+    """Collects jobs from concurrent requests into batches for `run(jobs) -> outcomes`, which executes on
+    one worker thread. A batch closes at max_batch queries or max_wait seconds after its first job."""
+
+    def __init__(self, run, max_batch: int, max_wait: float):
+        self.run, self.max_batch, self.max_wait = run, max_batch, max_wait
+        self.queue: asyncio.Queue | None = None
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mixret-search")
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.queue = asyncio.Queue()
+        self.task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def submit(self, job: Job) -> tuple[Outcome, float]:
+        """The job's outcome and the seconds it waited for its batch to start."""
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((job, future, time.perf_counter()))
+        return await future
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            size, deadline = len(batch[0][0].queries), loop.time() + self.max_wait
+            while size < self.max_batch:
+                try:
+                    item = self.queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        break
+                    try:
+                        item = await asyncio.wait_for(self.queue.get(), left)
+                    except asyncio.TimeoutError:
+                        break
+                batch.append(item)
+                size += len(item[0].queries)
+            started = time.perf_counter()
+            try:
+                outcomes = await loop.run_in_executor(self.executor, self.run, [job for job, _, _ in batch])
+            except Exception as e:  # a bug, not bad input: fail this batch's requests, keep serving
+                for _, future, _ in batch:
+                    if not future.done():
+                        future.set_exception(e)
+                continue
+            for (_, future, queued), outcome in zip(batch, outcomes):
+                if not future.done():  # the client may have gone away
+                    future.set_result((outcome, started - queued))
+
+
+# -- the app ----------------------------------------------------------------------------------
+
+class SearchRequest(BaseModel):
+    """The body of POST /search: `query` or `queries`, and optionally mode and k."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+    query: str | None = Field(None, description="One query (or give `queries`).")
+    queries: list[str] | None = Field(None, description=f"The batch form: 1 to {MAX_QUERIES} queries.")
+    mode: str = Field("vector", description="A search mode (GET /health lists those this server answers).")
+    k: int = Field(10, description="Hits per query, from 1 to the corpus size.")
+
+
+def page_html() -> str:
+    """The results page shipped in the package (mixret/serve_page.html)."""
+    return resources.files("mixret").joinpath("serve_page.html").read_text(encoding="utf-8")
+
+
+class BodyLimit:
+    """ASGI middleware refusing request bodies over max_bytes with 413, by Content-Length or while streaming."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from fastapi import HTTPException
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and not length.isdigit():
+            return await _send_json(send, 400, "invalid Content-Length header; expected a number of bytes")
+        if length is not None and int(length) > self.max_bytes:
+            return await _send_json(send, 413, self._message())
+        received = 0
+
+        async def limited():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise HTTPException(413, self._message())
+            return message
+        await self.app(scope, limited, send)
+
+    def _message(self) -> str:
+        return f"request body too large; expected at most {self.max_bytes} bytes"
+
+
+async def _send_json(send, status: int, error: str) -> None:
+    import json
+    body = json.dumps({"error": error}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(searcher: Searcher, max_batch: int = 64, max_wait_ms: float = 2.0):
+    """The FastAPI app serving `searcher`."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, HTTPException, Request
+    from fastapi.responses import HTMLResponse, JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    batcher = MicroBatcher(searcher.run, max_batch, max_wait_ms / 1e3)
+    corpus_size = len(searcher.ids)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        yield
+        await batcher.stop()
+
+    app = FastAPI(title="mixret search", version=_version(), lifespan=lifespan,
+                  description=f"Search {corpus_size} texts of {searcher.info['emb_dir']} in the modes "
+                              f"{', '.join(searcher.modes)}.")
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page():
+        return HTMLResponse(page_html())
+
+    @app.get("/health")
+    async def health():
+        return searcher.health()
+
+    @app.post("/search", openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": SearchRequest.model_json_schema()}}}})
+    async def search(request: Request):
+        """Search with one query, or with a batch of them; the body is read as JSON whatever its content type."""
+        start = time.perf_counter()
+        req = _parse_request(await request.body())
+        job = Job(_check_queries(req), _check_mode(req.mode, searcher), req.k)
+        if not 1 <= job.k <= corpus_size:
+            raise HTTPException(422, f"k={job.k} is out of range; expected 1 to {corpus_size} (the corpus size)")
+        outcome, queued = await batcher.submit(job)
+        if outcome.error is not None:
+            raise HTTPException(422, str(outcome.error))
+        timings = {"queue_ms": queued * 1e3, **outcome.timings, "total_ms": (time.perf_counter() - start) * 1e3}
+        results = [{"query": q, "hits": searcher.hits(outcome.indices[i], outcome.scores[i]),
+                    "passes": int(outcome.passes[i])} for i, q in enumerate(job.queries)]
+        if req.query is not None:  # plain JSON types: JSONResponse skips FastAPI's (slow) jsonable_encoder
+            return JSONResponse({**results[0], "mode": job.mode, "k": job.k, "timings": timings})
+        return JSONResponse({"mode": job.mode, "k": job.k, "results": results, "timings": timings})
+
+    return app
+
+
+def _parse_request(body: bytes) -> SearchRequest:
+    """The request body as a SearchRequest, or an HTTPException: 400 for malformed JSON, 422 for the rest."""
+    from fastapi import HTTPException
+    from pydantic import ValidationError
+    try:
+        return SearchRequest.model_validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        if any(e["type"] == "json_invalid" for e in errors):
+            raise HTTPException(400, f"request body is not valid JSON ({errors[0]['msg']}); expected an object "
+                                     'such as {"query": "text", "mode": "vector", "k": 10}') from None
+        parts = [f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in errors]
+        raise HTTPException(422, "; ".join(parts) + '; expected {"query": str} or {"queries": [str, ...]}, '
+                                 'with optional "mode": str and "k": int') from None
+
+
+def _check_queries(req: SearchRequest) -> list[str]:
+    from fastapi import HTTPException
+    if (req.query is None) == (req.queries is None):
+        raise HTTPException(422, 'give either "query" (a string) or "queries" (a list of strings), not '
+                                 f'{"both" if req.query is not None else "neither"}')
+    if req.queries is not None and not 1 <= len(req.queries) <= MAX_QUERIES:
+        raise HTTPException(422, f'"queries" holds {len(req.queries)} queries; expected 1 to {MAX_QUERIES}')
+    queries = [req.query] if req.query is not None else req.queries
+    for i, q in enumerate(queries):
+        name = "query" if req.query is not None else f"queries[{i}]"
+        if not q.strip():
+            raise HTTPException(422, f"{name} is empty; expected some text to search for")
+        if len(q) > MAX_QUERY_CHARS:
+            raise HTTPException(422, f"{name} has {len(q)} characters; expected at most {MAX_QUERY_CHARS}")
+        try:
+            q.encode("utf-8")
+        except UnicodeEncodeError:
+            raise HTTPException(422, f"{name} is not valid Unicode text (a lone surrogate?); expected text") from None
+    return queries
+
+
+def _check_mode(mode: str, searcher: Searcher) -> str:
+    from fastapi import HTTPException
+
+    from mixret.search import MODES
+    if mode not in MODES:
+        raise HTTPException(422, f"unknown mode {mode!r}; expected one of {', '.join(searcher.modes)}")
+    if mode not in searcher.modes:
+        raise HTTPException(422, f"mode {mode!r} is not available on this server: {searcher.off[mode]}; "
+                                 f"available: {', '.join(searcher.modes)}")
+    return mode
+
+
+def _version() -> str:
+    import mixret
+    return mixret.__version__
+
+
+# -- entry point ------------------------------------------------------------------------------
+
+def serve(emb_dir, model_dir=None, matcher_dir=None, host: str = "127.0.0.1", port: int = 8000,
+          threads: int | None = None, max_batch: int = 64, max_wait_ms: float = 2.0, echo=print,
+          **options) -> None:
+    """Set the threads, load everything, and serve until interrupted (port 0: any free port; the log line
+    `Uvicorn running on http://HOST:PORT` gives it)."""
+    import faiss
+    import torch
+    import uvicorn
+
+    if max_batch < 1 or max_wait_ms < 0:
+        raise MixretError(f"max_batch must be at least 1 and max_wait_ms at least 0, got {max_batch} and {max_wait_ms}")
+    threads = threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+    start = time.perf_counter()
+    searcher = Searcher(emb_dir, model_dir, matcher_dir, **options)
+    echo(f"loaded {Path(emb_dir)}: {len(searcher.ids)} texts, model {searcher.info['model']}, index "
+         f"{searcher.info['index']}, matcher {searcher.info['matcher'] or '-'} in {time.perf_counter() - start:.1f} s; "
+         f"modes {', '.join(searcher.modes)}; {threads} thread(s)")
+    for mode, why in searcher.off.items():
+        echo(f"mode {mode} off: {why}")
+    uvicorn.run(create_app(searcher, max_batch, max_wait_ms), host=host, port=port, access_log=False,
+                log_level="info")
