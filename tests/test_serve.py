@@ -74,7 +74,8 @@ class Server:
 def servers(corpus, tmp_path_factory):  # noqa: F811
     """Two servers on the same corpus, started together: with the matcher, and without one."""
     logs = tmp_path_factory.mktemp("serve")
-    full = Server(logs / "full.log", "--index", corpus / "emb", "--matcher", corpus / "matcher")
+    full = Server(logs / "full.log", "--index", corpus / "emb", "--matcher", corpus / "matcher",
+                  "--fusion-weight", "0.5")
     bare = Server(logs / "bare.log", "--index", corpus / "emb")
     try:
         yield full.wait(), bare.wait()
@@ -101,7 +102,7 @@ def assert_same_hits(got, expected):
 
 def cli_hits(corpus, query: str, mode: str, k: int):  # noqa: F811
     res = invoke("search", query, "--index", corpus / "emb", "--matcher", corpus / "matcher", "--mode", mode,
-                 "-k", k, "--json")
+                 "--fusion-weight", "0.5", "-k", k, "--json")
     assert res.exit_code == 0, res.output
     return [(h["id"], h["score"]) for h in map(json.loads, res.stdout.splitlines())]
 
@@ -117,8 +118,9 @@ def test_health_binds_loopback_and_lists_modes(servers, corpus):  # noqa: F811
     assert health["matcher"] == str(corpus / "matcher")
     health = bare.get("/health").json()
     assert set(health["modes"]) | set(health["modes_off"]) == set(MODES)
-    assert {"tree", "hybrid"} <= set(health["modes_off"]) and "vector" in health["modes"]
-    assert all("needs a matcher" in why for why in health["modes_off"].values())
+    assert {"tree", "hybrid", "fusion"} <= set(health["modes_off"]) and "vector" in health["modes"]
+    assert all("needs a matcher" in why for mode, why in health["modes_off"].items() if mode != "fusion")
+    assert "needs a fusion weight" in health["modes_off"]["fusion"]
     assert full.get("/openapi.json").json()["paths"].keys() >= {"/search", "/health"}
     assert full.get("/docs").status_code == 200
     page = full.get("/")
