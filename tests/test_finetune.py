@@ -2,12 +2,7 @@
 to an uninterrupted run, the fusion weight fitted on validation pairs only, and the running-mean init."""
 import dataclasses
 import json
-import os
-import signal
-import subprocess
-import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +21,7 @@ from mixret.finetune import FinetuneConfig, epoch_batches, finetune, validation_
 from mixret.fusion import Fusion
 from mixret.loop import LoopConfig
 from mixret.models import ModelConfig, build_model
+from interrupt import python_script, sigterm_after
 from planted import planted_pairs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,20 +79,8 @@ def test_finetune_sigterm_then_resume_gives_the_weights_of_an_uninterrupted_run(
                                 loop=LoopConfig(steps=60, lr=3e-3, weight_decay=0.01, eval_every=20,
                                                 checkpoint_every=1000, progress=False)))
     """)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MIXRET_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-        deadline = time.time() + 120
-        while not ((run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 2):
-            assert proc.poll() is None, proc.communicate()
-            assert time.time() < deadline, "training did not start"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode != 0 and "checkpoint" in err
+    returncode, err = sigterm_after(python_script(script), run, env={"MIXRET_CACHE": str(tmp_path / "cache")})
+    assert returncode != 0 and "checkpoint" in err
     assert not (run / "model.safetensors").exists()              # nothing that looks finished
     resumed = finetune(FinetuneConfig(out=str(run), resume=True, **options))
     a, b = load_file(str(whole / "model.safetensors")), load_file(str(resumed / "model.safetensors"))

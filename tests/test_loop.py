@@ -2,12 +2,7 @@
 and model options declared once."""
 import dataclasses
 import json
-import os
-import signal
-import subprocess
-import sys
 import textwrap
-import time
 from pathlib import Path
 
 import click
@@ -22,6 +17,7 @@ from mixret.cli import main
 from mixret.matcher import MatcherConfig, train_matcher
 from mixret.models.config import ModelConfig, model_options
 from mixret.train import TrainConfig, pretrain
+from interrupt import python_script, sigterm_after
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,20 +62,8 @@ def test_matcher_sigterm_and_resume_give_the_weights_of_an_uninterrupted_run(tmp
         cfg = MatcherConfig(emb_dim=16, d_model=32, n_layers=1, context=8, dropout=0.1)
         train_matcher(q[100:], t[100:], q[:100], t[:100], cfg, out_dir={str(run)!r}, progress=False, **{MATCHER!r})
     """)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 60
-        while not ((run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 2):
-            assert proc.poll() is None, proc.communicate()
-            assert time.time() < deadline, "training did not start"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode != 0 and "stopped by SIGTERM" in err, err
+    returncode, err = sigterm_after(python_script(script), run)
+    assert returncode != 0 and "stopped by SIGTERM" in err, err
     last = checkpoint.latest_checkpoint(run)
     stopped_at = int(last.name.split("-")[1])
     assert 26 <= stopped_at < 12 * 13 and not (run / "model.safetensors").exists()

@@ -1,10 +1,7 @@
 """`mixret pretrain`: resume equivalence, interruption, learning, caching, bad input, every arch."""
 import json
-import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +21,7 @@ from mixret.tokenizer import ByteTokenizer
 from mixret.loop import LoopConfig, lr_factor
 from mixret.train import NextTokenLoss, TrainConfig, pretrain, resolve_options
 from mixret.train_data import Stream, document_sequences, micro_batches, packed_sequences
+from interrupt import sigterm_after
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = ("the a small package tool library for with and of data files network server client python "
@@ -125,20 +123,8 @@ def test_sigterm_leaves_a_loadable_checkpoint_and_resume_finishes(tmp_path):
     args = ["--data", corpus, "--tokenizer", "bytes", "--d-model", "32", "--layers", "2", "--context", "48",
             "--batch-size", "4", "--steps", "100000", "--log-every", "1", "--eval-every", "100000",
             "--out", run]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "mixret.cli", "pretrain", *map(str, args)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 60
-        while not ((run / "metrics.jsonl").exists() and len(metrics(run)) >= 3):
-            assert proc.poll() is None, proc.communicate()
-            assert time.time() < deadline, "training did not start"
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, err
+    returncode, err = sigterm_after([sys.executable, "-m", "mixret.cli", "pretrain", *map(str, args)], run, lines=3)
+    assert returncode == 128 + signal.SIGTERM, err
     assert "stopped by SIGTERM" in err and "--resume" in err
     last = latest_checkpoint(run)
     step = int(last.name.split("-")[1])
