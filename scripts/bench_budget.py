@@ -23,8 +23,10 @@ fusion.json) and `bm25`. Also recorded: steps and wall seconds of each phase, th
 loss, the fine-tuning's validation R@1, and the load average at each run's start and end.
 
 --jobs runs that many children at once (the two archs of one (budget, share) side by side, so that they see
-the same contention); their budget timings then include it. Writes OUT/budget.md, OUT/budget.json and
-OUT/budget.png (test R@1 against the pretraining share, one line per arch and budget).
+the same contention); their budget timings then include it. With --work the run folders and logs are kept, and
+--reuse then takes the results already there (a study cut short, continued or re-tabulated).
+Writes OUT/budget.md, OUT/budget.json and OUT/budget.png (test R@1 against the pretraining share, one line
+per arch and budget).
 """
 from __future__ import annotations
 
@@ -121,9 +123,23 @@ def child(spec: dict) -> dict:
 
 # -- the study ----------------------------------------------------------------------------------
 
-def run_one(spec: dict, timeout: float) -> dict:
-    """Run one spec in a child process (its output in WORK/log.txt) -> the spec with its results."""
+def parse_log(text: str, returncode: int | None = None) -> dict | None:
+    """A child's output -> {"status": "ok", ...results}, or a failure status (None: no result and no exit code)."""
+    lines = text.splitlines()
+    found = [line for line in lines if line.startswith(bc.RESULT_PREFIX)]
+    if found:
+        return {"status": "ok", **json.loads(found[-1][len(bc.RESULT_PREFIX):])}
+    if returncode is None:
+        return None
+    return {"status": f"failed (exit {returncode}): {(lines or ['no output'])[-1][:200]}"}
+
+
+def run_one(spec: dict, timeout: float, reuse: bool = False) -> dict:
+    """Run one spec in a child process (its output in WORK/log.txt) -> the spec with its results; with `reuse`,
+    a result already in WORK/log.txt is taken instead."""
     log = Path(spec["work"]) / "log.txt"
+    if reuse and log.is_file() and (done := parse_log(log.read_text())) is not None:
+        return {**spec, **done, "reused": True}
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(bc.REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, __file__, "--child", json.dumps(spec)]
@@ -136,10 +152,7 @@ def run_one(spec: dict, timeout: float) -> dict:
             proc = None
         if proc is not None:
             f.write(proc.stdout)
-            lines = proc.stdout.splitlines()
-            found = [line for line in lines if line.startswith(bc.RESULT_PREFIX)]
-            result = ({"status": "ok", **json.loads(found[-1][len(bc.RESULT_PREFIX):])} if found else
-                      {"status": f"failed (exit {proc.returncode}): {(lines or ['no output'])[-1][:200]}"})
+            result = parse_log(proc.stdout, proc.returncode)
     return {**spec, **result}
 
 
@@ -202,6 +215,9 @@ def main() -> None:
                         help="mixing init of the pretrained models (random init fine-tuning always uses mean)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once")
     parser.add_argument("--work", type=Path, default=None, help="keep the run folders here (default: a temp dir)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="take the result of each run whose WORK/NAME/log.txt already holds one (a study cut "
+                             "short, continued or re-tabulated; the sizes must be the same)")
     args = parser.parse_args()
     device = bc.setup(args)
     if device.type != "cpu":
@@ -240,12 +256,13 @@ def main() -> None:
     started = time.perf_counter()
     rows = []
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(run_one, spec, 60 * spec["budget"] * 2 + 900) for spec in specs]
+        futures = [pool.submit(run_one, spec, 60 * spec["budget"] * 2 + 900, args.reuse) for spec in specs]
         for future in futures:
             row = future.result()
             rows.append(row)
             if row["status"] == "ok":
-                print(f"{name_of(row)}: pretrain {row['pretrain_steps']} steps (val loss "
+                reused = " (reused)" if row.get("reused") else ""
+                print(f"{name_of(row)}{reused}: pretrain {row['pretrain_steps']} steps (val loss "
                       f"{bc.fmt(row['pretrain_val_loss'])}), finetune {row['finetune_steps']} steps; test R@1 "
                       f"vector {row['vector_r1']:.3f}, fusion {row['fusion_r1']:.3f}, bm25 {row['bm25_r1']:.3f}; "
                       f"{row['run_seconds']:.0f} s, load {row['load_start']} -> {row['load_end']}", flush=True)
@@ -295,7 +312,9 @@ def main() -> None:
         f"{bc.fmt(bm25)}, MRR@10 {bc.fmt(bm25_mrr)}{'' if bm25_same else ' (it differed between runs!)'}; "
         f"chance R@1 {bc.fmt(ok[0]['chance_r1'] if ok else None)}. {args.jobs} run(s) at a time, "
         f"{args.threads or 'default'} torch thread(s) each; the two archs of one (budget, share) ran side by "
-        f"side. Wall time of the whole study: {wall / 60:.1f} min.")
+        f"side. Wall time of the whole study: {wall / 60:.1f} min"
+        + (f" (this invocation; {sum(1 for r in ok if r.get('reused'))} results taken from an earlier one)"
+           if any(r.get("reused") for r in ok) else "") + ".")
     sections = [("Runs", table),
                 ("Mixer against llama at equal wall-clock budget", bc.markdown_table(pairs_cmp, cmp_cols)),
                 ("Plot", "![test R@1 against pretraining share](budget.png)")]
