@@ -24,7 +24,8 @@ loss, the fine-tuning's validation R@1, and the load average at each run's start
 
 --jobs runs that many children at once (the two archs of one (budget, share) side by side, so that they see
 the same contention); their budget timings then include it. With --work the run folders and logs are kept, and
---reuse then takes the results already there (a study cut short, continued or re-tabulated).
+--reuse then takes the results already there (a study cut short, continued or re-tabulated; --tabulate: only
+those).
 Writes OUT/budget.md, OUT/budget.json and OUT/budget.png (test R@1 against the pretraining share, one line
 per arch and budget).
 """
@@ -218,6 +219,8 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true",
                         help="take the result of each run whose WORK/NAME/log.txt already holds one (a study cut "
                              "short, continued or re-tabulated; the sizes must be the same)")
+    parser.add_argument("--tabulate", action="store_true",
+                        help="with --reuse: only tabulate the results already in --work, leaving out runs without one")
     args = parser.parse_args()
     device = bc.setup(args)
     if device.type != "cpu":
@@ -246,11 +249,15 @@ def main() -> None:
     if args.quick:
         pairs = work / "pairs.jsonl"
         write_pairs_jsonl(load_pairs(bundled_pairs_path())[:QUICK_PAIRS], pairs)
+    if args.tabulate and not (args.reuse and args.work):
+        parser.error("--tabulate needs --reuse and --work")
     specs = [{"arch": arch, "budget": budget, "share": share, "pairs": str(pairs), "threads": args.threads,
               "pretrain_init": args.pretrain_init, **sizes}
              for budget in sorted(budgets, reverse=True) for share in shares for arch in archs]
     for spec in specs:
         spec["work"] = str(work / name_of(spec))
+    if args.tabulate:
+        specs = [s for s in specs if (log := Path(s["work"]) / "log.txt").is_file() and parse_log(log.read_text())]
     print(f"{len(specs)} runs, {args.jobs} at a time, {sum(s['budget'] for s in specs):g} budget minutes in all; "
           f"load average {info['load_start']}", flush=True)
     started = time.perf_counter()
