@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
+import bench_budget  # noqa: E402
 import bench_common  # noqa: E402
 from close import assert_close  # noqa: E402
 import bench_hypermixer  # noqa: E402
@@ -159,3 +160,30 @@ def test_step_estimate_extrapolates_time_per_token():
     assert bench_train.estimate_step([(2048, 1e-3), (4096, 2e-3)], 8192, 8192) == pytest.approx(8192 * 4e-3)
     # never below the last measured time per token
     assert bench_train.estimate_step([(128, 2e-3), (512, 1e-3)], 2048, 2048) == pytest.approx(2.048)
+
+
+def test_bench_budget(tmp_path):
+    # two tiny runs of one arch: fine-tuning only, then half the budget pretraining first
+    data = run_script("budget", tmp_path, "--budgets", "0.02", "--shares", "0,50", "--archs", "masked-mixer")
+    rows = data["rows"]
+    assert [(r["arch"], r["share"]) for r in rows] == [("masked-mixer", 0), ("masked-mixer", 50)]
+    assert all(r["status"] == "ok" for r in rows)
+    for r in rows:
+        assert r["finetune_steps"] >= 1 and r["pooling"] == "last"
+        assert (r["pretrain_steps"] >= 1 and r["pretrain_val_loss"] > 0) if r["share"] else r["pretrain_steps"] == 0
+        for key in ("vector_r1", "vector_mrr10", "fusion_r1", "fusion_mrr10"):
+            assert 0.0 <= r[key] <= 1.0
+        assert r["n_test_pairs"] == r["corpus_size"] > 0 and r["load_start"] >= 0
+    assert data["bm25"]["same_in_every_run"] and 0.0 < data["bm25"]["R@1"] <= 1.0
+    assert "load_end" in data["machine"]
+    assert_png(tmp_path / "budget.png")
+
+
+def test_budget_comparisons_pair_archs_at_equal_budget():
+    row = lambda arch, budget, share, v, f: {"arch": arch, "budget": budget, "share": share, "vector_r1": v,  # noqa: E731
+                                            "fusion_r1": f, "finetune_steps": 10}
+    rows = [row("masked-mixer", 2.0, 0, 0.5, 0.8), row("llama", 2.0, 0, 0.25, 0.75),
+            row("masked-mixer", 5.0, 0, 0.6, 0.9), row("llama", 2.0, 50, 0.1, 0.7)]
+    (c,) = bench_budget.comparisons(rows)  # only (2 min, 0 %) has both archs
+    assert (c["budget"], c["share"]) == (2.0, 0)
+    assert c["vector_diff"] == pytest.approx(0.25) and c["fusion_diff"] == pytest.approx(0.05)
