@@ -376,7 +376,10 @@ def embed_cmd(corpus, model_dir, field, id_field, out_dir, batch_size, dtype, ma
 @click.option("--d-model", default=256, show_default=True, help="Matcher width.")
 @click.option("--layers", "n_layers", default=4, show_default=True, help="Mixer blocks.")
 @click.option("--hard-negatives", default=0, show_default=True,
-              help="Candidates per set drawn from the query's nearest training targets.")
+              help="Candidates per set drawn from the query's nearest training targets (by dense cosine and BM25).")
+@click.option("--features", default="none", show_default=True,
+              help="Per-candidate scores fed to each slot, comma-separated: bm25 (the candidate's BM25 score for "
+                   "the query), cosine (of the embeddings); none for neither. Each is z-scored within its set.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Output folder (default: matchers/MODEL); an earlier matcher there is replaced once the new one "
                    "is complete.")
@@ -385,7 +388,7 @@ def embed_cmd(corpus, model_dir, field, id_field, out_dir, batch_size, dtype, ma
 @run_options
 @friendly
 def train_matcher_cmd(pairs_path, model_dir, query_emb, target_emb, query_field, target_field, context, epochs,
-                      batch_size, lr, d_model, n_layers, hard_negatives, out_dir, seed, test_fraction,
+                      batch_size, lr, d_model, n_layers, hard_negatives, features, out_dir, seed, test_fraction,
                       budget_minutes, stop_after, resume, overwrite):
     """Train a matcher that picks each query's target among context-1 candidates, on the embeddings of
     (query, target) pairs. Pairs repeating an earlier query are dropped (the count is printed); the
@@ -416,18 +419,20 @@ def train_matcher_cmd(pairs_path, model_dir, query_emb, target_emb, query_field,
         if (Path(out_dir) / io.CONFIG_NAME).is_file() and not overwrite:  # refuse another kind before embedding
             io.check_out_dir(out_dir, io.CONFIG_NAME, "matcher", overwrite=True)
         q, t, embedder = embed_pairs(train + test, model_dir, query_emb, target_emb)
-    splits = {}
-    for name, rows in (("train", slice(0, len(train))), ("test", slice(len(train), None))):
+    splits, texts = {}, {}
+    for name, part, rows in (("train", train, slice(0, len(train))), ("test", test, slice(len(train), None))):
         sq, st, keep = dedupe_queries(q[rows], t[rows])
         if len(keep) < len(q[rows]):
             click.echo(f"{name} split: dropped {len(q[rows]) - len(keep)} pairs whose query embedding repeats "
                        "an earlier one", err=True)
         splits[name] = (sq, st)
+        texts[name] = ([part[i].query for i in keep], [part[i].target for i in keep])
     config = MatcherConfig(emb_dim=int(q.shape[1]), d_model=d_model, n_layers=n_layers, context=context,
-                           embedder=embedder)
+                           embedder=embedder, features=[] if features == "none" else features.split(","))
     try:
         _, metrics = train_matcher(*splits["train"], *splits["test"], config, epochs=epochs, batch_size=batch_size,
                                    lr=lr, seed=seed, hard_negatives=hard_negatives, out_dir=out_dir,
+                                   train_texts=texts["train"], test_texts=texts["test"],
                                    budget_minutes=budget_minutes, stop_after=stop_after, resume=bool(resume),
                                    overwrite=bool(overwrite))
     except Interrupted as e:
@@ -537,8 +542,9 @@ def search_cmd(query, emb_dir, mode, k, model_dir, matcher_dir, shortlist, short
 @main.command("evaluate")
 @click.option("--pairs", "pairs_path", required=True, type=click.Path(dir_okay=False),
               help="Pairs file: .jsonl, .jsonl.gz, .parquet or TinyStoriesInstruct .txt.")
-@click.option("--mode", type=click.Choice(["vector", "tree", "hybrid", "bm25", "all"]), default="all",
-              show_default=True, help="all: vector, bm25 and, with --matcher, tree and hybrid.")
+@click.option("--mode", type=click.Choice(["vector", "fusion", "tree", "hybrid", "bm25", "all"]), default="all",
+              show_default=True, help="all: vector, bm25, fusion when the model has a fusion weight (from "
+                                      "`mixret finetune`) and, with --matcher, tree and hybrid.")
 @click.option("--limit", type=int, default=None, help="Evaluate the first Q queries (the corpus stays whole).")
 @click.option("--query-field", default="summary", show_default=True, help="Pairs field with the queries.")
 @click.option("--target-field", default="document", show_default=True, help="Pairs field with the targets.")
@@ -555,30 +561,36 @@ def evaluate_cmd(pairs_path, mode, limit, query_field, target_field, test_fracti
     """Search every held-out query of the pairs among all the held-out targets and report R@1, R@10,
     MRR@10 and nDCG@10 (ranx), queries/s and, for tree and hybrid, matcher passes per query."""
     import json
+    from pathlib import Path
 
     from mixret import io
     from mixret.data import load_pairs, split_pairs
     from mixret.evaluate import evaluate_pairs, format_table, resolve_modes
+    from mixret.fusion import FUSION_NAME, Fusion
     from mixret.search import load_matcher_checked, load_model_checked
 
-    modes = resolve_modes(mode, matcher_dir is not None)
+    resolve_modes(mode, matcher_dir is not None, True)  # refuse a mode lacking its matcher before any work
     if mode == "all" and matcher_dir is None:
         click.echo("tree and hybrid skipped: they need --matcher", err=True)
-    model = model_hash = matcher = None
+    model = model_hash = matcher = fusion = None
     with Warnings():
         _, test = split_pairs(load_pairs(pairs_path, query_field, target_field), test_fraction)
         if not test:
             raise MixretError(f"{pairs_path}: no pairs in the held-out split (--test-fraction {test_fraction}); "
                               f"expected at least one")
-        if modes != ["bm25"]:
+        if mode != "bm25":
             if model_dir is None:
                 from mixret.embed import default_model_dir
                 model_dir = default_model_dir()
             model, model_hash = load_model_checked(model_dir)
+            fusion_file = Path(model_dir) / FUSION_NAME
+            if fusion_file.is_file():
+                fusion = Fusion.from_dict(io.read_json(fusion_file, "fusion weight"), str(fusion_file))
+        modes = resolve_modes(mode, matcher_dir is not None, fusion is not None)
         if matcher_dir is not None:
             matcher = load_matcher_checked(matcher_dir, model_hash)
         report = evaluate_pairs(test, model, matcher, modes, shortlist=shortlist, shortlist_from=shortlist_from,
-                                limit=limit, batch_size=batch_size, pooling=pooling)
+                                limit=limit, batch_size=batch_size, pooling=pooling, fusion=fusion)
     report = {"pairs": str(pairs_path), "test_fraction": test_fraction,
               "model": str(model_dir) if model is not None else None, "matcher": matcher_dir, **report}
     click.echo(json.dumps(report) if as_json else format_table(report))
