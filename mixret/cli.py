@@ -387,7 +387,10 @@ def embed_cmd(corpus, model_dir, field, id_field, out_dir, batch_size, dtype, ma
 @click.option("--d-model", default=256, show_default=True, help="Matcher width.")
 @click.option("--layers", "n_layers", default=4, show_default=True, help="Mixer blocks.")
 @click.option("--hard-negatives", default=0, show_default=True,
-              help="Candidates per set drawn from the query's nearest training targets.")
+              help="Candidates per set drawn from the query's nearest training targets (by dense cosine and BM25).")
+@click.option("--features", default="none", show_default=True,
+              help="Per-candidate scores fed to each slot, comma-separated: bm25 (the candidate's BM25 score for "
+                   "the query), cosine (of the embeddings); none for neither. Each is z-scored within its set.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Output folder (default: matchers/MODEL); an earlier matcher there is replaced once the new one "
                    "is complete.")
@@ -396,7 +399,7 @@ def embed_cmd(corpus, model_dir, field, id_field, out_dir, batch_size, dtype, ma
 @run_options
 @friendly
 def train_matcher_cmd(pairs_path, model_dir, query_emb, target_emb, query_field, target_field, pooling, context,
-                      epochs, batch_size, lr, d_model, n_layers, hard_negatives, out_dir, seed, test_fraction,
+                      epochs, batch_size, lr, d_model, n_layers, hard_negatives, features, out_dir, seed, test_fraction,
                       budget_minutes, stop_after, resume, overwrite):
     """Train a matcher that picks each query's target among context-1 candidates, on the embeddings of
     (query, target) pairs. Pairs repeating an earlier query are dropped (the count is printed); the
@@ -427,19 +430,22 @@ def train_matcher_cmd(pairs_path, model_dir, query_emb, target_emb, query_field,
         if (Path(out_dir) / io.CONFIG_NAME).is_file() and not overwrite:  # refuse another kind before embedding
             io.check_out_dir(out_dir, io.CONFIG_NAME, "matcher", overwrite=True)
         q, t, spec = embed_pairs(train + test, model_dir, query_emb, target_emb, pooling=pooling)
-    splits = {}
-    for name, rows in (("train", slice(0, len(train))), ("test", slice(len(train), None))):
+    splits, texts = {}, {}
+    for name, part, rows in (("train", train, slice(0, len(train))), ("test", test, slice(len(train), None))):
         sq, st, keep = dedupe_queries(q[rows], t[rows])
         if len(keep) < len(q[rows]):
             click.echo(f"{name} split: dropped {len(q[rows]) - len(keep)} pairs whose query embedding repeats "
                        "an earlier one", err=True)
         splits[name] = (sq, st)
+        texts[name] = ([part[i].query for i in keep], [part[i].target for i in keep])
     config = MatcherConfig(emb_dim=int(q.shape[1]), d_model=d_model, n_layers=n_layers, context=context,
                            embedder=spec.model_hash, pooling=spec.pooling, max_length=spec.max_length,
-                           trained_on=sources_record([pairs_path], test_fraction))
+                           trained_on=sources_record([pairs_path], test_fraction),
+                           features=[] if features == "none" else features.split(","))
     try:
         _, metrics = train_matcher(*splits["train"], *splits["test"], config, epochs=epochs, batch_size=batch_size,
                                    lr=lr, seed=seed, hard_negatives=hard_negatives, out_dir=out_dir,
+                                   train_texts=texts["train"], test_texts=texts["test"],
                                    budget_minutes=budget_minutes, stop_after=stop_after, resume=bool(resume),
                                    overwrite=bool(overwrite))
     except Interrupted as e:
@@ -544,8 +550,8 @@ def search_cmd(query, emb_dir, mode, k, model_dir, matcher_dir, fusion_weight, s
 @click.option("--pairs", "pairs_path", required=True, type=click.Path(dir_okay=False),
               help="Pairs file: .jsonl, .jsonl.gz, .parquet or TinyStoriesInstruct .txt.")
 @click.option("--mode", type=click.Choice(["vector", "fusion", "tree", "hybrid", "bm25", "all"]), default="all",
-              show_default=True, help="all: vector, bm25, fusion when the model has a fusion weight, and with "
-                                      "--matcher tree and hybrid.")
+              show_default=True, help="all: vector, bm25, fusion when the model has a fusion weight (from "
+                                      "`mixret finetune`) and, with --matcher, tree and hybrid.")
 @click.option("--limit", type=int, default=None, help="Evaluate the first Q queries (the corpus stays whole).")
 @click.option("--query-field", default="summary", show_default=True, help="Pairs field with the queries.")
 @click.option("--target-field", default="document", show_default=True, help="Pairs field with the targets.")

@@ -130,7 +130,9 @@ def evaluate_pairs(pairs: Sequence, model=None, matcher=None, modes: str | Seque
     the texts the way the matcher's training pairs were: see mixret.embed.resolve_spec); matcher: a mixret
     Matcher, needed by tree and hybrid (and ignored by the other modes); fusion: a mixret.fusion.Fusion, needed
     by fusion. Pairs repeating an earlier query are dropped (drop_repeated_queries). Returns a report dict with
-    the corpus facts, chance levels and, per mode, the metrics, queries/s and matcher passes/query.
+    the corpus facts, chance levels and, per mode, the metrics, queries/s and matcher passes/query; with
+    hybrid, "shortlist_order" holds the metrics of its shortlist in the source's own order, what the matcher's
+    ranking must beat.
     """
     modes = resolve_modes(modes, matcher is not None, fusion is not None)
     if shortlist_from not in SHORTLIST_SOURCES:
@@ -188,6 +190,9 @@ def evaluate_pairs(pairs: Sequence, model=None, matcher=None, modes: str | Seque
             "seconds": seconds,
             "passes_per_query": float(result.passes.mean()) if mode in MATCHER_MODES else None,
         }
+    if "hybrid" in modes:
+        source = retriever.search(shortlist_from, k, query_emb=query_emb, queries=queries)
+        report["shortlist_order"] = ir_metrics(qrels, run_from(source.indices))
     return report
 
 
@@ -200,6 +205,10 @@ def format_table(report: dict) -> str:
         passes = f"{m['passes_per_query']:.1f}" if m["passes_per_query"] is not None else "-"
         speed = f"{m['queries_per_s']:.1f}" if m["queries_per_s"] is not None else "-"
         lines.append(f"| {mode} | " + " | ".join(f"{m[c]:.3f}" for c in cols) + f" | {speed} | {passes} |")
+        if mode == "hybrid" and report.get("shortlist_order"):
+            m = report["shortlist_order"]
+            lines.append(f"| hybrid's shortlist, {report['shortlist_from']} order | "
+                         + " | ".join(f"{m[c]:.3f}" for c in cols) + " | - | - |")
     chance = report["chance"]
     lines.append("| chance | " + " | ".join(f"{chance[c]:.3f}" if c in chance else "-" for c in cols) + " | - | - |")
     head = (f"{report['n_queries']} queries against {report['corpus_size']} documents"

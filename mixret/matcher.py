@@ -15,6 +15,13 @@ hundreds of steps. A lets it learn a full bilinear match when targets are not si
 their queries. Token mixing starts at zero, so nothing but training makes one slot differ from
 another and the logits follow their candidate when the slots are permuted.
 
+Score features (optional, `features` in the config): each candidate slot also gets Linear(F, d_model) of
+its per-candidate scores, each z-scored over the present candidates of its set: "bm25", the candidate's
+BM25 score for the query (given by the caller: a BM25 index over the targets), and "cosine", the cosine of
+the raw query and candidate embeddings (computed here, as the vector index's dense score). The matcher can
+then learn the fusion of lexical and dense evidence with its own match signal. Its sets at search time are
+shortlists, so training with features draws hard negatives from the BM25 and dense neighbours.
+
 Duplicates: `train_matcher` refuses repeated query embeddings (`dedupe_queries` drops them and says
 how many); identical target embeddings are treated as one target, so a candidate set never holds
 the true target twice nor a copy of it as a negative.
@@ -24,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +45,7 @@ from mixret.errors import MixretError
 from mixret.models.layers import FeedForward
 
 HARD_POOL_FACTOR = 4  # hard negatives are drawn each step from this many times K nearest targets
+FEATURES = ("bm25", "cosine")  # per-candidate score features a matcher may take, in this order
 
 
 @dataclass
@@ -53,8 +61,14 @@ class MatcherConfig:
     pooling: str | None = None   # how those embeddings were pooled (mixret.embed.EmbeddingSpec), when known
     max_length: int | None = None  # and how many tokens of each text they kept
     trained_on: list | None = None  # the pairs file(s) that trained it (mixret.data.sources_record)
+    features: list[str] = field(default_factory=list)  # per-candidate scores fed to each slot: bm25, cosine
 
     def __post_init__(self):
+        if isinstance(self.features, str) or not all(f in FEATURES for f in self.features) \
+                or len(set(self.features)) != len(self.features):
+            raise MixretError(f"matcher features must be distinct names among {', '.join(FEATURES)}, "
+                              f"got {self.features!r}")
+        self.features = [f for f in FEATURES if f in self.features]
         for name in ("emb_dim", "d_model", "n_layers", "ff_mult"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise MixretError(f"matcher {name} must be a positive integer, got {getattr(self, name)!r}")
@@ -67,6 +81,10 @@ class MatcherConfig:
     @property
     def n_candidates(self) -> int:
         return self.context - 1
+
+    @property
+    def needs_bm25(self) -> bool:
+        return "bm25" in self.features
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -127,6 +145,8 @@ class Matcher(nn.Module):
             self.query_map = nn.Linear(E, E, bias=False)  # starts as the identity: c * q
             nn.init.eye_(self.query_map.weight)
             self.prod_in = nn.Linear(E, D)
+        if config.features:
+            self.feat_in = nn.Linear(len(config.features), D)
         self.blocks = nn.ModuleList([MixerBlock(config) for _ in range(config.n_layers)])
         self.ln_f = nn.LayerNorm(D)
         self.head = nn.Linear(D, 1)
@@ -145,15 +165,18 @@ class Matcher(nn.Module):
         return (x - getattr(self, f"{side}_mean")) / getattr(self, f"{side}_std")
 
     def forward(self, query: torch.Tensor, candidates: torch.Tensor,
-                candidate_mask: torch.Tensor | None = None) -> torch.Tensor:
+                candidate_mask: torch.Tensor | None = None, bm25: torch.Tensor | None = None) -> torch.Tensor:
         """query [B, E], candidates [B, N, E] (N <= context-1), candidate_mask [B, N] bool
-        (False = absent) -> logits [B, N]; absent slots get -inf and are seen as padding."""
-        B, N = self._check_inputs(query, candidates, candidate_mask)
+        (False = absent), bm25 [B, N] the candidates' BM25 scores for the query (needed when the
+        features hold bm25, ignored otherwise) -> logits [B, N]; absent slots get -inf and are seen as padding."""
+        B, N = self._check_inputs(query, candidates, candidate_mask, bm25)
         q = self.standardize(query, "query")            # [B, E]
         c = self.standardize(candidates, "target")      # [B, N, E]
         slots = self.cand_in(c)                         # [B, N, D]
         if self.config.query_product:
             slots = slots + self.prod_in(c * self.query_map(q)[:, None, :])
+        if self.config.features:
+            slots = slots + self.feat_in(self.slot_features(query, candidates, candidate_mask, bm25))
         if candidate_mask is not None:
             slots = slots.masked_fill(~candidate_mask[..., None], 0.0)  # absent = padding, whatever it holds
         slots = F.pad(slots, (0, 0, 0, self.config.n_candidates - N))     # [B, C-1, D]
@@ -165,7 +188,27 @@ class Matcher(nn.Module):
             logits = logits.masked_fill(~candidate_mask, float("-inf"))
         return logits
 
-    def _check_inputs(self, query, candidates, candidate_mask) -> tuple[int, int]:
+    def slot_features(self, query: torch.Tensor, candidates: torch.Tensor, candidate_mask: torch.Tensor | None,
+                      bm25: torch.Tensor | None) -> torch.Tensor:
+        """The config's features of each candidate, z-scored over the present candidates of its set -> [B, N, F]."""
+        device = self.query_mean.device
+        mask = (torch.ones(candidates.shape[:2], dtype=torch.bool, device=device) if candidate_mask is None
+                else candidate_mask.to(device))                                        # [B, N]
+        cols = []
+        for name in self.config.features:
+            if name == "bm25":
+                s = bm25.to(device, torch.float32)                                    # [B, N]
+            else:
+                s = F.cosine_similarity(query.to(device, torch.float32)[:, None, :],
+                                        candidates.to(device, torch.float32), dim=-1)  # [B, N]
+            s = s.masked_fill(~mask, 0.0)
+            n = mask.sum(1, keepdim=True).clamp_min(1)                               # [B, 1]
+            mean = s.sum(1, keepdim=True) / n
+            std = (((s - mean) ** 2).masked_fill(~mask, 0.0).sum(1, keepdim=True) / n).sqrt()
+            cols.append(((s - mean) / std.clamp_min(1e-6)).masked_fill(~mask, 0.0))
+        return torch.stack(cols, dim=-1)                                               # [B, N, F]
+
+    def _check_inputs(self, query, candidates, candidate_mask, bm25) -> tuple[int, int]:
         E = self.config.emb_dim
         if query.ndim != 2 or candidates.ndim != 3:
             raise MixretError(f"matcher expects query [B, E] and candidates [B, N, E], got shapes "
@@ -182,6 +225,10 @@ class Matcher(nn.Module):
         if candidate_mask is not None and (candidate_mask.shape != (B, N) or candidate_mask.dtype != torch.bool):
             raise MixretError(f"candidate_mask must be a bool tensor of shape {(B, N)}, "
                               f"got {candidate_mask.dtype} {tuple(candidate_mask.shape)}")
+        if self.config.needs_bm25 and (bm25 is None or tuple(bm25.shape) != (B, N)):
+            raise MixretError(f"this matcher takes each candidate's BM25 score for the query (features "
+                              f"{self.config.features}): expected bm25 scores of shape {(B, N)}, got "
+                              f"{None if bm25 is None else tuple(bm25.shape)} (search with the query texts)")
         return B, N
 
     def num_params(self) -> int:
@@ -207,23 +254,26 @@ class Matcher(nn.Module):
 
 @torch.no_grad()
 def score_candidates(matcher: Matcher, query_emb, cand_embs, batch_size: int = 1024,
-                     candidate_mask=None) -> np.ndarray:
+                     candidate_mask=None, bm25=None) -> np.ndarray:
     """Matcher logits for query_emb [Q, E] against cand_embs [Q, N, E] -> np.ndarray [Q, N] float32.
 
     Arrays or tensors; batched, without gradients, in eval mode (the matcher's mode is restored
     afterwards). candidate_mask [Q, N] bool marks present candidates; absent ones score -inf.
+    bm25 [Q, N]: the candidates' BM25 scores, for a matcher with that feature.
     """
     q, c = torch.as_tensor(query_emb).float(), torch.as_tensor(cand_embs).float()
     if q.ndim != 2 or c.ndim != 3 or c.shape[0] != q.shape[0]:
         raise MixretError(f"score_candidates expects query_emb [Q, E] and cand_embs [Q, N, E], "
                           f"got {tuple(q.shape)} and {tuple(c.shape)}")
     mask = None if candidate_mask is None else torch.as_tensor(candidate_mask)
+    lex = None if bm25 is None else torch.as_tensor(bm25)
     device = next(matcher.parameters()).device
     was_training = matcher.training
     matcher.eval()
     try:
         out = [matcher(q[i:i + batch_size].to(device), c[i:i + batch_size].to(device),
-                       None if mask is None else mask[i:i + batch_size].to(device)).float().cpu()
+                       None if mask is None else mask[i:i + batch_size].to(device),
+                       None if lex is None else lex[i:i + batch_size].to(device)).float().cpu()
                for i in range(0, len(q), batch_size)]
     finally:
         matcher.train(was_training)
@@ -303,18 +353,34 @@ def hard_negative_pool(queries: torch.Tensor, targets: torch.Tensor, true_index:
     return nn_ids.gather(1, keep)
 
 
+def lexical_pool(pairs: "PairSet", lexical, size: int, dense_pool: torch.Tensor) -> torch.Tensor:
+    """Each query's hard-negative pool drawn from both shortlists: its BM25 top targets (lexical, a BM25Index
+    over pairs.target_texts) and its dense nearest (dense_pool [Q, size]), interleaved, the first `size`
+    distinct ones, true target excluded -> LongTensor [Q, size]."""
+    _, top = lexical.search(pairs.query_texts, min(size + 1, len(pairs.targets)))       # [Q, size+1]
+    out = torch.empty(len(pairs.queries), size, dtype=torch.long)
+    for i, (lex, dense) in enumerate(zip(top.tolist(), dense_pool.tolist())):
+        true = int(pairs.true_index[i])
+        merged = dict.fromkeys(x for pair in zip(dense, lex) for x in pair if x != true)  # >= size: dense alone
+        out[i] = torch.tensor(list(merged)[:size])
+    return out
+
+
 # -- input checks -----------------------------------------------------------------------------
 
 @dataclass
 class PairSet:
-    """Aligned (query, target) embeddings with identical targets merged."""
+    """Aligned (query, target) embeddings with identical targets merged, and their texts when known."""
     queries: torch.Tensor     # [Q, E]
     targets: torch.Tensor     # [T, E] distinct target embeddings
     true_index: torch.Tensor  # [Q] row of each query's target in `targets`
+    query_texts: list[str] | None = None   # [Q]
+    target_texts: list[str] | None = None  # [T], the first text of each merged target
 
 
-def as_pair_set(queries, targets, name: str, context: int) -> PairSet:
-    """Validate aligned query/target embedding arrays and merge identical targets."""
+def as_pair_set(queries, targets, name: str, context: int, texts: tuple[list, list] | None = None) -> PairSet:
+    """Validate aligned query/target embedding arrays (and their texts, (queries, targets), when given) and
+    merge identical targets."""
     q = torch.as_tensor(np.asarray(queries, dtype=np.float32))
     t = torch.as_tensor(np.asarray(targets, dtype=np.float32))
     if q.ndim != 2 or t.ndim != 2:
@@ -341,7 +407,14 @@ def as_pair_set(queries, targets, name: str, context: int) -> PairSet:
         raise MixretError(f"{name}: {uniq.shape[0]} distinct targets, but context {context} needs at least "
                           f"{context - 1} (one true target and {context - 2} negatives); "
                           "use more pairs or a smaller context")
-    return PairSet(q, uniq, inverse)
+    if texts is None:
+        return PairSet(q, uniq, inverse)
+    query_texts, target_texts = (list(x) for x in texts)
+    if len(query_texts) != q.shape[0] or len(target_texts) != q.shape[0]:
+        raise MixretError(f"{name}: {q.shape[0]} embedded pairs but {len(query_texts)} query texts and "
+                          f"{len(target_texts)} target texts; expected one of each per pair")
+    first = torch.full((uniq.shape[0],), q.shape[0]).scatter_reduce(0, inverse, torch.arange(q.shape[0]), "amin")
+    return PairSet(q, uniq, inverse, query_texts, [target_texts[i] for i in first.tolist()])
 
 
 def check_split_sizes(n_train: int, n_test: int, context: int) -> None:
@@ -417,13 +490,15 @@ IN_SET_NOTE = ("in-set scores: each query's target among the candidates of its o
 
 @torch.no_grad()
 def evaluate(matcher: Matcher, pairs: PairSet, sets: torch.Tensor, positions: torch.Tensor,
-             batch_size: int = 512, mask: torch.Tensor | None = None) -> dict:
+             batch_size: int = 512, mask: torch.Tensor | None = None, bm25: torch.Tensor | None = None) -> dict:
     """Cross-entropy, top-1 accuracy and MRR of the matcher on fixed candidate sets [Q, N]; mask [Q, N]
-    (False = padded slot) marks the real candidates of partly padded sets."""
+    (False = padded slot) marks the real candidates of partly padded sets; bm25 [Q, N] their BM25 scores,
+    for a matcher with that feature."""
     logits = torch.cat([
         torch.from_numpy(score_candidates(matcher, pairs.queries[i:i + batch_size],
                                           pairs.targets[sets[i:i + batch_size]], batch_size,
-                                          None if mask is None else mask[i:i + batch_size]))
+                                          None if mask is None else mask[i:i + batch_size],
+                                          None if bm25 is None else bm25[i:i + batch_size]))
         for i in range(0, len(sets), batch_size)])                                # [Q, N]
     return set_metrics(logits, positions, with_ce=True)
 
@@ -493,8 +568,8 @@ class SetLoss(nn.Module):
         self.matcher = matcher
 
     def forward(self, batch: tuple) -> tuple[torch.Tensor, int]:
-        queries, candidates, mask, positions = batch                # [B, E], [B, N, E], [B, N], [B]
-        logits = self.matcher(queries, candidates, mask)            # [B, N], -inf at padded slots
+        queries, candidates, mask, positions, bm25 = batch          # [B, E], [B, N, E], [B, N], [B], [B, N] | None
+        logits = self.matcher(queries, candidates, mask, bm25)      # [B, N], -inf at padded slots
         return F.cross_entropy(logits.float(), positions, reduction="sum"), len(positions)
 
 
@@ -519,24 +594,30 @@ RUN_IDENTITY = ("config", "batch_size", "seed", "hard_negatives")  # a resumed m
 def train_matcher(train_q, train_t, test_q, test_t, config: MatcherConfig, epochs: int = 10,
                   batch_size: int = 256, lr: float = 1e-3, seed: int = 0, hard_negatives: int = 0,
                   out_dir: str | os.PathLike | None = None, progress: bool = True,
-                  device: str | None = None, **run_options) -> tuple[Matcher, dict]:
+                  device: str | None = None, train_texts: tuple[list, list] | None = None,
+                  test_texts: tuple[list, list] | None = None, **run_options) -> tuple[Matcher, dict]:
     """Train a matcher on aligned (query, target) embeddings -> (matcher in eval mode, metrics).
 
     Each step every query gets a fresh set of context-1 distinct candidates: its target plus
     context-2 negatives from the other training targets (`hard_negatives` of them drawn from the
-    query's nearest targets), shuffled; in half of the sets only a random number of the slots hold
-    candidates and the rest are padding, as in a tournament's last pass. Evaluation uses fixed sets built
+    query's nearest targets: by dense cosine, and by BM25 as well when train_texts are given),
+    shuffled; in half of the sets only a random number of the slots hold candidates and the rest
+    are padding, as in a tournament's last pass. Evaluation uses fixed sets built
     from `seed`, full and partly padded. Training runs in `mixret.loop`: with out_dir, out_dir is the run
     folder (checkpoints, metrics.jsonl, train_config.json; then the matcher, and metrics.json), put in place
     at the end, replacing an earlier matcher there; `resume`, `stop_after`, `overwrite` and
     `budget_minutes` (run_options) work as for `mixret pretrain`. Stopped early by stop_after, it returns
-    the matcher so far and metrics with "checkpoint" (the folder written).
+    the matcher so far and metrics with "checkpoint" (the folder written). train_texts and test_texts,
+    (query texts, target texts) aligned with the embeddings, are needed by the bm25 feature.
     """
     run = MatcherRun(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, hard_negatives=hard_negatives,
                      progress=progress, **run_options)
     C = config.context
-    train = as_pair_set(train_q, train_t, "train split", C)
-    test = as_pair_set(test_q, test_t, "test split", C)
+    train = as_pair_set(train_q, train_t, "train split", C, train_texts)
+    test = as_pair_set(test_q, test_t, "test split", C, test_texts)
+    if config.needs_bm25 and (train_texts is None or test_texts is None):
+        raise MixretError(f"matcher features {config.features} include bm25: train_matcher needs the pairs' "
+                          "texts (train_texts and test_texts)")
     if train.queries.shape[1] != config.emb_dim or test.queries.shape[1] != config.emb_dim:
         raise MixretError(f"matcher config has emb_dim {config.emb_dim} but the embeddings have dim "
                           f"{train.queries.shape[1]} (train) and {test.queries.shape[1]} (test)")
@@ -590,14 +671,26 @@ class MatcherTask:
         self.padded_sets = pad_sets(self.test_sets, self.test_pos, torch.Generator().manual_seed(seed + 2))
         g = torch.Generator().manual_seed(seed)
         sub = torch.randperm(len(train.queries), generator=g)[:max(len(test.queries), 1024)].sort().values
-        self.train_eval = PairSet(train.queries[sub], train.targets, train.true_index[sub])
+        self.train_eval = PairSet(train.queries[sub], train.targets, train.true_index[sub],
+                                  None if train.query_texts is None else [train.query_texts[i] for i in sub],
+                                  train.target_texts)
         self.train_sets, self.train_pos = build_eval_sets(len(train.targets), C, seed + 1,
                                                           self.train_eval.true_index)
+        # BM25 over each split's targets: the bm25 feature's scores, and the training pool's lexical neighbours
+        from mixret.search import BM25Index
+        self.train_bm25 = (BM25Index(train.target_texts) if train.target_texts is not None
+                           and (config.needs_bm25 or run.hard_negatives) else None)
+        self.test_bm25 = BM25Index(test.target_texts) if config.needs_bm25 else None
+        self.test_lex = self.set_bm25(self.test_bm25, test.query_texts, self.test_sets)
+        self.padded_lex = self.set_bm25(self.test_bm25, test.query_texts, self.padded_sets[0])
+        self.train_lex = self.set_bm25(self.train_bm25, self.train_eval.query_texts, self.train_sets)
         self.hard_pool = None
         if run.hard_negatives:
             size = min(HARD_POOL_FACTOR * run.hard_negatives, len(train.targets) - 1)
             self.hard_pool = hard_negative_pool(train.queries, train.targets, train.true_index, size,
                                                 self.matcher.query_mean, self.matcher.target_mean)
+            if self.train_bm25 is not None:
+                self.hard_pool = lexical_pool(train, self.train_bm25, size, self.hard_pool)
         padded_real = self.padded_sets[2].sum(1).float()
         self.metrics = {
             "note": IN_SET_NOTE,
@@ -615,9 +708,15 @@ class MatcherTask:
             "test_cosine": cosine_baseline(test, self.test_sets, self.test_pos),
             "test_centered_cosine": cosine_baseline(test, self.test_sets, self.test_pos,
                                                     self.matcher.query_mean, self.matcher.target_mean),
-            "untrained_test": evaluate(self.matcher, test, self.test_sets, self.test_pos),
+            "untrained_test": evaluate(self.matcher, test, self.test_sets, self.test_pos, bm25=self.test_lex),
         }
         self.step_losses: dict[int, float] = {}
+
+    def set_bm25(self, index, query_texts: list[str] | None, sets: torch.Tensor) -> torch.Tensor | None:
+        """BM25 scores [B, N] of the targets in sets [B, N] for their queries, when the matcher takes them."""
+        if not self.config.needs_bm25:
+            return None
+        return torch.from_numpy(index.scores_of(query_texts, sets.numpy()))
 
     def batches(self, start: int, dist, grad_accum: int):
         """The sets of step s: the rows of the epoch's seeded permutation, candidates drawn with a generator
@@ -634,10 +733,12 @@ class MatcherTask:
                                           self.hard_pool[rows] if self.hard_pool is not None else None,
                                           run.hard_negatives)                             # [B, C-1], [B]
             sets, pos, mask = pad_sets(sets, pos, g)
+            lex = self.set_bm25(self.train_bm25, train.query_texts and [train.query_texts[r] for r in rows], sets)
             micro = []
             for part in torch.arange(len(rows)).chunk(grad_accum * dist.world_size)[dist.rank::dist.world_size]:
                 micro.append((train.queries[rows[part]].to(dist.device), targets[sets[part].to(dist.device)],
-                              mask[part].to(dist.device), pos[part].to(dist.device)))
+                              mask[part].to(dist.device), pos[part].to(dist.device),
+                              None if lex is None else lex[part].to(dist.device)))
             yield micro
 
     def on_step(self, step: int, loss: torch.Tensor) -> None:
@@ -645,8 +746,8 @@ class MatcherTask:
 
     def evaluate(self) -> dict:
         sets, pos, mask = self.padded_sets
-        return {"test": evaluate(self.matcher, self.test, self.test_sets, self.test_pos),
-                "test_padded": evaluate(self.matcher, self.test, sets, pos, mask=mask)}
+        return {"test": evaluate(self.matcher, self.test, self.test_sets, self.test_pos, bm25=self.test_lex),
+                "test_padded": evaluate(self.matcher, self.test, sets, pos, mask=mask, bm25=self.padded_lex)}
 
     def record_extra(self, step: int) -> dict:
         return {"epoch": step / self.steps_per_epoch}
@@ -666,7 +767,8 @@ class MatcherTask:
             leave = steps_to_leave_chance(losses, math.log(self.config.context - 1))
             self.metrics.update({
                 **final,
-                "train": evaluate(self.matcher, self.train_eval, self.train_sets, self.train_pos),
+                "train": evaluate(self.matcher, self.train_eval, self.train_sets, self.train_pos,
+                                  bm25=self.train_lex),
                 "steps": max(self.step_losses, default=0),
                 "steps_to_leave_chance": None if leave is None else leave + first - 1,
             })
@@ -690,6 +792,8 @@ def _embeddings_hash(*pair_sets: PairSet) -> str:
     for p in pair_sets:
         for t in (p.queries, p.targets, p.true_index):
             h.update(t.contiguous().numpy().tobytes())
+        for text in (p.query_texts or []) + (p.target_texts or []):
+            h.update(text.encode() + b"\0")
     return h.hexdigest()
 
 

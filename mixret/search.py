@@ -57,8 +57,9 @@ IVF_MIN_POINTS_PER_LIST = 39   # FAISS's own minimum of training points per k-me
 IVF_NPROBE = 16                # inverted lists visited per query (at most nlist)
 HNSW_EF_SEARCH = 64            # HNSW search breadth (raised to k when k is larger)
 
-# score_fn(queries [B, E], candidates [B, N, E], mask [B, N] bool) -> logits [B, N]
-ScoreFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+# score_fn(queries [B, E], candidates [B, N, E], mask [B, N] bool, bm25 [B, N] or None) -> logits [B, N];
+# bm25: the candidates' BM25 scores for their query, given to the tournament for a matcher that takes them
+ScoreFn = Callable[[np.ndarray, np.ndarray, np.ndarray, "np.ndarray | None"], np.ndarray]
 
 
 # -- vector index -----------------------------------------------------------------------------
@@ -297,8 +298,10 @@ class BM25Index:
 
     def scores_of(self, queries: Sequence[str], cands: np.ndarray) -> np.ndarray:
         """BM25 scores [Q, N] of corpus rows cands [Q, N] (-1 = none: 0)."""
-        return np.stack([np.where(c >= 0, self.scores(q)[np.where(c >= 0, c, 0)], 0.0)
-                         for q, c in zip(queries, cands)]).astype(np.float32).reshape(cands.shape)
+        out = np.zeros(cands.shape, dtype=np.float32)
+        for i, (q, c) in enumerate(zip(queries, cands)):
+            out[i] = np.where(c >= 0, self.scores(q)[np.where(c >= 0, c, 0)], 0.0)
+        return out
 
 
 # -- tournament -------------------------------------------------------------------------------
@@ -323,12 +326,13 @@ def check_tournament(n: int, k: int, group_size: int) -> None:
 
 
 def tournament(score_fn: ScoreFn, queries, corpus, k: int, group_size: int,
-               candidates: np.ndarray | None = None, losers: np.ndarray | None = None
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               candidates: np.ndarray | None = None, bm25: np.ndarray | None = None,
+               losers: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rank candidates for each query by a knockout tournament of matcher passes.
 
     queries [Q, E], corpus [M, E], candidates [Q, S] corpus indices (-1 = none; default: the whole
-    corpus for every query) -> (indices [Q, k'] int64, scores [Q, k'] float32, passes [Q] int64) with
+    corpus for every query), bm25 [Q, S] the candidates' BM25 scores (optional; they travel with their
+    candidate to score_fn) -> (indices [Q, k'] int64, scores [Q, k'] float32, passes [Q] int64) with
     k' = min(k, S), best first; indices are -1 (scores -inf) where a query had fewer candidates.
     passes counts, per query, the groups holding at least one candidate. losers [Q]: a corpus row per
     query that is ranked after every candidate of its group with an equal score (see the module docstring).
@@ -338,6 +342,9 @@ def tournament(score_fn: ScoreFn, queries, corpus, k: int, group_size: int,
     if candidates is None:
         candidates = np.broadcast_to(np.arange(len(corpus)), (len(q), len(corpus)))
     survivors = np.asarray(candidates, dtype=np.int64)                  # [Q, S]
+    lex = None if bm25 is None else np.asarray(bm25, dtype=np.float32)  # [Q, S], aligned with survivors
+    if lex is not None and lex.shape != survivors.shape:
+        raise MixretError(f"the candidates' BM25 scores have shape {lex.shape}, the candidates {survivors.shape}")
     Q, G = len(q), group_size
     check_tournament(survivors.shape[1], k, G)
     if Q == 0:
@@ -347,13 +354,17 @@ def tournament(score_fn: ScoreFn, queries, corpus, k: int, group_size: int,
     while survivors.shape[1] > G:
         n_groups = survivors.shape[1] // G
         groups = survivors[:, :n_groups * G].reshape(Q * n_groups, G)  # [Q*g, G]
-        logits = _score_groups(score_fn, np.repeat(q, n_groups, axis=0), corpus, groups)
+        group_lex = None if lex is None else lex[:, :n_groups * G].reshape(Q * n_groups, G)
+        logits = _score_groups(score_fn, np.repeat(q, n_groups, axis=0), corpus, groups, group_lex)
         passes += (groups >= 0).any(1).reshape(Q, n_groups).sum(1)
         group_losers = None if losers is None else np.repeat(losers, n_groups)
         best = _best_first(logits, groups, group_losers)[:, :k]         # [Q*g, k]
         winners = np.take_along_axis(groups, best, axis=1).reshape(Q, n_groups * k)
         survivors = np.concatenate([survivors[:, n_groups * G:], winners], axis=1)
-    logits = _score_groups(score_fn, q, corpus, survivors)              # [Q, n <= G]
+        if lex is not None:
+            won = np.take_along_axis(group_lex, best, axis=1).reshape(Q, n_groups * k)
+            lex = np.concatenate([lex[:, n_groups * G:], won], axis=1)
+    logits = _score_groups(score_fn, q, corpus, survivors, lex)         # [Q, n <= G]
     passes += (survivors >= 0).any(1)
     order = _best_first(logits, survivors, losers)[:, :k]
     indices = np.take_along_axis(survivors, order, axis=1)
@@ -389,19 +400,24 @@ def pessimistic_cut(indices: np.ndarray, scores: np.ndarray, losers: np.ndarray,
     return out_i, out_s
 
 
-def tree_search(score_fn: ScoreFn, query, corpus, k: int, group_size: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Tournament of one query [E] over the whole corpus [M, E] -> (indices [k], scores [k], passes)."""
+def tree_search(score_fn: ScoreFn, query, corpus, k: int, group_size: int,
+                bm25: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """Tournament of one query [E] over the whole corpus [M, E] (bm25 [M]: the corpus's BM25 scores for it)
+    -> (indices [k], scores [k], passes)."""
     corpus = np.asarray(corpus, dtype=np.float32)
     if not 1 <= k <= len(corpus):
         raise MixretError(f"k must be between 1 and the corpus size {len(corpus)}, got {k}")
-    indices, scores, passes = tournament(score_fn, np.asarray(query, dtype=np.float32)[None], corpus, k, group_size)
+    indices, scores, passes = tournament(score_fn, np.asarray(query, dtype=np.float32)[None], corpus, k, group_size,
+                                         bm25=None if bm25 is None else np.asarray(bm25)[None])
     return indices[0], scores[0], int(passes[0])
 
 
-def _score_groups(score_fn: ScoreFn, queries: np.ndarray, corpus: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    """score_fn over groups [B, N] of corpus indices (-1 = empty slot) -> logits [B, N], -inf at empty slots."""
+def _score_groups(score_fn: ScoreFn, queries: np.ndarray, corpus: np.ndarray, groups: np.ndarray,
+                  bm25: np.ndarray | None) -> np.ndarray:
+    """score_fn over groups [B, N] of corpus indices (-1 = empty slot), with their BM25 scores [B, N] or None
+    -> logits [B, N], -inf at empty slots."""
     mask = groups >= 0
-    logits = np.asarray(score_fn(queries, corpus[np.where(mask, groups, 0)], mask), dtype=np.float32)
+    logits = np.asarray(score_fn(queries, corpus[np.where(mask, groups, 0)], mask, bm25), dtype=np.float32)
     return np.where(mask, logits, -np.inf)
 
 
@@ -410,16 +426,17 @@ def matcher_score_fn(matcher, batch_size: int = 1024) -> ScoreFn:
     device = next(matcher.parameters()).device
 
     @torch.no_grad()
-    def score(queries: np.ndarray, cands: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def score(queries: np.ndarray, cands: np.ndarray, mask: np.ndarray, bm25: np.ndarray | None) -> np.ndarray:
         was_training = matcher.training
         matcher.eval()
         try:
             out = []
             for i in range(0, len(queries), batch_size):
                 m = torch.from_numpy(np.ascontiguousarray(mask[i:i + batch_size])).to(device)
+                lex = None if bm25 is None else torch.from_numpy(np.ascontiguousarray(bm25[i:i + batch_size]))
                 out.append(matcher(torch.from_numpy(queries[i:i + batch_size]).to(device),
                                    torch.from_numpy(np.ascontiguousarray(cands[i:i + batch_size])).to(device),
-                                   None if bool(m.all()) else m).float().cpu())
+                                   None if bool(m.all()) else m, lex).float().cpu())
         finally:
             matcher.train(was_training)
         return torch.cat(out).numpy()
@@ -518,7 +535,7 @@ class Retriever:
         elif mode == "tree":
             q = self._query_emb(query_emb)
             check_tournament(len(self), k, self.group_size)
-            indices, scores, passes = self._tournament(q, None, k, losers)
+            indices, scores, passes = self._tournament(q, None, k, queries, losers)
         else:
             q = self._query_emb(query_emb)
             if shortlist_from not in SHORTLIST_SOURCES:
@@ -534,7 +551,7 @@ class Retriever:
                 cand_scores, cands = self.bm25.search(self._texts(queries), depth)
             if losers is not None:
                 cands, _ = pessimistic_cut(cands, cand_scores, losers, size)
-            indices, scores, passes = self._tournament(q, cands, k, losers)
+            indices, scores, passes = self._tournament(q, cands, k, queries, losers)
         return SearchResult(indices, scores, passes, time.perf_counter() - start)
 
     def fusion_candidates(self, q: np.ndarray, texts: list[str], depth: int):
@@ -555,13 +572,23 @@ class Retriever:
         order, fused = fused_order(dense, lexical, cands, f.weight, f.method)
         return fused[:, :k].astype(np.float32), np.take_along_axis(cands, order, axis=1)[:, :k]
 
-    def _tournament(self, q: np.ndarray, cands: np.ndarray | None, k: int, losers: np.ndarray | None = None):
-        """The tournament in chunks of queries, so that the gathered candidates stay within budget."""
+    def _tournament(self, q: np.ndarray, cands: np.ndarray | None, k: int, queries: Sequence[str] | None,
+                    losers: np.ndarray | None = None):
+        """The tournament in chunks of queries, so that the gathered candidates stay within budget; a matcher
+        with the bm25 feature gets each candidate's BM25 score for the query text."""
         score_fn = matcher_score_fn(self.matcher)
+        texts = self._texts(queries) if self.matcher.config.needs_bm25 else None
         n = len(self) if cands is None else cands.shape[1]
         chunk = max(1, self.query_chunk_bytes // (4 * n * self.embeddings.shape[1]))
+
+        def bm25(i: int) -> np.ndarray | None:   # [chunk, n] scores of the chunk's candidates, or None
+            if texts is None:
+                return None
+            rows = cands[i:i + chunk] if cands is not None else np.broadcast_to(np.arange(n), (len(q[i:i + chunk]), n))
+            return self.bm25.scores_of(texts[i:i + chunk], rows)
+
         parts = [tournament(score_fn, q[i:i + chunk], self.embeddings, k, self.group_size,
-                            None if cands is None else cands[i:i + chunk],
+                            None if cands is None else cands[i:i + chunk], bm25(i),
                             None if losers is None else losers[i:i + chunk])
                  for i in range(0, max(len(q), 1), chunk)]  # no queries: one empty call
         return tuple(np.concatenate(p) for p in zip(*parts))
@@ -577,7 +604,7 @@ class Retriever:
 
     def _texts(self, queries) -> list[str]:
         if queries is None:
-            raise MixretError("bm25 search needs the query texts")
+            raise MixretError("bm25 search, and a matcher with the bm25 feature, need the query texts")
         return list(queries)
 
 

@@ -214,13 +214,15 @@ def test_cli_evaluate_scores_only_pairs_the_models_never_saw(small_world):
     _, test = split_pairs(load_pairs(root / "pairs.jsonl"), 0.1)
     assert f"scoring the test split of {root / 'pairs.jsonl'} (test fraction 0.1)" in res.stderr
     rows = [line for line in res.stdout.splitlines() if line.startswith("| ")]
-    assert [r.split("|")[1].strip() for r in rows] == ["mode", "vector", "bm25", "tree", "hybrid", "chance"]
+    assert [r.split("|")[1].strip() for r in rows] == ["mode", "vector", "bm25", "tree", "hybrid",
+                                                      "hybrid's shortlist, vector order", "chance"]
     report = json.loads((root / "report.json").read_text())
     n = len(test)
     assert report["test_fraction"] == 0.1 and report["n_queries"] == report["corpus_size"] == n < 40
     assert report["matcher_context"] == 16 and report["embeddings"]["pooling"] == "last"
     assert report["modes"]["tree"]["passes_per_query"] == math.ceil((n - 10) / (15 - 10))
     assert report["modes"]["bm25"]["R@1"] > 5 * report["chance"]["R@1"]
+    assert report["shortlist_order"] == {m: report["modes"]["vector"][m] for m in report["shortlist_order"]}
     assert "warning:" in res.stderr  # the documents are longer than the tiny context
 
     # a file that trained neither the model nor the matcher: every pair
@@ -269,6 +271,32 @@ def test_cli_evaluate_refuses_a_matcher_of_other_embeddings(small_world):
                  root / "matcher", "--mode", "tree", "--pooling", "mean")
     assert res.exit_code == 1
     assert "pooling 'last' for the matcher" in res.output and "but 'mean' for the embeddings asked for" in res.output
+
+
+def test_cli_evaluate_fusion_and_a_matcher_with_score_features(small_world, tmp_path):
+    """A model folder with fusion.json adds fusion to --mode all (weight 0: BM25's ranking); a matcher trained
+    with --features bm25,cosine records them and ranks a BM25 shortlist, reported beside the shortlist's order."""
+    import shutil
+    root = small_world
+    shutil.copytree(root / "lm", tmp_path / "lm")
+    (tmp_path / "lm" / "fusion.json").write_text(json.dumps({"weight": 0.0, "method": "convex", "depth": 20}))
+    res = invoke("train-matcher", "--pairs", root / "pairs.jsonl", "--model", tmp_path / "lm", "--context", 16,
+                 "--epochs", 1, "--d-model", 32, "--layers", 1, "--features", "bm25,cosine", "--hard-negatives", 4,
+                 "--out", tmp_path / "matcher")
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "matcher" / "config.json").read_text())["features"] == ["bm25", "cosine"]
+    res = invoke("evaluate", "--pairs", root / "pairs.jsonl", "--model", tmp_path / "lm", "--matcher",
+                 tmp_path / "matcher", "--test-fraction", 1, "--limit", 50, "--shortlist", 40, "--shortlist-from",
+                 "bm25", "--out", tmp_path / "report.json")
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["modes"]) == {"vector", "fusion", "bm25", "tree", "hybrid"}
+    assert report["modes"]["fusion"]["R@1"] == report["modes"]["bm25"]["R@1"]
+    assert report["shortlist_order"] == {m: report["modes"]["bm25"][m] for m in report["shortlist_order"]}
+    assert "| hybrid's shortlist, bm25 order |" in res.stdout
+    res = invoke("train-matcher", "--pairs", root / "pairs.jsonl", "--model", tmp_path / "lm", "--context", 16,
+                 "--features", "tfidf", "--out", tmp_path / "bad")
+    assert res.exit_code == 1 and "features" in res.output
 
 
 def test_cli_evaluate_bad_input(small_world, tmp_path):

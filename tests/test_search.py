@@ -16,7 +16,7 @@ from mixret.search import (BM25Index, Retriever, VectorIndex, matcher_score_fn, 
 
 def dot_score(calls=None):
     """A ScoreFn whose logit for a candidate ignores the other candidates: q . c."""
-    def score(q, c, mask):
+    def score(q, c, mask, bm25):
         if calls is not None:
             calls.append(mask.shape)
         return np.einsum("be,bne->bn", q, c)
