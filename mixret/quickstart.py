@@ -26,6 +26,7 @@ from mixret.errors import MixretError
 ARCHS = ("masked-mixer", "llama")
 TRAIN_SHARE = 0.7        # of the budget, split equally between the architectures' training; the rest: the pipeline
 MIN_TEST_PAIRS = 40
+MATCHER_CONTEXT = 32     # the matcher's slots: the query and 31 candidates
 
 
 @dataclass
@@ -164,19 +165,24 @@ def _run(cfg: QuickstartConfig, echo: Callable[[str], None]) -> dict:
         model = load(model_dir)
         fusion = Fusion.from_dict(io.read_json(model_dir / FUSION_NAME), str(model_dir / FUSION_NAME))
 
-        # 3. a matcher on the fine-tuned embeddings of the training pairs
+        # 3. a matcher on the fine-tuned embeddings of the training pairs, each candidate slot also given its
+        #    BM25 score and cosine, half of each set's negatives the query's nearest training documents
         mtrain = train[:cfg.matcher_pairs]
         echo(f"== {arch}: embedding {2 * (len(mtrain) + len(test))} texts, training the matcher")
         q = encode(model, [p.query for p in mtrain + test])
         t = encode(model, [p.target for p in mtrain + test])
         n = len(mtrain)
-        (tq, tt, _), (sq, st, _) = dedupe_queries(q[:n], t[:n]), dedupe_queries(q[n:], t[n:])
+        (tq, tt, tkeep), (sq, st, skeep) = dedupe_queries(q[:n], t[:n]), dedupe_queries(q[n:], t[n:])
+        texts = [([ps[i].query for i in keep], [ps[i].target for i in keep])
+                 for ps, keep in ((mtrain, tkeep), (test, skeep))]
         spec = EmbeddingSpec.of_model(model_dir)
-        mcfg = MatcherConfig(emb_dim=q.shape[1], context=32, d_model=cfg.matcher_d_model,
+        mcfg = MatcherConfig(emb_dim=q.shape[1], context=MATCHER_CONTEXT, d_model=cfg.matcher_d_model,
                              n_layers=cfg.matcher_layers, embedder=spec.model_hash, pooling=spec.pooling,
-                             max_length=spec.max_length, trained_on=model.trained_on)
+                             max_length=spec.max_length, trained_on=model.trained_on, features=["bm25", "cosine"])
         matcher, mmetrics = train_matcher(tq, tt, sq, st, mcfg, epochs=cfg.matcher_epochs, seed=cfg.seed,
-                                          out_dir=out / "matchers" / arch, progress=False, overwrite=True)
+                                          hard_negatives=(MATCHER_CONTEXT - 2) // 2, train_texts=texts[0],
+                                          test_texts=texts[1], out_dir=out / "matchers" / arch, progress=False,
+                                          overwrite=True)
 
         # 4. the test documents embedded and indexed: the corpus `mixret search` searches below
         emb_dir = out / "emb" / arch
