@@ -111,8 +111,9 @@ def child(spec: dict) -> dict:
     start = time.perf_counter()
     model = load(ft)
     fusion = Fusion.from_dict(io.read_json(ft / FUSION_NAME), str(ft / FUSION_NAME))
-    report = evaluate_pairs(test, model, modes=list(MODES), fusion=fusion, pooling=model.config.pooling)
-    result.update(eval_seconds=time.perf_counter() - start, pooling=model.config.pooling,
+    pooling = model.embedding_defaults.get("pooling", "last")
+    report = evaluate_pairs(test, model, modes=list(MODES), fusion=fusion, pooling=pooling)
+    result.update(eval_seconds=time.perf_counter() - start, pooling=pooling,
                   fusion_weight=fusion.weight, params=model.num_params(), corpus_size=report["corpus_size"],
                   chance_r1=report["chance"]["R@1"], run_seconds=time.perf_counter() - run_start,
                   load_end=round(os.getloadavg()[0], 2))
