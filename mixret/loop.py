@@ -75,7 +75,8 @@ METRICS_NAME = "metrics.jsonl"
 CURVE_NAME = "training_curve.png"
 RUN_FILES = (TRAIN_CONFIG_NAME, METRICS_NAME, CURVE_NAME, ckpt.CHECKPOINTS)  # what the loop writes in a run
 METRIC_LABELS = {"val_loss": "validation loss"}
-BUDGET_TIMED_STEPS = 3  # steps timed (after one warm-up step) to size a schedule to a time budget
+BUDGET_TIMED_STEPS = 6  # steps timed (after one warm-up step) to size a schedule to a time budget: their mean,
+                        # since batches of different lengths take different times
 
 
 class Task(Protocol):
@@ -520,7 +521,8 @@ class _Loop:
             self.model.zero_grad(set_to_none=True)
             ckpt.set_torch_rng_state(rng, dist.device)
             ckpt.set_host_rng_state(host)
-        timing = dist.max(torch.tensor([min(times[1:]), eval_seconds], dtype=torch.float64, device=dist.device))
+        step_mean = sum(times[1:]) / BUDGET_TIMED_STEPS
+        timing = dist.max(torch.tensor([step_mean, eval_seconds], dtype=torch.float64, device=dist.device))
         step_s, eval_s = float(timing[0]), float(timing[1])
         steps = max(1, int((seconds - eval_s) / (step_s + eval_s / cfg.eval_every)))
         say(dist, f"budget: {seconds / 60:g} min at {step_s:.3g} s a step and {eval_s:.3g} s an evaluation "
