@@ -43,6 +43,7 @@ from mixret import io
 from mixret.data import read_corpus
 from mixret.distributed import Distributed
 from mixret.errors import MixretError, where
+from mixret.loop import autocast
 
 POOLINGS = ("last", "eos", "mean")
 EMB_NAME, IDS_NAME, META_NAME = "embeddings.safetensors", "ids.jsonl", "meta.json"
@@ -185,7 +186,7 @@ def embed_sequences(model, seqs: list[list[int]], batch_size: int, pooling: str,
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         ids, mask = pad_sequences([seqs[i] for i in idx], pad_id)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device):
             out[idx] = pool(model, ids.to(device), mask.to(device), pooling).cpu()
         if bar is not None:
             bar.update(len(idx))

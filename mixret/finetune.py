@@ -43,7 +43,7 @@ from mixret import io, loop
 from mixret.distributed import Distributed
 from mixret.embed import POOLINGS, embed_sequences, pad_sequences, pool, token_sequences
 from mixret.errors import MixretError
-from mixret.fusion import FUSION_METHODS, FUSION_NAME, Fusion, fit_weight
+from mixret.fusion import FUSION_METHODS, FUSION_NAME, Fusion, fit_weight, mrr_at
 from mixret.loop import LoopConfig
 from mixret.models import ARCHS, ModelConfig, build_model
 
@@ -206,9 +206,8 @@ class BiEncoder(nn.Module):
 def rank_metrics(q: torch.Tensor, d: torch.Tensor) -> dict:
     """Query i's gold is document i; unit-norm q [N, D], d [N, D] -> R@1 and MRR@10 by cosine (ties lose)."""
     scores = q @ d.T
-    rank = (scores >= scores.diagonal().unsqueeze(1)).sum(1).float()   # pessimistic: ties rank first
-    return {"val_r1": round(float((rank == 1).float().mean()), 5),
-            "val_mrr10": round(float(torch.where(rank <= 10, 1.0 / rank, torch.zeros_like(rank)).mean()), 5)}
+    ranks = (scores >= scores.diagonal().unsqueeze(1)).sum(1).double().numpy()   # pessimistic: ties rank first
+    return {"val_r1": round(float((ranks == 1).mean()), 5), "val_mrr10": round(mrr_at(ranks, 10), 5)}
 
 
 # --- the task -----------------------------------------------------------------------------------

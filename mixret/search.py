@@ -611,7 +611,7 @@ class Retriever:
 # -- loading what a search needs --------------------------------------------------------------
 
 @dataclass
-class Corpus:
+class LoadedCorpus:
     """An EMB_DIR loaded for searching: ids and texts, the Retriever, and the query encoder (None when only
     bm25 was asked for)."""
     ids: list[str]
@@ -628,7 +628,7 @@ class Corpus:
 
 
 def load_corpus(emb_dir: str | os.PathLike, modes: Sequence[str], model_dir=None, matcher_dir=None,
-                fusion_weight: float | None = None, shortlist_from: str = "vector") -> Corpus:
+                fusion_weight: float | None = None, shortlist_from: str = "vector") -> LoadedCorpus:
     """What searching EMB_DIR in `modes` needs, each part checked against the corpus embeddings: the model
     (default: the one named in meta.json), the FAISS index, the matcher and the fusion weight (default: the
     model's fusion.json). Parts no mode uses are not loaded; tree and hybrid without a matcher are refused
@@ -654,7 +654,7 @@ def load_corpus(emb_dir: str | os.PathLike, modes: Sequence[str], model_dir=None
         if "fusion" in modes:
             fusion = load_fusion(model_dir, fusion_weight)
     retriever = Retriever(emb if model is not None else None, texts, index=index, matcher=matcher, fusion=fusion)
-    return Corpus(ids, texts, retriever, model, None if model is None else str(model_dir), spec)
+    return LoadedCorpus(ids, texts, retriever, model, None if model is None else str(model_dir), spec)
 
 
 def load_model_checked(model_dir: str | os.PathLike, emb_meta: dict | None = None, emb_dir=None):

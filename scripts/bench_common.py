@@ -9,7 +9,6 @@ last line; otherwise it runs `main()`, which calls `run_child(__file__, spec)` p
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -25,6 +24,7 @@ from typing import Callable, Sequence
 import torch
 
 from mixret.io import atomic_write_text, write_json
+from mixret.loop import autocast  # noqa: F401  (bc.autocast: bf16 on CUDA, as in training)
 
 RESULT_PREFIX = "BENCH_RESULT "
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -62,13 +62,6 @@ def setup(args) -> torch.device:
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
     return device
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA (as in pretraining), nothing on the CPU (fp32)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def synchronize(device: torch.device) -> None:
