@@ -142,8 +142,8 @@ def _pretrain_model_options(fn):
 @_pretrain_opt("--val-max-docs", type=int, help="Most documents held out for validation.", show=5000)
 @_pretrain_opt("--pack/--no-pack", help="Concatenate documents into full-context rows instead of one document "
                "per sequence.", show="no-pack")
-@_pretrain_opt("--tokenizer", help="bpe (trained on the training split), bytes, or the path of a tokenizer.json.",
-               show="bpe")
+@_pretrain_opt("--tokenizer", help="bpe (trained on the training split), bpe-lower (the same, case folded), bytes, "
+               "or the path of a tokenizer.json.", show="bpe")
 @_pretrain_opt("--vocab-size", type=int, help="BPE vocabulary size.", show=4096)
 @_pretrain_model_options
 @_pretrain_opt("--steps", type=int, help="Optimizer steps of the whole schedule (not of this invocation).", show=800)
@@ -220,9 +220,10 @@ def _finetune_model_options(fn):
 @click.option("--pooling", type=click.Choice(["last", "mean", "eos"]), default="last", show_default=True,
               help="The embedding trained: last content token, mean of the text's tokens, or an appended eos; the "
                    "output model embeds with it by default.")
-@click.option("--tokenizer", default="bpe", show_default=True,
-              help="Random init: bpe (trained on the training pairs), bytes, or the path of a tokenizer.json.")
-@click.option("--vocab-size", default=4096, show_default=True, help="Random init: BPE vocabulary size.")
+@click.option("--tokenizer", default="bpe-lower", show_default=True,
+              help="Random init: bpe-lower (BPE trained on the training pairs, case folded, as retrieval wants), bpe "
+                   "(case kept), bytes, or the path of a tokenizer.json.")
+@click.option("--vocab-size", default=2048, show_default=True, help="Random init: BPE vocabulary size.")
 @click.option("--max-length", type=int, default=None,
               help="Tokens per text, [bos] included; longer texts keep their start.  [default: the context]")
 @click.option("--batch-size", default=32, show_default=True,
@@ -234,6 +235,9 @@ def _finetune_model_options(fn):
               help="Also score each document against the batch's queries.")
 @click.option("--hard-negatives", type=click.Choice(["none", "bm25"]), default="none", show_default=True,
               help="bm25: each query also brings the training document BM25 ranks highest for it.")
+@click.option("--token-dropout", default=0.1, show_default=True,
+              help="Fraction of each training text's tokens left out at each step: a new view of every pair in "
+                   "every epoch.")
 @click.option("--fusion-method", type=click.Choice(["convex", "rrf"]), default="convex", show_default=True,
               help="How fusion search combines BM25 and the model (its weight is fitted on the validation pairs).")
 @click.option("--steps", type=int, default=None, help="Optimizer steps of the whole schedule.  [default: 500]")
@@ -246,9 +250,9 @@ def _finetune_model_options(fn):
 @run_options
 @friendly
 def finetune_cmd(pairs_path, query_field, target_field, test_fraction, val_pairs, init, pooling, tokenizer, vocab_size,
-                 max_length, batch_size, temperature, learn_temperature, symmetric, hard_negatives, fusion_method,
-                 steps, lr, weight_decay, eval_every, checkpoint_every, seed, out, budget_minutes, stop_after, resume,
-                 overwrite, **model_kw):
+                 max_length, batch_size, temperature, learn_temperature, symmetric, hard_negatives, token_dropout,
+                 fusion_method, steps, lr, weight_decay, eval_every, checkpoint_every, seed, out, budget_minutes,
+                 stop_after, resume, overwrite, **model_kw):
     """Fine-tune a language model as a bi-encoder on (query, document) pairs: InfoNCE with in-batch negatives.
 
     The output folder is a model like pretrain's, whose config records the pooling (embed, search and evaluate
@@ -279,7 +283,8 @@ def finetune_cmd(pairs_path, query_field, target_field, test_fraction, val_pairs
                          test_fraction=test_fraction, val_pairs=val_pairs, init=init, model=model, pooling=pooling,
                          tokenizer=tokenizer, vocab_size=vocab_size, max_length=max_length, batch_size=batch_size,
                          temperature=temperature, learn_temperature=learn_temperature, symmetric=symmetric,
-                         hard_negatives=hard_negatives, fusion_method=fusion_method, seed=seed, loop=loop_cfg,
+                         hard_negatives=hard_negatives, token_dropout=token_dropout, fusion_method=fusion_method,
+                         seed=seed, loop=loop_cfg,
                          out=out, resume=bool(resume), overwrite=bool(overwrite))
     with Warnings():
         try:
@@ -659,8 +664,9 @@ def serve_cmd(emb_dir, model_dir, matcher_dir, host, port, threads, max_batch, m
 @main.command("quickstart")
 @click.option("--out", default="quickstart-out", show_default=True, type=click.Path(file_okay=False),
               help="Folder for everything the run writes (models, matchers, embeddings, results).")
-@click.option("--budget-minutes", default=12.0, show_default=True,
-              help="Target wall-clock time of the whole run; 70 % of it trains the two models, half each.")
+@click.option("--budget-minutes", default=14.0, show_default=True,
+              help="Target wall-clock time of the whole run; 70 % of it trains the two models (side by side on a "
+                   "CPU, each on half the threads; one after the other on a GPU).")
 @click.option("--pairs", "pairs_path", type=click.Path(dir_okay=False), default=None,
               help="Your own training pairs (any pairs format mixret reads). Default: the bundled Debian pairs.")
 @click.option("--test-pairs", "test_pairs_path", type=click.Path(dir_okay=False), default=None,

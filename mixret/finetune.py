@@ -64,14 +64,17 @@ class FinetuneConfig:
     init: str = "masked-mixer"            # a model folder, or an architecture to start from random init
     model: ModelConfig = field(default_factory=lambda: ModelConfig(**FINETUNE_MODEL))  # for random init
     pooling: str = "last"                 # the embedding trained, and the one the output model embeds with
-    tokenizer: str = "bpe"                # random init: "bpe" (trained on the training pairs), "bytes" or a path
-    vocab_size: int = 4096
+    tokenizer: str = "bpe-lower"          # random init: "bpe-lower", "bpe" (trained on the training pairs; the first
+                                          # folds case), "bytes" or a path
+    vocab_size: int = 2048
     max_length: int | None = None         # tokens per text, [bos] included (default: the model's context)
     batch_size: int = 32                  # pairs per micro-batch: each query's in-batch negatives
     temperature: float = 0.05
     learn_temperature: bool = False
     symmetric: bool = True
     hard_negatives: str = "none"          # "bm25": one mined hard negative document per query
+    token_dropout: float = 0.1            # fraction of each training text's tokens left out at each step (bos kept):
+                                          # a new view of every pair in every epoch, against memorising the pairs
     fusion_method: str = "convex"
     seed: int = 0
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=None, **FINETUNE_LOOP))
@@ -86,6 +89,8 @@ class FinetuneConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise MixretError(f"{name} must be an integer >= {lo}, got {v!r}")
+        if not (isinstance(self.token_dropout, (int, float)) and 0.0 <= self.token_dropout < 1.0):
+            raise MixretError(f"token_dropout must be in [0, 1), got {self.token_dropout!r}")
         if self.max_length is not None and self.max_length < 2:
             raise MixretError(f"max_length must be at least 2 ([bos] and one token), got {self.max_length}")
         if not self.temperature > 0:
@@ -112,7 +117,7 @@ class FinetuneConfig:
 RUN_IDENTITY = ("pairs", "query_field", "target_field", "test_fraction", "val_pairs", "init", "model", "pooling",
                 "tokenizer",
                 "vocab_size", "max_length", "batch_size", "temperature", "learn_temperature", "symmetric",
-                "hard_negatives", "seed")
+                "hard_negatives", "token_dropout", "seed")
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -154,6 +159,16 @@ def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int) -
         perm[s:s + chunk] = part[np.argsort(lengths[part], kind="stable")]
     batches = perm.reshape(-1, batch_size)
     return batches[rng.permutation(len(batches))]
+
+
+def drop_tokens(seq: list[int], p: float, rng: np.random.Generator, keep_last: bool) -> list[int]:
+    """`seq` without a random fraction p of its tokens; the first ([bos]) stays, and the last when keep_last (an
+    appended [eos]); at least one other token stays."""
+    if p == 0.0:
+        return seq
+    end = len(seq) - keep_last
+    inner = [t for t, keep in zip(seq[1:end], rng.random(end - 1) >= p) if keep]
+    return [seq[0]] + (inner or seq[1:2]) + seq[end:]
 
 
 def bm25_hard_negatives(documents: list[str], queries: list[str], depth: int = 10) -> np.ndarray:
@@ -260,6 +275,7 @@ class FinetuneTask:
         self.max_length = max_length
         pooling = cfg.pooling
         self.lm.embedding_defaults = {"pooling": pooling, "max_length": max_length}
+        self.keep_last = pooling == "eos"
         tokenize = lambda texts: token_sequences(self.tokenizer, texts, max_length, pooling)  # noqa: E731
         (self.q_seqs, tq), (self.d_seqs, td) = tokenize([p.query for p in self.train]), \
             tokenize([p.target for p in self.train])
@@ -275,6 +291,8 @@ class FinetuneTask:
         if cfg.hard_negatives == "bm25":
             self.say("mining BM25 hard negatives among the training documents")
             self.hard = bm25_hard_negatives([p.target for p in self.train], [p.query for p in self.train])
+            # batches are grouped by the longer of each pair's two documents: both are padded together
+            self.doc_lengths = np.maximum(self.doc_lengths, self.doc_lengths[self.hard])
         self.objective = BiEncoder(self.lm, pooling, cfg.temperature, cfg.learn_temperature, cfg.symmetric)
         self.objective.to(dist.device)
         self.fusion = Fusion(method=cfg.fusion_method)
@@ -302,7 +320,7 @@ class FinetuneTask:
 
     def build_model(self) -> None:
         from mixret.models import load
-        from mixret.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer
+        from mixret.tokenizer import load_tokenizer, make_tokenizer
         cfg = self.cfg
         if self.from_folder:
             lm = load(cfg.init)
@@ -313,14 +331,10 @@ class FinetuneTask:
             saved = self.out / io.TOKENIZER_NAME
             if self.mode == "resume" and saved.is_file():
                 self.tokenizer = load_tokenizer(saved)
-            elif cfg.tokenizer == "bytes":
-                self.tokenizer = ByteTokenizer()
-            elif cfg.tokenizer != "bpe":
-                self.tokenizer = load_tokenizer(cfg.tokenizer)
             else:
-                self.say(f"training a BPE tokenizer ({cfg.vocab_size:,} tokens) on the training pairs")
-                texts = [t for p in self.train + self.val for t in (p.query, p.target)]
-                self.tokenizer = BPETokenizer.train(texts, vocab_size=cfg.vocab_size)
+                self.tokenizer = make_tokenizer(cfg.tokenizer, cfg.vocab_size,
+                                                lambda: [t for p in self.train + self.val for t in (p.query, p.target)],
+                                                self.say, "the training pairs")
             torch.manual_seed(cfg.seed)
             lm = build_model(dataclasses.replace(cfg.model, arch=cfg.init, vocab_size=self.tokenizer.vocab_size))
             lm.tokenizer = self.tokenizer
@@ -346,13 +360,16 @@ class FinetuneTask:
             micro = []
             for k in range(grad_accum):
                 part = rows[(k * dist.world_size + dist.rank) * B:][:B]
-                micro.append(self.micro_batch(part, pad, dist.device))
+                rng = np.random.default_rng([self.cfg.seed, step, k, dist.rank])   # the same on a resume
+                micro.append(self.micro_batch(part, pad, dist.device, rng))
             yield micro
 
-    def micro_batch(self, rows: np.ndarray, pad: int, device: torch.device) -> tuple:
-        q_ids, q_mask = pad_sequences([self.q_seqs[i] for i in rows], pad)
+    def micro_batch(self, rows: np.ndarray, pad: int, device: torch.device, rng: np.random.Generator) -> tuple:
+        view = lambda seqs, idx: [drop_tokens(seqs[i], self.cfg.token_dropout, rng, self.keep_last)  # noqa: E731
+                                  for i in idx]
+        q_ids, q_mask = pad_sequences(view(self.q_seqs, rows), pad)
         docs = list(rows) if self.hard is None else list(rows) + list(self.hard[rows])
-        d_ids, d_mask = pad_sequences([self.d_seqs[i] for i in docs], pad)
+        d_ids, d_mask = pad_sequences(view(self.d_seqs, docs), pad)
         excluded = torch.zeros(len(rows), len(docs), dtype=torch.bool)
         if self.hard is not None:                # another query's gold brought as a hard negative
             excluded[:, len(rows):] = torch.from_numpy(self.hard[rows][None, :] == rows[:, None])
@@ -415,5 +432,6 @@ class FinetuneTask:
             f"max_length {self.max_length}"
             + (f"; {self.truncated:,} texts truncated" if self.truncated else "") + "\n"
             f"training: {length} of {cfg.batch_size} pairs{hard}, temperature {cfg.temperature:g}"
-            f"{' (learned)' if cfg.learn_temperature else ''}, lr {cfg.loop.lr:g}\n"
+            f"{' (learned)' if cfg.learn_temperature else ''}, lr {cfg.loop.lr:g}, "
+            f"token dropout {cfg.token_dropout:g}\n"
             f"output: {self.out}")

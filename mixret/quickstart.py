@@ -24,15 +24,17 @@ from mixret import io
 from mixret.errors import MixretError
 
 ARCHS = ("masked-mixer", "llama")
-TRAIN_SHARE = 0.7        # of the budget, split equally between the architectures' training; the rest: the pipeline
+TRAIN_SHARE = 0.7        # of the budget, for training the architectures (side by side, or half each); the rest: the
+                         # pipeline
 MIN_TEST_PAIRS = 40
+NEWS_EVERY = 30         # seconds between progress lines while the architectures train side by side
 MATCHER_CONTEXT = 32     # the matcher's slots: the query and 31 candidates
 
 
 @dataclass
 class QuickstartConfig:
     out: str = "quickstart-out"
-    budget_minutes: float = 12.0     # wall-clock target for the whole run; TRAIN_SHARE of it trains the two models
+    budget_minutes: float = 14.0     # wall-clock target for the whole run; TRAIN_SHARE of it trains the two models
     pairs: str | None = None         # training pairs (any format mixret reads); None: the bundled corpus
     test_pairs: str | None = None    # held-out pairs; None: the test split of `pairs` (by a hash of the id)
     query_field: str = "summary"
@@ -61,8 +63,8 @@ class QuickstartConfig:
 
     @property
     def train_minutes(self) -> float:
-        """Training time of each architecture (pretraining and fine-tuning together)."""
-        return TRAIN_SHARE * self.budget_minutes / len(ARCHS)
+        """Wall-clock time of the training phase (every architecture, pretraining and fine-tuning together)."""
+        return TRAIN_SHARE * self.budget_minutes
 
 
 def run(cfg: QuickstartConfig, echo: Callable[[str], None] = print) -> dict:
@@ -99,22 +101,21 @@ def load_split(cfg: QuickstartConfig) -> tuple[list, list, str]:
     return train, test, source
 
 
-def train_model(arch: str, cfg: QuickstartConfig, data_dir: Path, out: Path, echo) -> dict:
-    """Pretrain (its share of the budget) then fine-tune one architecture -> facts for the report."""
+def train_model(arch: str, cfg: QuickstartConfig, data_dir: Path, out: Path, echo, minutes: float) -> dict:
+    """Pretrain (its share of `minutes`) then fine-tune one architecture -> facts for the report."""
     from mixret.finetune import FINETUNE_LOOP, FinetuneConfig, finetune
     from mixret.loop import LoopConfig
     from mixret.models import ModelConfig
     from mixret.train import TrainConfig, pretrain
 
-    minutes = cfg.train_minutes
     facts = {"train_minutes": minutes, "pretrain_minutes": cfg.pretrain_share * minutes}
     init = arch
     if cfg.pretrain_share > 0:
         start = time.perf_counter()
         tc = TrainConfig(data=[str(data_dir / "train.jsonl.gz")], text_field=["summary", "document"], arch=arch,
-                         d_model=cfg.d_model, layers=cfg.layers, context=cfg.context, mixing_init="mean",
-                         budget_minutes=cfg.pretrain_share * minutes, eval_every=10**9, seed=cfg.seed,
-                         out=str(out / "runs" / f"{arch}-clm"), overwrite=True)
+                         tokenizer="bpe-lower", d_model=cfg.d_model, layers=cfg.layers, context=cfg.context,
+                         mixing_init="mean", budget_minutes=cfg.pretrain_share * minutes, eval_every=10**9,
+                         seed=cfg.seed, out=str(out / "runs" / f"{arch}-clm"), overwrite=True)
         init = str(pretrain(tc))
         facts.update(pretrain_dir=init, pretrain_seconds=time.perf_counter() - start,
                      pretrain_steps=tc.steps, val_loss=_last_metric(Path(init), "val_loss"))
@@ -129,8 +130,81 @@ def train_model(arch: str, cfg: QuickstartConfig, data_dir: Path, out: Path, ech
     model_dir = finetune(fc)
     facts.update(dir=str(model_dir), finetune_seconds=time.perf_counter() - start, finetune_steps=fc.loop.steps,
                  val_r1=_last_metric(model_dir, "val_r1"), val_fusion_r1=_last_metric(model_dir, "val_fusion_r1"))
-    echo(f"   {arch}: {facts['finetune_seconds']:.0f} s of fine-tuning ({fc.loop.steps} steps) -> {model_dir}")
+    echo(_trained_line(arch, facts))
     return facts
+
+
+def side_by_side_threads() -> int:
+    """Threads for each architecture when they train side by side (0: train one after the other).
+
+    On a CPU with at least two threads the architectures train at the same time, each on its share of the
+    threads, for the whole training time: small models use two threads poorly, so each gets more steps than in
+    half the time with all of them, and both see the same machine at the same moments. On a GPU they take turns.
+    """
+    if torch.cuda.is_available() or torch.get_num_threads() < len(ARCHS):
+        return 0
+    return torch.get_num_threads() // len(ARCHS)
+
+
+def train_all(cfg: QuickstartConfig, data_dir: Path, out: Path, echo) -> dict[str, dict]:
+    """Train every architecture on the same wall-clock budget -> {arch: facts}."""
+    threads = side_by_side_threads()
+    minutes = cfg.train_minutes if threads else cfg.train_minutes / len(ARCHS)
+    share = f"{cfg.pretrain_share:.0%} CLM pretraining, then " if cfg.pretrain_share else ""
+    echo(f"== training {', '.join(ARCHS)}: {minutes:.1f} min each ({share}contrastive fine-tuning; "
+         f"d_model {cfg.d_model}, {cfg.layers} layers, context {cfg.context})")
+    if not threads:
+        return {arch: train_model(arch, cfg, data_dir, out, echo, minutes) for arch in ARCHS}
+    import multiprocessing
+
+    logs = {arch: out / "logs" / f"{arch}.log" for arch in ARCHS}
+    logs[ARCHS[0]].parent.mkdir(parents=True, exist_ok=True)
+    echo(f"   side by side, {threads} thread(s) each; progress in {', '.join(map(str, logs.values()))}")
+    facts: dict[str, dict] = {}
+    with multiprocessing.get_context("spawn").Pool(len(ARCHS)) as pool:    # leaving it stops what still runs
+        jobs = {arch: pool.apply_async(_train_logged, (arch, cfg, data_dir, out, minutes, threads, logs[arch]))
+                for arch in ARCHS}
+        last_news = time.monotonic()
+        while len(facts) < len(jobs):
+            time.sleep(0.5)
+            if time.monotonic() - last_news > NEWS_EVERY:
+                last_news = time.monotonic()
+                echo("   " + " | ".join(f"{arch} {_last_step_line(logs[arch])}" for arch in ARCHS if arch not in facts))
+            for arch, job in jobs.items():
+                if job.ready() and arch not in facts:
+                    try:
+                        facts[arch] = job.get()
+                    except Exception as err:
+                        raise MixretError(f"training {arch} failed (its log: {logs[arch]}): {err}") from err
+                    echo(_trained_line(arch, facts[arch]))
+        pool.close()
+        pool.join()
+    return {arch: facts[arch] for arch in ARCHS}
+
+
+def _train_logged(arch: str, cfg: QuickstartConfig, data_dir: Path, out: Path, minutes: float, threads: int,
+                  log: Path) -> dict:
+    """train_model in a worker process on `threads` threads, its output written to `log`."""
+    import contextlib
+    torch.set_num_threads(threads)
+    with open(log, "w", buffering=1, encoding="utf-8") as f, contextlib.redirect_stdout(f), \
+            contextlib.redirect_stderr(f):
+        return train_model(arch, cfg, data_dir, out, print, minutes)
+
+
+def _last_step_line(log: Path) -> str:
+    """The last progress line ("step 120/800: loss ...") of a training log, or "starting"."""
+    try:
+        lines = [line for line in log.read_text(encoding="utf-8", errors="replace").splitlines()
+                 if line.startswith("step ")]
+    except OSError:
+        lines = []
+    return lines[-1].split(", ")[0] if lines else "starting"
+
+
+def _trained_line(arch: str, facts: dict) -> str:
+    return (f"   {arch}: {facts['finetune_seconds']:.0f} s of fine-tuning ({facts['finetune_steps']} steps) -> "
+            f"{facts['dir']}")
 
 
 def _run(cfg: QuickstartConfig, echo: Callable[[str], None]) -> dict:
@@ -154,13 +228,11 @@ def _run(cfg: QuickstartConfig, echo: Callable[[str], None]) -> dict:
     echo(f"== data: {len(train)} train pairs, {len(test)} test pairs ({source}) -> {data_dir}")
 
     # 2. training: the same wall-clock budget for each architecture
-    share = f"{cfg.pretrain_share:.0%} CLM pretraining, then " if cfg.pretrain_share else ""
-    echo(f"== training {', '.join(ARCHS)}: {cfg.train_minutes:.1f} min each ({share}contrastive fine-tuning; "
-         f"d_model {cfg.d_model}, {cfg.layers} layers, context {cfg.context})")
     report = {"config": dataclasses.asdict(cfg), "source": source, "n_train": len(train), "n_test": len(test),
               "n_matcher_train": min(cfg.matcher_pairs, len(train)), "models": {}}
+    trained = train_all(cfg, data_dir, out, echo)
     for arch in ARCHS:
-        facts = train_model(arch, cfg, data_dir, out, echo)
+        facts = trained[arch]
         model_dir = Path(facts["dir"])
         model = load(model_dir)
         fusion = Fusion.from_dict(io.read_json(model_dir / FUSION_NAME), str(model_dir / FUSION_NAME))

@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from mixret.errors import MixretError
 from mixret.io import atomic_write_text
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<|endoftext|>"
+PREFIX = " "    # put before every text by BPE tokenizers, so a word is the same tokens wherever it stands
 
 
 class ByteTokenizer:
@@ -49,11 +50,19 @@ class BPETokenizer:
         if None in (self.pad_id, self.bos_id, self.eos_id):
             raise MixretError(f"BPE tokenizer lacks one of the special tokens {PAD}, {BOS}, {EOS}")
         self.vocab_size = tok.get_vocab_size()
+        norm = json.loads(tok.to_str()).get("normalizer") or {}
+        self.prefix = any(n.get("type") == "Prepend" and n.get("prepend") == PREFIX  # what decode takes off again
+                          for n in norm.get("normalizers", [norm]))
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int = 4096, batch_size: int = 1000) -> "BPETokenizer":
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    def train(cls, texts: Iterable[str], vocab_size: int = 4096, lowercase: bool = False,
+              batch_size: int = 1000) -> "BPETokenizer":
+        """BPE learnt from `texts`. Every text gets a leading space, so a word is the same tokens at the start of a
+        text as inside it; `lowercase` also folds case (after NFKC), so "Print" and "print" are one token."""
+        from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
         tok = Tokenizer(models.BPE())
+        steps = [normalizers.NFKC(), normalizers.Lowercase()] if lowercase else []
+        tok.normalizer = normalizers.Sequence(steps + [normalizers.Prepend(PREFIX)])
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS],
@@ -68,7 +77,8 @@ class BPETokenizer:
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=True)
+        text = self.tok.decode(list(ids), skip_special_tokens=True)
+        return text[len(PREFIX):] if self.prefix and text.startswith(PREFIX) else text    # the one encode added
 
     def save(self, path: str | os.PathLike) -> None:
         atomic_write_text(path, self.tok.to_str())
@@ -83,6 +93,22 @@ def _batches(texts: Iterable[str], n: int) -> Iterator[list[str]]:
             batch = []
     if batch:
         yield batch
+
+
+BPE_KINDS = {"bpe": False, "bpe-lower": True}    # a BPE tokenizer to train -> whether it folds case
+
+
+def make_tokenizer(spec: str, vocab_size: int, texts: Callable[[], Iterable[str]],
+                   say: Callable[[str], None] = print, where: str = "the training texts"):
+    """The tokenizer a run asks for: "bpe" or "bpe-lower" (trained on texts(), lowercased for bpe-lower),
+    "bytes", or the path of a tokenizer.json."""
+    if spec == "bytes":
+        return ByteTokenizer()
+    if spec not in BPE_KINDS:
+        return load_tokenizer(spec)
+    lowercase = BPE_KINDS[spec]
+    say(f"training a BPE tokenizer ({vocab_size:,} tokens{', lowercased' if lowercase else ''}) on {where}")
+    return BPETokenizer.train(texts(), vocab_size=vocab_size, lowercase=lowercase)
 
 
 def load_tokenizer(path: str | os.PathLike) -> ByteTokenizer | BPETokenizer:

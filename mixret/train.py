@@ -36,6 +36,7 @@ from mixret.errors import MixretError
 from mixret.loop import Interrupted, LoopConfig
 from mixret.models import ModelConfig, build_model
 from mixret.models.config import model_options
+from mixret.tokenizer import BPE_KINDS
 from mixret.train_data import (BPE_SAMPLE_CHARS, Stream, corpus_fingerprint, document_sequences,
                                micro_batches, packed_sequences, sample_texts, split_documents, tokenize_corpus,
                                tokenizer_from_text, tokenizer_text, unigram_loss)
@@ -73,7 +74,8 @@ class TrainConfig:
     val_max_docs: int = 5000              # ... at most this many
     pack: bool = False                    # concatenate documents into full-context rows
     # tokenizer
-    tokenizer: str = "bpe"                # "bpe" (trained on the training split), "bytes" or a tokenizer.json
+    tokenizer: str = "bpe"                # "bpe", "bpe-lower" (trained on the training split), "bytes" or a
+                                          # tokenizer.json
     vocab_size: int = 4096                # BPE vocabulary size
     # model: every ModelConfig option but vocab_size (which the tokenizer sets)
     model: ModelConfig = field(default_factory=lambda: ModelConfig(**PRETRAIN_MODEL))
@@ -158,8 +160,9 @@ class TrainConfig:
                               f"(at most {MAX_CONTEXT[model.arch]}"
                               f"{': its mixing matrices grow as context^2' if model.arch == 'masked-mixer' else ''})")
         if not isinstance(self.tokenizer, str) or not self.tokenizer:
-            raise MixretError(f"tokenizer must be 'bpe', 'bytes' or a path to a tokenizer.json, got {self.tokenizer!r}")
-        if self.tokenizer == "bpe" and self.vocab_size < 259:
+            raise MixretError(f"tokenizer must be 'bpe', 'bpe-lower', 'bytes' or a path to a tokenizer.json, "
+                              f"got {self.tokenizer!r}")
+        if self.tokenizer in BPE_KINDS and self.vocab_size < 259:
             raise MixretError(f"vocab_size must be at least 259 for BPE (256 bytes and 3 special tokens), "
                               f"got {self.vocab_size}")
         if not self.text_field or not all(isinstance(f, str) and f for f in self.text_field):
@@ -364,17 +367,13 @@ class PretrainTask:
 
     def make_tokenizer(self, column, train_docs: np.ndarray):
         """The tokenizer the options ask for (the run's own one when resuming)."""
-        from mixret.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer
+        from mixret.tokenizer import load_tokenizer, make_tokenizer
 
         saved = self.out / io.TOKENIZER_NAME
         if self.mode == "resume" and saved.is_file():
             return load_tokenizer(saved)
-        if self.cfg.tokenizer == "bytes":
-            return ByteTokenizer()
-        if self.cfg.tokenizer != "bpe":
-            return load_tokenizer(self.cfg.tokenizer)
-        self.say(f"training a BPE tokenizer ({self.cfg.vocab_size:,} tokens) on the training split")
-        return BPETokenizer.train(sample_texts(column, train_docs, BPE_SAMPLE_CHARS), vocab_size=self.cfg.vocab_size)
+        texts = lambda: sample_texts(column, train_docs, BPE_SAMPLE_CHARS)  # noqa: E731
+        return make_tokenizer(self.cfg.tokenizer, self.cfg.vocab_size, texts, self.say, "the training split")
 
     # -- what the loop asks for ------------------------------------------------------------------
     def batches(self, start: int, dist: Distributed, grad_accum: int) -> Iterator[list]:

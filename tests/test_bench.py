@@ -187,3 +187,18 @@ def test_budget_comparisons_pair_archs_at_equal_budget():
     (c,) = bench_budget.comparisons(rows)  # only (2 min, 0 %) has both archs
     assert (c["budget"], c["share"]) == (2.0, 0)
     assert c["vector_diff"] == pytest.approx(0.25) and c["fusion_diff"] == pytest.approx(0.05)
+
+
+def test_bench_recipe(tmp_path):
+    from mixret.data import write_pairs_jsonl
+    from planted import planted_pairs
+    write_pairs_jsonl(planted_pairs(120), tmp_path / "select.jsonl")
+    data = run_script("recipe", tmp_path, "--select-pairs", str(tmp_path / "select.jsonl"),
+                      "--recipes", "bpe 4k,bpe-lower 2k + dropout 0.1")
+    rows = data["rows"]
+    assert [r["recipe"] for r in rows] == ["bpe 4k", "bpe-lower 2k + dropout 0.1"]
+    for r in rows:
+        assert "status" not in r and r["steps"] >= 1 and r["select_n"] == 120 and r["test_n"] == 80
+        for key in ("select_vector_r1", "select_fusion_r1", "select_bm25_r1", "test_vector_r1", "test_fusion_r1"):
+            assert 0.0 <= r[key] <= 1.0
+    assert rows[0]["select_bm25_r1"] == rows[1]["select_bm25_r1"]     # the same pairs for every recipe

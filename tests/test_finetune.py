@@ -17,7 +17,7 @@ from mixret.cli import main
 from mixret.data import Pair, load_pairs, split_pairs, write_pairs_jsonl
 from mixret.errors import MixretError
 from mixret.evaluate import evaluate_pairs
-from mixret.finetune import FinetuneConfig, epoch_batches, finetune, validation_slice
+from mixret.finetune import FinetuneConfig, drop_tokens, epoch_batches, finetune, validation_slice
 from mixret.fusion import Fusion
 from mixret.loop import LoopConfig
 from mixret.models import ModelConfig, build_model
@@ -33,7 +33,7 @@ def _private_cache(tmp_path, monkeypatch):
 
 
 def tiny(pooling="last", **loop) -> dict:
-    return dict(init="masked-mixer", val_pairs=32, tokenizer="bpe", vocab_size=300, batch_size=16,
+    return dict(init="masked-mixer", val_pairs=32, vocab_size=300, batch_size=16,
                 model=ModelConfig(d_model=64, n_layers=2, context=32, mixing_init="mean"), pooling=pooling,
                 loop=LoopConfig(**{"steps": 200, "lr": 3e-3, "weight_decay": 0.01, "eval_every": 100,
                                    "checkpoint_every": 1000, "progress": False, **loop}))
@@ -61,7 +61,9 @@ def test_finetune_solves_a_planted_corpus_with_either_pooling(tmp_path, pooling)
 def test_finetune_sigterm_then_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path):
     path = tmp_path / "pairs.jsonl"
     write_pairs_jsonl(planted_pairs(), path)
-    options = dict(pairs=str(path), test_fraction=0.2, **tiny(steps=60, eval_every=20, checkpoint_every=1000))
+    # token dropout on: its draws must also continue where they stopped
+    options = dict(pairs=str(path), test_fraction=0.2, token_dropout=0.1,
+                   **tiny(steps=60, eval_every=20, checkpoint_every=1000))
     whole = finetune(FinetuneConfig(out=str(tmp_path / "whole"), **options))
 
     run = tmp_path / "run"
@@ -74,7 +76,7 @@ def test_finetune_sigterm_then_resume_gives_the_weights_of_an_uninterrupted_run(
         slow = ft.FinetuneTask.micro_batch
         ft.FinetuneTask.micro_batch = lambda self, *a: (time.sleep(0.05), slow(self, *a))[1]
         finetune(FinetuneConfig(out={str(run)!r}, pairs={str(path)!r}, test_fraction=0.2, init="masked-mixer",
-                                val_pairs=32, vocab_size=300, batch_size=16,
+                                val_pairs=32, vocab_size=300, batch_size=16, token_dropout=0.1,
                                 model=ModelConfig(d_model=64, n_layers=2, context=32, mixing_init="mean"),
                                 loop=LoopConfig(steps=60, lr=3e-3, weight_decay=0.01, eval_every=20,
                                                 checkpoint_every=1000, progress=False)))
@@ -178,3 +180,24 @@ def test_mean_init_makes_masked_mixing_a_running_mean_up_to_noise(kw):
     rand = build_model(ModelConfig(vocab_size=50, d_model=16, n_layers=1, context=64, **kw)).blocks[0].mix
     with torch.no_grad():
         assert (rand(x) - expected).abs().max() / expected.abs().max() > 0.5
+
+
+def test_drop_tokens_keeps_bos_and_eos_and_drops_about_the_fraction():
+    seq = [1] + list(range(10, 1010)) + [2]
+    a = drop_tokens(seq, 0.2, np.random.default_rng(0), keep_last=True)
+    assert a[0] == 1 and a[-1] == 2 and set(a) <= set(seq)
+    assert a[1:-1] == sorted(set(a[1:-1]))                                     # order kept, nothing repeated
+    assert 0.75 < (len(a) - 2) / 1000 < 0.85
+    assert a == drop_tokens(seq, 0.2, np.random.default_rng(0), keep_last=True)   # a draw is reproducible
+    assert drop_tokens(seq, 0.0, np.random.default_rng(0), keep_last=False) == seq
+    assert drop_tokens([1, 5], 0.99, np.random.default_rng(0), keep_last=False) == [1, 5]  # a token always stays
+
+
+def test_finetune_with_bm25_hard_negatives_solves_a_planted_corpus(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    write_pairs_jsonl(planted_pairs(), path)
+    cfg = FinetuneConfig(pairs=str(path), test_fraction=0.2, out=str(tmp_path / "ft"), hard_negatives="bm25",
+                         **tiny(steps=120))
+    out = finetune(cfg)
+    test = split_pairs(load_pairs(path), 0.2)[1]
+    assert evaluate_pairs(test, model=mixret.load(out), modes="vector")["modes"]["vector"]["R@1"] > 0.9

@@ -6,6 +6,7 @@ from click.testing import CliRunner
 
 from mixret.cli import main
 from mixret.data import write_pairs_jsonl
+from mixret.quickstart import side_by_side_threads
 from planted import planted_pairs
 
 pytestmark = pytest.mark.slow
@@ -38,6 +39,10 @@ def test_quickstart_runs_end_to_end_on_a_users_pairs(tmp_path, monkeypatch):
         modes = m["eval"]["modes"]
         assert modes["bm25"]["R@1"] > 0.9
         assert modes["fusion"]["R@1"] >= modes["bm25"]["R@1"] - 0.05
+    if side_by_side_threads():     # trained at the same time, each in its own process with its own log
+        assert "side by side" in res.output
+        for arch in report["models"]:
+            assert "budget:" in (out / "logs" / f"{arch}.log").read_text()
     # equal wall-clock: both archs got the same training budget
     minutes = {m["train_minutes"] for m in report["models"].values()}
     assert len(minutes) == 1
