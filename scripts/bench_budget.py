@@ -89,7 +89,8 @@ def child(spec: dict) -> dict:
         start = time.perf_counter()
         pt = pretrain(TrainConfig(
             model=ModelConfig(arch=arch, mixing_init=spec["pretrain_init"], **size), data=[str(texts)],
-            text_field=["summary", "document"], vocab_size=spec["vocab_size"], budget_minutes=share * budget,
+            text_field=["summary", "document"], tokenizer="bpe-lower", vocab_size=spec["vocab_size"],
+            budget_minutes=share * budget,
             batch_size=spec["pretrain_batch"], out=str(work / "pretrain"), overwrite=True))
         result.update(pretrain_seconds=time.perf_counter() - start,
                       pretrain_steps=io.read_json(pt / TRAIN_CONFIG_NAME)["steps"],
@@ -212,7 +213,7 @@ def main() -> None:
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--context", type=int, default=256)
-    parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--vocab-size", type=int, default=2048)
     parser.add_argument("--pretrain-init", default="mean", choices=("mean", "random"),
                         help="mixing init of the pretrained models (random init fine-tuning always uses mean)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once")
@@ -312,7 +313,7 @@ def main() -> None:
         f"`budget_minutes` (steps timed on this machine; tokenizer training, data loading and the test evaluation "
         f"are outside the budget: see `pretrain s` and `finetune s` for the phases' real wall time, budget timing "
         f"included). Models: d_model {sizes['d_model']}, {sizes['layers']} layers, context {sizes['context']}, "
-        f"BPE {sizes['vocab_size']}; pretraining batch {sizes['pretrain_batch']}, mixing init "
+        f"case-folded BPE {sizes['vocab_size']} (bpe-lower); pretraining batch {sizes['pretrain_batch']}, mixing init "
         f"{args.pretrain_init}; fine-tuning from random init uses mixing init mean; fine-tuning batch "
         f"{sizes['finetune_batch']}, last-token pooling, validation slice of {sizes['val_pairs']} training pairs "
         f"(the fusion weight is fitted there). Test: {n_test} held-out pairs (hash split 0.1), each summary "
