@@ -54,8 +54,9 @@ def child(spec: dict) -> dict:
     from mixret.data import bundled_splits, write_pairs_jsonl
     from mixret.evaluate import evaluate_pairs
     from mixret.finetune import FINETUNE_LOOP, FINETUNE_MODEL, FinetuneConfig, finetune
+    from mixret import io
     from mixret.fusion import load_fusion
-    from mixret.loop import LoopConfig
+    from mixret.loop import TRAIN_CONFIG_NAME, LoopConfig
     from mixret.models import ModelConfig, load
 
     work = Path(spec["work"])
@@ -74,7 +75,7 @@ def child(spec: dict) -> dict:
         loop=LoopConfig(steps=None, budget_minutes=minutes, progress=False, **{**FINETUNE_LOOP, "eval_every": 10**9}),
         out=str(work / "model"), overwrite=True))
     result = {"minutes": minutes, "seconds": time.perf_counter() - start,
-              "steps": json.loads((ft / "train_config.json").read_text())["steps"]}
+              "steps": io.read_json(ft / TRAIN_CONFIG_NAME)["steps"]}
     model, fusion = load(ft), load_fusion(ft)
     select = selection_pairs(spec["select_pairs"], spec["select_size"])
     for split, pairs in (("select", select), ("test", test)):
