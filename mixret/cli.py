@@ -520,7 +520,7 @@ def _search_options(fn):
 @click.option("--mode", type=click.Choice(["vector", "fusion", "tree", "hybrid", "bm25"]), default="vector",
               show_default=True, help="vector: FAISS; fusion: BM25 and the model's scores combined; tree: matcher "
                                       "tournament over the whole corpus; hybrid: shortlist ranked by the matcher; "
-                                      "bm25: lexical baseline.")
+                                      "bm25: lexical baseline (English stopwords dropped, words stemmed).")
 @click.option("-k", "k", default=10, show_default=True, help="Results to return.")
 @_search_options
 @friendly
@@ -557,7 +557,9 @@ def search_cmd(query, emb_dir, mode, k, model_dir, matcher_dir, fusion_weight, s
               help="Pairs file: .jsonl, .jsonl.gz, .parquet or TinyStoriesInstruct .txt.")
 @click.option("--mode", type=click.Choice(["vector", "fusion", "tree", "hybrid", "bm25", "all"]), default="all",
               show_default=True, help="all: vector, bm25, fusion when the model has a fusion weight (from "
-                                      "`mixret finetune`) and, with --matcher, tree and hybrid.")
+                                      "`mixret finetune`) and, with --matcher, tree and hybrid. With bm25 among "
+                                      "them, each other mode is compared with it query by query (top-1 won/lost "
+                                      "and an exact McNemar p-value).")
 @click.option("--limit", type=int, default=None, help="Evaluate the first Q queries (the corpus stays whole).")
 @click.option("--query-field", default="summary", show_default=True, help="Pairs field with the queries.")
 @click.option("--target-field", default="document", show_default=True, help="Pairs field with the targets.")

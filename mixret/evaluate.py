@@ -8,6 +8,11 @@ never reorders a ranking. queries/s counts the time to embed the queries (for th
 embeddings) and to search; embedding the corpus and building its indexes is done once, before, and not
 counted.
 
+When bm25 is among the modes, every other mode is compared with it query by query: the queries it ranks
+first that BM25 does not (wins), the reverse (losses), and the exact two-sided McNemar p-value of that
+difference (a binomial test on the discordant queries, scipy.stats.binomtest). A mode is clearly better than
+BM25 only where p is small (below 0.05, say), not merely where its R@1 is higher.
+
 Ties are pessimistic: the relevant document is ranked after every document that scores the same as it
 (see `mixret.search`: each search gets the relevant documents as `losers`). A model that gives every
 document the same score therefore finds nothing (R@1 = 0), rather than whatever the search library's
@@ -112,6 +117,16 @@ def corpus_and_qrels(pairs: Sequence) -> tuple[list[str], list[str], dict[str, d
     return [p.query for p in pairs], list(doc_of), qrels
 
 
+def paired_top1(hits: np.ndarray, baseline: np.ndarray) -> dict:
+    """Per-query top-1 hits [Q] bool of a mode and of a baseline -> {"wins", "losses", "p"}: the queries only the
+    mode gets right, those only the baseline gets right, and the exact two-sided McNemar p-value (1.0 when the
+    two never disagree)."""
+    from scipy.stats import binomtest
+    wins, losses = int((hits & ~baseline).sum()), int((~hits & baseline).sum())
+    p = binomtest(wins, wins + losses, 0.5).pvalue if wins + losses else 1.0
+    return {"wins": wins, "losses": losses, "p": float(p)}
+
+
 def run_from(indices: np.ndarray) -> dict[str, dict[str, float]]:
     """Ranked corpus rows [Q, k] (-1 = none) -> ranx run with score k - rank."""
     k = indices.shape[1]
@@ -132,7 +147,7 @@ def evaluate_pairs(pairs: Sequence, model=None, matcher=None, modes: str | Seque
     by fusion. Pairs repeating an earlier query are dropped (drop_repeated_queries). Returns a report dict with
     the corpus facts, chance levels and, per mode, the metrics, queries/s and matcher passes/query; with
     hybrid, "shortlist_order" holds the metrics of its shortlist in the source's own order, what the matcher's
-    ranking must beat.
+    ranking must beat. With bm25 among the modes, each other mode has "vs_bm25": paired_top1 against BM25.
     """
     modes = resolve_modes(modes, matcher is not None, fusion is not None)
     if shortlist_from not in SHORTLIST_SOURCES:
@@ -180,9 +195,11 @@ def evaluate_pairs(pairs: Sequence, model=None, matcher=None, modes: str | Seque
         "corpus_embed_seconds": corpus_seconds, "query_embed_seconds": embed_seconds,
         "modes": {},
     }
+    hits = {}
     for mode in modes:
         result = retriever.search(mode, k, query_emb=query_emb, queries=queries, shortlist=shortlist,
                                   shortlist_from=shortlist_from, losers=gold)
+        hits[mode] = result.indices[:, 0] == gold
         seconds = result.seconds + (embed_seconds if mode != "bm25" else 0.0)
         report["modes"][mode] = {
             **ir_metrics(qrels, run_from(result.indices)),
@@ -190,6 +207,10 @@ def evaluate_pairs(pairs: Sequence, model=None, matcher=None, modes: str | Seque
             "seconds": seconds,
             "passes_per_query": float(result.passes.mean()) if mode in MATCHER_MODES else None,
         }
+    if "bm25" in hits:
+        for mode in hits:
+            if mode != "bm25":
+                report["modes"][mode]["vs_bm25"] = paired_top1(hits[mode], hits["bm25"])
     if "hybrid" in modes:
         source = retriever.search(shortlist_from, k, query_emb=query_emb, queries=queries)
         report["shortlist_order"] = ir_metrics(qrels, run_from(source.indices))
@@ -199,18 +220,23 @@ def evaluate_pairs(pairs: Sequence, model=None, matcher=None, modes: str | Seque
 def format_table(report: dict) -> str:
     """Markdown comparison table of a report from evaluate_pairs, one row per mode, chance last."""
     cols = list(METRICS)
-    lines = ["| mode | " + " | ".join(cols) + " | queries/s | matcher passes/query |",
-             "|---|" + "---:|" * (len(cols) + 2)]
+    paired = any("vs_bm25" in m for m in report["modes"].values())
+    extra = " top-1 vs bm25: won/lost (p) |" if paired else ""
+    lines = ["| mode | " + " | ".join(cols) + " | queries/s | matcher passes/query |" + extra,
+             "|---|" + "---:|" * (len(cols) + 2 + paired)]
+    blank = " - |" if paired else ""
     for mode, m in report["modes"].items():
         passes = f"{m['passes_per_query']:.1f}" if m["passes_per_query"] is not None else "-"
         speed = f"{m['queries_per_s']:.1f}" if m["queries_per_s"] is not None else "-"
-        lines.append(f"| {mode} | " + " | ".join(f"{m[c]:.3f}" for c in cols) + f" | {speed} | {passes} |")
+        versus = f" {format_paired(m['vs_bm25'])} |" if "vs_bm25" in m else blank
+        lines.append(f"| {mode} | " + " | ".join(f"{m[c]:.3f}" for c in cols) + f" | {speed} | {passes} |" + versus)
         if mode == "hybrid" and report.get("shortlist_order"):
             m = report["shortlist_order"]
             lines.append(f"| hybrid's shortlist, {report['shortlist_from']} order | "
-                         + " | ".join(f"{m[c]:.3f}" for c in cols) + " | - | - |")
+                         + " | ".join(f"{m[c]:.3f}" for c in cols) + " | - | - |" + blank)
     chance = report["chance"]
-    lines.append("| chance | " + " | ".join(f"{chance[c]:.3f}" if c in chance else "-" for c in cols) + " | - | - |")
+    lines.append("| chance | " + " | ".join(f"{chance[c]:.3f}" if c in chance else "-" for c in cols) + " | - | - |"
+                 + blank)
     head = (f"{report['n_queries']} queries against {report['corpus_size']} documents"
             + (f"; hybrid shortlist {report['shortlist']} from {report['shortlist_from']}"
                if report.get("shortlist") else "")
@@ -218,3 +244,8 @@ def format_table(report: dict) -> str:
             + (f"; fusion weight {report['fusion']['weight']:.2f} ({report['fusion']['method']})"
                if report.get("fusion") else ""))
     return head + "\n\n" + "\n".join(lines)
+
+
+def format_paired(v: dict) -> str:
+    """A paired_top1 result as "+41/-18 (p 0.003)"."""
+    return f"+{v['wins']}/-{v['losses']} (p {v['p']:.2g})"

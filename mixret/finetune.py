@@ -364,6 +364,27 @@ class FinetuneTask:
                 micro.append(self.micro_batch(part, pad, dist.device, rng))
             yield micro
 
+    def relative_cost(self, step: int) -> float:
+        """Padded tokens of step `step` (queries and documents, before token dropout, over every rank's
+        micro-batches) against the mean step of an epoch: what the budget timing scales by."""
+        B, group = self.cfg.batch_size, self.cfg.batch_size * self.cfg.loop.grad_accum * self.dist.world_size
+        q_len = np.array([len(s) for s in self.q_seqs])
+        d_len = np.array([len(s) for s in self.d_seqs])
+
+        def tokens(rows: np.ndarray) -> float:
+            docs = rows if self.hard is None else np.concatenate([rows, self.hard[rows]])
+            return len(rows) * q_len[rows].max() + len(docs) * d_len[docs].max()
+
+        def step_tokens(batches: np.ndarray, i: int) -> float:
+            rows = batches[i * group:(i + 1) * group]
+            return sum(tokens(rows[k:k + B]) for k in range(0, len(rows), B))
+
+        epoch, i = divmod(step, self.per_epoch)
+        first = epoch_batches(self.doc_lengths, B, self.cfg.seed, 0).reshape(-1)
+        mean = np.mean([step_tokens(first, j) for j in range(self.per_epoch)])
+        batches = first if epoch == 0 else epoch_batches(self.doc_lengths, B, self.cfg.seed, epoch).reshape(-1)
+        return float(step_tokens(batches, i) / mean)
+
     def micro_batch(self, rows: np.ndarray, pad: int, device: torch.device, rng: np.random.Generator) -> tuple:
         view = lambda seqs, idx: [drop_tokens(seqs[i], self.cfg.token_dropout, rng, self.keep_last)  # noqa: E731
                                   for i in idx]

@@ -22,6 +22,8 @@ A task gives only what is its own:
         def on_step(self, step, loss)    # after each optimizer step: the step's mean loss (a 0-d tensor)
         def finish(self)                 # after the last step, before the final checkpoint (eval mode)
         def record_extra(self, step) -> dict   # more fields for each metrics.jsonl line (e.g. the epoch)
+        def relative_cost(self, step) -> float # the work of step `step` against the mean step (1.0 on average):
+                                               # budget timing divides by it, for steps that differ in size
         curve_reference: tuple[float, str]     # a horizontal line on the training curve, and its label
 
 The loss of an optimizer step is the sum of the objective's summed losses over every micro-batch of every
@@ -521,7 +523,10 @@ class _Loop:
             self.model.zero_grad(set_to_none=True)
             ckpt.set_torch_rng_state(rng, dist.device)
             ckpt.set_host_rng_state(host)
-        step_mean = sum(times[1:]) / BUDGET_TIMED_STEPS
+        # steps of different sizes (batches grouped by length): time per unit of work, times the mean step's work
+        cost = getattr(self.task, "relative_cost", None)
+        step_mean = sum(times[1:]) / (sum(cost(s) for s in range(1, 1 + BUDGET_TIMED_STEPS)) if cost
+                                      else BUDGET_TIMED_STEPS)
         timing = dist.max(torch.tensor([step_mean, eval_seconds], dtype=torch.float64, device=dist.device))
         step_s, eval_s = float(timing[0]), float(timing[1])
         steps = max(1, int((seconds - eval_s) / (step_s + eval_s / cfg.eval_every)))

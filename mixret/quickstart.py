@@ -113,9 +113,9 @@ def train_model(arch: str, cfg: QuickstartConfig, data_dir: Path, out: Path, ech
     if cfg.pretrain_share > 0:
         start = time.perf_counter()
         tc = TrainConfig(data=[str(data_dir / "train.jsonl.gz")], text_field=["summary", "document"], arch=arch,
-                         tokenizer="bpe-lower", d_model=cfg.d_model, layers=cfg.layers, context=cfg.context,
-                         mixing_init="mean", budget_minutes=cfg.pretrain_share * minutes, eval_every=10**9,
-                         seed=cfg.seed, out=str(out / "runs" / f"{arch}-clm"), overwrite=True)
+                         tokenizer=str(data_dir / io.TOKENIZER_NAME), d_model=cfg.d_model, layers=cfg.layers,
+                         context=cfg.context, mixing_init="mean", budget_minutes=cfg.pretrain_share * minutes,
+                         eval_every=10**9, seed=cfg.seed, out=str(out / "runs" / f"{arch}-clm"), overwrite=True)
         init = str(pretrain(tc))
         facts.update(pretrain_dir=init, pretrain_seconds=time.perf_counter() - start,
                      pretrain_steps=tc.steps, val_loss=_last_metric(Path(init), "val_loss"))
@@ -123,6 +123,7 @@ def train_model(arch: str, cfg: QuickstartConfig, data_dir: Path, out: Path, ech
     model = ModelConfig(arch=arch, d_model=cfg.d_model, n_layers=cfg.layers, context=cfg.context,
                         mixing_init="mean", **({"n_heads": 4} if arch == "llama" else {}))
     fc = FinetuneConfig(pairs=str(data_dir / "train.jsonl.gz"), test_fraction=0.0, init=init, model=model,
+                        tokenizer=str(data_dir / io.TOKENIZER_NAME),
                         batch_size=cfg.batch_size, hard_negatives=cfg.hard_negatives, seed=cfg.seed,
                         out=str(out / "runs" / arch), overwrite=True,
                         loop=LoopConfig(budget_minutes=(1 - cfg.pretrain_share) * minutes,
@@ -132,6 +133,20 @@ def train_model(arch: str, cfg: QuickstartConfig, data_dir: Path, out: Path, ech
                  val_r1=_last_metric(model_dir, "val_r1"), val_fusion_r1=_last_metric(model_dir, "val_fusion_r1"))
     echo(_trained_line(arch, facts))
     return facts
+
+
+def train_tokenizer(train: list, data_dir: Path, echo) -> Path:
+    """The tokenizer both architectures use (finetune's default kind and size, trained on the training pairs),
+    written to data_dir/tokenizer.json. Trained once, here, rather than in each training run: side by side, one
+    run's tokenizer training would otherwise compete with the other run's timing of its steps, and the budgets
+    would come out short."""
+    from mixret.finetune import FinetuneConfig
+    from mixret.tokenizer import make_tokenizer
+    default = FinetuneConfig()
+    path = data_dir / io.TOKENIZER_NAME
+    make_tokenizer(default.tokenizer, default.vocab_size, lambda: [t for p in train for t in (p.query, p.target)],
+                   lambda line: echo(f"== {line}"), f"the {len(train)} training pairs").save(path)
+    return path
 
 
 def side_by_side_threads() -> int:
@@ -227,6 +242,7 @@ def _run(cfg: QuickstartConfig, echo: Callable[[str], None]) -> dict:
     write_pairs_jsonl(train, data_dir / "train.jsonl.gz")
     write_pairs_jsonl(test, data_dir / "test.jsonl.gz")
     echo(f"== data: {len(train)} train pairs, {len(test)} test pairs ({source}) -> {data_dir}")
+    train_tokenizer(train, data_dir, echo)
 
     # 2. training: the same wall-clock budget for each architecture
     report = {"config": dataclasses.asdict(cfg), "source": source, "n_train": len(train), "n_test": len(test),
@@ -267,7 +283,7 @@ def _run(cfg: QuickstartConfig, echo: Callable[[str], None]) -> dict:
         echo(f"== {arch}: evaluating vector, fusion, hybrid, tree ({min(cfg.tree_queries, len(test))} queries), "
              f"bm25")
         rep = evaluate_pairs(test, model, matcher, modes=["vector", "fusion", "hybrid", "bm25"], fusion=fusion)
-        tree = evaluate_pairs(test, model, matcher, modes=["tree"], limit=cfg.tree_queries)
+        tree = evaluate_pairs(test, model, matcher, modes=["tree", "bm25"], limit=cfg.tree_queries)
         rep["modes"]["tree"] = tree["modes"]["tree"]
         rep["tree_queries"] = tree["n_queries"]
         report["models"][arch] = {**facts, "params": model.num_params(), "pooling": spec.pooling,
@@ -330,17 +346,21 @@ def machine_description() -> str:
 
 def format_report(report: dict) -> str:
     """The comparison table (markdown) and the models' side table."""
+    from mixret.evaluate import format_paired
     cols = ("R@1", "R@10", "MRR@10", "nDCG@10")
     cfg = report["config"]
     any_eval = next(iter(report["models"].values()))["eval"]
     share = f"{cfg['pretrain_share']:.0%} CLM pretraining then " if cfg["pretrain_share"] else ""
     lines = [f"Retrieval of {any_eval['n_queries']} held-out queries among their {any_eval['corpus_size']} "
-             f"documents ({report['source']}; tree: first {any_eval.get('tree_queries')} queries). Each model: "
+             f"documents ({report['source']}; tree: first {any_eval.get('tree_queries')} queries, compared with BM25 "
+             f"on those). Won/lost: queries a mode ranks first that BM25 does not, and the reverse; p: exact McNemar "
+             f"test. Each model: "
              f"{next(iter(report['models'].values()))['train_minutes']:.1f} min of training ({share}contrastive "
              f"fine-tuning) on {report['n_train']} training pairs; matchers trained on {report['n_matcher_train']} "
              f"of them; machine: {report['machine']}.", "",
-             "| model | mode | " + " | ".join(cols) + " | queries/s | matcher passes/query |",
-             "|---|---|" + "---:|" * (len(cols) + 2)]
+             "| model | mode | " + " | ".join(cols) + " | queries/s | matcher passes/query | "
+             "top-1 vs bm25: won/lost (p) |",
+             "|---|---|" + "---:|" * (len(cols) + 3)]
     bm25_done = False
     for arch, m in report["models"].items():
         for mode in ("vector", "fusion", "hybrid", "tree", "bm25"):
@@ -352,9 +372,11 @@ def format_report(report: dict) -> str:
             name = "-" if mode == "bm25" else arch
             passes = f"{r['passes_per_query']:.1f}" if r.get("passes_per_query") is not None else "-"
             qps = f"{r['queries_per_s']:.1f}" if r.get("queries_per_s") else "-"
-            lines.append(f"| {name} | {mode} | " + " | ".join(f"{r[c]:.3f}" for c in cols) + f" | {qps} | {passes} |")
+            versus = format_paired(r["vs_bm25"]) if r.get("vs_bm25") else "-"
+            lines.append(f"| {name} | {mode} | " + " | ".join(f"{r[c]:.3f}" for c in cols)
+                         + f" | {qps} | {passes} | {versus} |")
     ch = report["chance"]
-    lines.append("| - | chance | " + " | ".join(f"{ch[c]:.3f}" if c in ch else "-" for c in cols) + " | - | - |")
+    lines.append("| - | chance | " + " | ".join(f"{ch[c]:.3f}" if c in ch else "-" for c in cols) + " | - | - | - |")
     lines += ["", "Models:", "",
               "| model | parameters | pooling | pretrain steps (s) | fine-tune steps (s) | validation R@1 | "
               "fusion weight | matcher top-1 of 31 (chance) |",

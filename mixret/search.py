@@ -5,7 +5,7 @@
   queries are L2-normalised first (cosine similarity).
 - tree: a knockout tournament over the whole corpus with the matcher, no vector index.
 - hybrid: a shortlist from the vector index (or BM25), ranked by the same tournament.
-- bm25: BM25 over the corpus texts with bm25s (English stopwords), a lexical baseline.
+- bm25: BM25 over the corpus texts with bm25s (English stopwords, Snowball stems), a lexical baseline.
 - fusion: BM25 and the dense similarity combined over both sides' top candidates (see mixret.fusion).
 
 Equal scores are ranked by corpus index (lower first) in bm25 mode, as FAISS's Flat index does.
@@ -261,21 +261,24 @@ def _faiss_message(e: Exception) -> str:
 # -- BM25 -------------------------------------------------------------------------------------
 
 class BM25Index:
-    """BM25 (bm25s, Lucene variant) over texts tokenised with bm25s.tokenize and English stopwords."""
+    """BM25 (bm25s, Lucene variant) over texts tokenised with bm25s.tokenize, English stopwords removed and
+    every word reduced to its stem by the Snowball English stemmer (PyStemmer), so "queues" matches "queueing"."""
 
     def __init__(self, texts: Sequence[str]):
         import bm25s
+        import Stemmer
         if len(texts) == 0:
             raise MixretError("cannot build a BM25 index over an empty corpus")
         self.count = len(texts)
+        self.stemmer = Stemmer.Stemmer("english")
         self.retriever = bm25s.BM25()
-        tokens = bm25s.tokenize(list(texts), stopwords="en", show_progress=False)
+        tokens = bm25s.tokenize(list(texts), stopwords="en", stemmer=self.stemmer, show_progress=False)
         self.retriever.index(tokens, show_progress=False)
 
     def scores(self, query: str) -> np.ndarray:
         """BM25 score of every corpus text for one query -> [M] float32 (0 when no query term is indexed)."""
         import bm25s
-        tokens = bm25s.tokenize([query], stopwords="en", return_ids=False, show_progress=False)[0]
+        tokens = bm25s.tokenize([query], stopwords="en", stemmer=self.stemmer, return_ids=False, show_progress=False)[0]
         known = [t for t in tokens if t in self.retriever.vocab_dict]
         if not known:
             return np.zeros(self.count, dtype=np.float32)

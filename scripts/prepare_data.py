@@ -1,12 +1,14 @@
 """Build the bundled Debian (summary, document) pair corpus from a Debian descriptions JSONL dump.
 
-    python scripts/prepare_data.py SOURCE.jsonl.gz --out data/ [--n 8000]
+    python scripts/prepare_data.py SOURCE.jsonl.gz --out data/ [--n 8000] [--extra-train]
 
 SOURCE holds one JSON object a line with fields id (binary package), source (source package), summary
 (the `Description` synopsis line) and document (the extended description). The script drops pairs that
 make retrieval ill-posed (documents shorter than --min-chars, repeated documents, repeated summaries;
 repeats are compared case- and whitespace-insensitively), then keeps the --n pairs whose ids have the
-smallest (personalised) blake2b hash: a fair, order-independent sample. Texts are written exactly as found.
+smallest (personalised) blake2b hash: a fair, order-independent sample. With --extra-train it then appends
+every other usable pair that mixret.data.split_pairs puts on the training side at the bundled test fraction:
+more training pairs, while the test split stays exactly the sample's. Texts are written exactly as found.
 The output (data/debian-pairs.jsonl.gz) is byte-for-byte reproducible.
 """
 from __future__ import annotations
@@ -55,12 +57,13 @@ def read_records(path: Path) -> list[dict]:
     return records
 
 
-def select(records: list[dict], n: int, min_chars: int) -> tuple[list[dict], dict[str, int]]:
-    """The n pairs with the smallest id rank among those that are well-posed, in rank order."""
+def select(records: list[dict], n: int, min_chars: int) -> tuple[list[dict], list[dict], dict[str, int]]:
+    """(the n pairs with the smallest id rank among those that are well-posed, in rank order; the other
+    well-posed pairs, in rank order; how many were dropped and why)."""
     dropped = {"short": 0, "repeated document": 0, "repeated summary": 0}
     seen_docs: set[str] = set()
     seen_summaries: set[str] = set()
-    chosen = []
+    chosen, rest = [], []
     for rec in sorted(records, key=lambda r: (id_rank(r["id"]), r["id"])):
         doc_key, sum_key = repeat_key(rec["document"]), repeat_key(rec["summary"])
         if len(rec["document"].strip()) < min_chars or not rec["summary"].strip():
@@ -72,11 +75,19 @@ def select(records: list[dict], n: int, min_chars: int) -> tuple[list[dict], dic
         else:
             seen_docs.add(doc_key)
             seen_summaries.add(sum_key)
-            if len(chosen) < n:
-                chosen.append(rec)
-    ids = [r["id"] for r in chosen]
+            (chosen if len(chosen) < n else rest).append(rec)
+    ids = [r["id"] for r in chosen + rest]
     assert len(set(ids)) == len(ids), "source ids are not unique"
-    return chosen, dropped
+    return chosen, rest, dropped
+
+
+def training_side(records: list[dict]) -> list[dict]:
+    """The records that the bundled split (split_pairs at BUNDLED_TEST_FRACTION) puts in training."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from mixret.data import BUNDLED_TEST_FRACTION, Pair, split_pairs
+    train, _ = split_pairs([Pair(r["id"], r["summary"], r["document"]) for r in records], BUNDLED_TEST_FRACTION)
+    keep = {p.id for p in train}
+    return [r for r in records if r["id"] in keep]
 
 
 def write_jsonl_gz(records: list[dict], path: Path) -> None:
@@ -103,16 +114,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path("data"), help="output folder")
     ap.add_argument("--n", type=int, default=8000, help="number of pairs to keep")
     ap.add_argument("--min-chars", type=int, default=40, help="drop documents shorter than this")
+    ap.add_argument("--extra-train", action="store_true",
+                    help="append every other usable pair that falls on the training side of the bundled split")
     args = ap.parse_args(argv)
 
     records = read_records(args.source)
-    chosen, dropped = select(records, args.n, args.min_chars)
+    chosen, rest, dropped = select(records, args.n, args.min_chars)
     if len(chosen) < args.n:
         print(f"warning: only {len(chosen)} usable pairs (asked for {args.n})", file=sys.stderr)
+    extra = training_side(rest) if args.extra_train else []
     out = args.out / OUT_NAME
-    write_jsonl_gz(chosen, out)
+    write_jsonl_gz(chosen + extra, out)
     print(f"read {len(records)} pairs; dropped over the whole source: {dropped}")
-    print(f"wrote {len(chosen)} pairs to {out} ({out.stat().st_size / 1e6:.2f} MB)")
+    print(f"wrote {len(chosen)} sampled pairs" + (f" and {len(extra)} extra training pairs" if extra else "")
+          + f" to {out} ({out.stat().st_size / 1e6:.2f} MB)")
 
 
 if __name__ == "__main__":

@@ -382,15 +382,16 @@ def test_load_texts_hub_dataset(monkeypatch):
 
 def test_bundled_corpus():
     path = bundled_pairs_path()
-    assert path.name == "debian-pairs.jsonl.gz" and path.stat().st_size < 2_500_000
+    assert path.name == "debian-pairs.jsonl.gz" and path.stat().st_size < 4_000_000
     pairs = load_pairs(path)
-    assert len(pairs) == 8000
-    assert len({p.id for p in pairs}) == 8000
-    assert len({p.query for p in pairs}) == 8000 and len({p.target for p in pairs}) == 8000
+    assert len(pairs) == 19522          # the 8,000-pair sample, then 11,522 extra training pairs
+    assert len({p.id for p in pairs}) == 19522
+    assert len({p.query for p in pairs}) == 19522 and len({p.target for p in pairs}) == 19522
     assert min(len(p.target) for p in pairs) >= 40
     train, test = bundled_splits()
-    assert (len(train), len(test)) == (7211, 789)
+    assert (len(train), len(test)) == (18733, 789)
     assert split_pairs(pairs) == (train, test)
+    assert split_pairs(pairs[:8000])[1] == test     # every test pair comes from the sample
 
 
 def test_bundled_corpus_missing(monkeypatch):
@@ -427,3 +428,14 @@ def test_prepare_data_script(tmp_path):
     prepare.main([str(src), "--out", str(tmp_path / "c"), "--n", "100"])  # asks for more than there are
     everything = load_pairs(tmp_path / "c" / "debian-pairs.jsonl.gz")
     assert len(everything) == 20  # 23 rows less the short one and one of each repeated pair
+
+    # --extra-train: the sample, then the other usable pairs of the bundled split's training side
+    prepare.main([str(src), "--out", str(tmp_path / "d"), "--n", "10", "--extra-train"])
+    extended = load_pairs(tmp_path / "d" / "debian-pairs.jsonl.gz")
+    assert extended[:10] == pairs
+    extra = extended[10:]
+    assert extra and {p.id for p in extra} <= {p.id for p in everything} - {p.id for p in pairs}
+    assert split_pairs(extra) == (extra, [])
+    _, everything_test = split_pairs(everything)
+    assert split_pairs(extended)[1] == split_pairs(pairs)[1]       # the same test split as the sample's
+    assert len(extended) == 20 - sum(p.id not in {q.id for q in pairs} for p in everything_test)

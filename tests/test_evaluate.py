@@ -8,7 +8,8 @@ import torch
 
 from mixret.data import Pair
 from mixret.errors import MixretError
-from mixret.evaluate import corpus_and_qrels, evaluate_pairs, format_table, ir_metrics, resolve_modes, run_from
+from mixret.evaluate import (corpus_and_qrels, evaluate_pairs, format_table, ir_metrics, paired_top1, resolve_modes,
+                             run_from)
 from mixret.matcher import Matcher, MatcherConfig
 
 
@@ -141,9 +142,27 @@ def test_evaluate_pairs_all_modes_and_table():
     assert report["modes"]["hybrid"]["passes_per_query"] == math.ceil((30 - 10) / (15 - 10))
     for m in report["modes"].values():  # (tree and hybrid accuracy with a trained matcher: test_planted.py)
         assert m["queries_per_s"] > 0
+    assert "vs_bm25" not in report["modes"]["bm25"]
+    for mode in ("vector", "tree", "hybrid"):  # each compared with BM25 query by query
+        v = report["modes"][mode]["vs_bm25"]
+        r1 = report["modes"][mode]["R@1"] - report["modes"]["bm25"]["R@1"]
+        assert (v["wins"] - v["losses"]) / 40 == pytest.approx(r1) and 0 < v["p"] <= 1
     table = format_table(report)
     assert table.splitlines()[2].startswith("| mode | R@1 | R@10 | MRR@10 | nDCG@10 |")
+    assert table.splitlines()[2].endswith("| top-1 vs bm25: won/lost (p) |")
     assert "| tree |" in table and "| chance | 0.017 | 0.167 |" in table
+    v = report["modes"]["tree"]["vs_bm25"]
+    assert f"| +{v['wins']}/-{v['losses']} (p " in table
+
+
+def test_paired_top1_counts_disagreements_and_tests_them():
+    a = np.array([True, True, True, False, False])
+    b = np.array([False, False, True, True, False])
+    assert paired_top1(a, b) == {"wins": 2, "losses": 1, "p": pytest.approx(1.0)}   # 2 of 3 is no evidence
+    assert paired_top1(a, a) == {"wins": 0, "losses": 0, "p": 1.0}
+    ten = paired_top1(np.ones(12, bool), np.arange(12) < 2)     # 10 wins, no loss: p = 2 / 2**10
+    assert (ten["wins"], ten["losses"]) == (10, 0) and ten["p"] == pytest.approx(2 / 2**10)
+    assert paired_top1(np.arange(12) < 2, np.ones(12, bool))["p"] == pytest.approx(ten["p"])  # two-sided
 
 
 def test_repeated_queries_are_dropped_and_counted():

@@ -124,6 +124,81 @@ def test_budget_minutes_sets_the_steps_and_leaves_the_run_as_with_those_steps(tm
     assert result.exit_code == 1 and "either steps or epochs or budget_minutes" in result.output
 
 
+class SleepyTask:
+    """A task whose step takes `UNIT` seconds times the step's cost; the six steps the budget times cost 3, the
+    rest 1 (so the mean step costs about 1)."""
+    name, unit, fingerprint, UNIT = "sleepy", "items", "sleepy", 0.02
+
+    def __init__(self, declare_costs: bool):
+        self.objective = Sleepy()
+        if declare_costs:
+            self.relative_cost = self.cost
+
+    def cost(self, step: int) -> float:
+        return 3.0 if 1 <= step <= 6 else 1.0
+
+    def batches(self, start, dist, grad_accum):
+        step = start
+        while True:
+            yield [self.UNIT * self.cost(step)]
+            step += 1
+
+    def evaluate(self):
+        return {}
+
+    def save(self, directory):
+        pass
+
+    def load(self, directory):
+        pass
+
+
+class Sleepy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, seconds):
+        import time
+        time.sleep(seconds)
+        return (self.w * 0).sum() + 1.0, 1
+
+
+def test_budget_timing_divides_by_the_cost_of_the_steps_it_timed():
+    from mixret.distributed import Distributed
+    from mixret.loop import LoopConfig, _Loop
+    seconds = 1.2          # 60 steps of cost 1, or 20 if the timed steps (cost 3) were taken as typical
+    planned = {}
+    for declare in (True, False):
+        cfg = LoopConfig(budget_minutes=seconds / 60, eval_every=10**9, progress=False)
+        planned[declare] = _Loop(SleepyTask(declare), cfg, Distributed(), None, "fresh", 0).cfg.steps
+    assert 45 <= planned[True] <= 62, planned
+    assert 15 <= planned[False] <= 21, planned
+
+
+def test_finetune_step_costs_average_one_and_follow_the_padded_tokens(tmp_path):
+    from mixret.finetune import FinetuneConfig, FinetuneTask
+    from mixret.loop import LoopConfig
+    from planted import planted_pairs
+    from mixret.data import write_pairs_jsonl
+    from mixret.distributed import Distributed
+    from mixret.models import ModelConfig
+    pairs = planted_pairs(200, n_words=30)
+    pairs = [dataclasses.replace(p, target=p.target + " filler" * (i % 7) * 5) for i, p in enumerate(pairs)]
+    write_pairs_jsonl(pairs, tmp_path / "pairs.jsonl")
+    cfg = FinetuneConfig(pairs=str(tmp_path / "pairs.jsonl"), test_fraction=0.0, val_pairs=20, tokenizer="bytes",
+                         out=str(tmp_path / "ft"),
+                         model=ModelConfig(d_model=16, n_layers=1, context=64), batch_size=8,
+                         loop=LoopConfig(steps=10))
+    task = FinetuneTask(cfg, Distributed())
+    costs = np.array([task.relative_cost(s) for s in range(task.per_epoch)])
+    assert costs.mean() == pytest.approx(1.0) and costs.max() > 1.3 * costs.min()
+    batches = task.batches(0, Distributed(), 1)
+    padded = [sum(t.numel() for t in mb[0][:4:2]) for mb in (next(batches) for _ in range(task.per_epoch))]
+    # measured after token dropout, so only roughly the same tokens: the order of the steps must agree
+    assert np.corrcoef(costs, padded)[0, 1] > 0.9
+
+
 # --- resuming with another number of processes ------------------------------------------------------
 
 def test_resume_after_a_change_of_world_size_warns(tmp_path):

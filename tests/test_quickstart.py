@@ -39,10 +39,16 @@ def test_quickstart_runs_end_to_end_on_a_users_pairs(tmp_path, monkeypatch):
         modes = m["eval"]["modes"]
         assert modes["bm25"]["R@1"] > 0.9
         assert modes["fusion"]["R@1"] >= modes["bm25"]["R@1"] - 0.05
+    # one tokenizer, trained once before the two runs, is every model's
+    tokenizer = json.loads((out / "data" / "tokenizer.json").read_text())
+    for arch in report["models"]:
+        assert json.loads((out / "runs" / arch / "tokenizer.json").read_text()) == tokenizer
+    assert "training a BPE tokenizer" in res.output
     if side_by_side_threads():     # trained at the same time, each in its own process with its own log
         assert "side by side" in res.output
         for arch in report["models"]:
-            assert "budget:" in (out / "logs" / f"{arch}.log").read_text()
+            log = (out / "logs" / f"{arch}.log").read_text()
+            assert "budget:" in log and "training a BPE tokenizer" not in log
     # equal wall-clock: both archs got the same training budget
     minutes = {m["train_minutes"] for m in report["models"].values()}
     assert len(minutes) == 1

@@ -235,6 +235,16 @@ def test_bm25_finds_the_lexical_match():
         bm25.search(["xml"], 7)
 
 
+def test_bm25_matches_word_forms_by_their_stem():
+    texts = ["a library for queueing jobs in the background", "a job scheduler for clusters of machines",
+             "queue of messages between processes"]
+    bm25 = BM25Index(texts)
+    _, idx = bm25.search(["simple job queues"], 3)
+    assert idx[0, 0] == 0          # "job" and "queues" both match, as "jobs" and "queueing"
+    scores = bm25.scores("queues")
+    assert scores[0] > 0 and scores[2] > 0 and scores[1] == 0
+
+
 def test_retriever_modes_agree():
     rng = np.random.default_rng(0)
     emb = rng.standard_normal((len(TEXTS) * 20, 16)).astype(np.float32)
