@@ -195,11 +195,11 @@ def evaluate_pairs(pairs: Sequence, model=None, matcher=None, modes: str | Seque
         "corpus_embed_seconds": corpus_seconds, "query_embed_seconds": embed_seconds,
         "modes": {},
     }
-    hits = {}
+    hits, rankings = {}, {}
     for mode in modes:
         result = retriever.search(mode, k, query_emb=query_emb, queries=queries, shortlist=shortlist,
                                   shortlist_from=shortlist_from, losers=gold)
-        hits[mode] = result.indices[:, 0] == gold
+        hits[mode], rankings[mode] = result.indices[:, 0] == gold, result.indices
         seconds = result.seconds + (embed_seconds if mode != "bm25" else 0.0)
         report["modes"][mode] = {
             **ir_metrics(qrels, run_from(result.indices)),
@@ -212,8 +212,10 @@ def evaluate_pairs(pairs: Sequence, model=None, matcher=None, modes: str | Seque
             if mode != "bm25":
                 report["modes"][mode]["vs_bm25"] = paired_top1(hits[mode], hits["bm25"])
     if "hybrid" in modes:
-        source = retriever.search(shortlist_from, k, query_emb=query_emb, queries=queries)
-        report["shortlist_order"] = ir_metrics(qrels, run_from(source.indices))
+        source = rankings.get(shortlist_from)
+        if source is None:
+            source = retriever.search(shortlist_from, k, query_emb=query_emb, queries=queries, losers=gold).indices
+        report["shortlist_order"] = ir_metrics(qrels, run_from(source))
     return report
 
 

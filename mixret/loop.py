@@ -251,6 +251,15 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
+def last_metric(run_dir: Path, key: str):
+    """The last value of `key` logged in a run folder's metrics.jsonl (None when never logged, or no file)."""
+    path = Path(run_dir) / METRICS_NAME
+    if not path.is_file():
+        return None
+    values = [r[key] for r in map(json.loads, path.read_text().splitlines()) if r.get(key) is not None]
+    return values[-1] if values else None
+
+
 def plot_curve(metrics_path: Path, png_path: Path, reference: float | None = None,
                reference_label: str = "reference") -> None:
     """training_curve.png: training loss and the scalar evaluation losses against step (written atomically)."""

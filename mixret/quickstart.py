@@ -12,7 +12,6 @@ user's own files.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,7 +103,7 @@ def load_split(cfg: QuickstartConfig) -> tuple[list, list, str]:
 def train_model(arch: str, cfg: QuickstartConfig, data_dir: Path, out: Path, echo, minutes: float) -> dict:
     """Pretrain (its share of `minutes`) then fine-tune one architecture -> facts for the report."""
     from mixret.finetune import FINETUNE_LOOP, FinetuneConfig, finetune
-    from mixret.loop import LoopConfig
+    from mixret.loop import LoopConfig, last_metric
     from mixret.models import ModelConfig
     from mixret.train import TrainConfig, pretrain
 
@@ -118,7 +117,7 @@ def train_model(arch: str, cfg: QuickstartConfig, data_dir: Path, out: Path, ech
                          eval_every=10**9, seed=cfg.seed, out=str(out / "runs" / f"{arch}-clm"), overwrite=True)
         init = str(pretrain(tc))
         facts.update(pretrain_dir=init, pretrain_seconds=time.perf_counter() - start,
-                     pretrain_steps=tc.steps, val_loss=_last_metric(Path(init), "val_loss"))
+                     pretrain_steps=tc.steps, val_loss=last_metric(Path(init), "val_loss"))
     start = time.perf_counter()
     model = ModelConfig(arch=arch, d_model=cfg.d_model, n_layers=cfg.layers, context=cfg.context,
                         mixing_init="mean", **({"n_heads": 4} if arch == "llama" else {}))
@@ -130,7 +129,7 @@ def train_model(arch: str, cfg: QuickstartConfig, data_dir: Path, out: Path, ech
                                         **{**FINETUNE_LOOP, "eval_every": 10**9}))
     model_dir = finetune(fc)
     facts.update(dir=str(model_dir), finetune_seconds=time.perf_counter() - start, finetune_steps=fc.loop.steps,
-                 val_r1=_last_metric(model_dir, "val_r1"), val_fusion_r1=_last_metric(model_dir, "val_fusion_r1"))
+                 val_r1=last_metric(model_dir, "val_r1"), val_fusion_r1=last_metric(model_dir, "val_fusion_r1"))
     echo(_trained_line(arch, facts))
     return facts
 
@@ -308,14 +307,6 @@ def example_search(report: dict, cfg: QuickstartConfig) -> list[str]:
     query = load_pairs(out / "data" / "test.jsonl.gz")[0].query
     return ["search", query, "--index", str(out / "emb" / ARCHS[0]), "--model", report["models"][ARCHS[0]]["dir"],
             "--mode", "fusion", "-k", "5"]
-
-
-def _last_metric(run_dir: Path, key: str):
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    vals = [r[key] for r in map(json.loads, path.read_text().splitlines()) if r.get(key) is not None]
-    return vals[-1] if vals else None
 
 
 def _load_emb(emb_dir: Path):

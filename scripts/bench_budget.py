@@ -51,16 +51,6 @@ QUICK_PAIRS = 800  # pairs of the bundled corpus a --quick run uses
 
 # -- one run (in a child process) ----------------------------------------------------------------
 
-def last_metric(run_dir: Path, key: str):
-    """The last value of `key` in a run's metrics.jsonl (None if never logged)."""
-    value = None
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get(key) is not None:
-            value = rec[key]
-    return value
-
-
 def child(spec: dict) -> dict:
     """Pretrain (share > 0) then fine-tune within the budget, and score the result on the test split."""
     import mixret.train
@@ -69,7 +59,7 @@ def child(spec: dict) -> dict:
     from mixret.evaluate import evaluate_pairs
     from mixret.finetune import FINETUNE_LOOP, FinetuneConfig, finetune
     from mixret.fusion import FUSION_NAME, Fusion
-    from mixret.loop import TRAIN_CONFIG_NAME, LoopConfig
+    from mixret.loop import TRAIN_CONFIG_NAME, LoopConfig, last_metric
     from mixret.models import ModelConfig, load
     from mixret.train import TrainConfig, pretrain
 

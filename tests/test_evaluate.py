@@ -142,6 +142,8 @@ def test_evaluate_pairs_all_modes_and_table():
     assert report["modes"]["hybrid"]["passes_per_query"] == math.ceil((30 - 10) / (15 - 10))
     for m in report["modes"].values():  # (tree and hybrid accuracy with a trained matcher: test_planted.py)
         assert m["queries_per_s"] > 0
+    # the order the hybrid's shortlist came in is the vector mode's own ranking
+    assert report["shortlist_order"] == {m: report["modes"]["vector"][m] for m in report["shortlist_order"]}
     assert "vs_bm25" not in report["modes"]["bm25"]
     for mode in ("vector", "tree", "hybrid"):  # each compared with BM25 query by query
         v = report["modes"][mode]["vs_bm25"]

@@ -244,3 +244,13 @@ def test_a_new_model_field_appears_in_pretrain_help():
     assert "--layers" in result.output and "--d-model" in result.output
     result = CliRunner().invoke(command, ["--attn-window", "9"])
     assert json.loads(result.output)["attn_window"] == 9
+
+
+def test_last_metric_reads_the_last_logged_value(tmp_path):
+    from mixret.loop import last_metric
+    assert last_metric(tmp_path, "val_r1") is None                     # no metrics.jsonl yet
+    lines = [{"step": 1, "val_r1": None}, {"step": 2, "val_r1": 0.4}, {"step": 3, "val_r1": 0.6},
+             {"step": 4, "val_r1": None, "loss": 1.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert last_metric(tmp_path, "val_r1") == 0.6 and last_metric(tmp_path, "loss") == 1.0
+    assert last_metric(tmp_path, "val_loss") is None
