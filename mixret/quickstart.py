@@ -103,7 +103,7 @@ def load_split(cfg: QuickstartConfig) -> tuple[list, list, str]:
 def train_model(arch: str, cfg: QuickstartConfig, data_dir: Path, out: Path, echo, minutes: float) -> dict:
     """Pretrain (its share of `minutes`) then fine-tune one architecture -> facts for the report."""
     from mixret.finetune import FINETUNE_LOOP, FinetuneConfig, finetune
-    from mixret.loop import LoopConfig, last_metric
+    from mixret.loop import TRAIN_CONFIG_NAME, LoopConfig, last_metric
     from mixret.models import ModelConfig
     from mixret.train import TrainConfig, pretrain
 
@@ -117,7 +117,8 @@ def train_model(arch: str, cfg: QuickstartConfig, data_dir: Path, out: Path, ech
                          eval_every=10**9, seed=cfg.seed, out=str(out / "runs" / f"{arch}-clm"), overwrite=True)
         init = str(pretrain(tc))
         facts.update(pretrain_dir=init, pretrain_seconds=time.perf_counter() - start,
-                     pretrain_steps=tc.steps, val_loss=last_metric(Path(init), "val_loss"))
+                     pretrain_steps=io.read_json(Path(init) / TRAIN_CONFIG_NAME)["steps"],
+                     val_loss=last_metric(Path(init), "val_loss"))
     start = time.perf_counter()
     model = ModelConfig(arch=arch, d_model=cfg.d_model, n_layers=cfg.layers, context=cfg.context,
                         mixing_init="mean", **({"n_heads": 4} if arch == "llama" else {}))

@@ -58,3 +58,25 @@ def test_quickstart_runs_end_to_end_on_a_users_pairs(tmp_path, monkeypatch):
     # the run ends with one example search (fusion, on the mixer's index) and its results
     tail = res.output[res.output.index("$ mixret search"):]
     assert "--mode fusion" in tail and "rank" in tail and "   1  " in tail
+
+
+def test_quickstart_with_clm_pretraining_first(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIXRET_CACHE", str(tmp_path / "cache"))
+    pairs = planted_pairs(200, n_words=30)
+    write_pairs_jsonl(pairs[:160], tmp_path / "train.jsonl")
+    write_pairs_jsonl(pairs[160:], tmp_path / "test.jsonl")
+    out = tmp_path / "qs"
+    res = CliRunner().invoke(main, ["quickstart", "--out", str(out), "--pairs", str(tmp_path / "train.jsonl"),
+                                    "--test-pairs", str(tmp_path / "test.jsonl"), "--budget-minutes", "0.5",
+                                    "--pretrain-share", "0.4", "--d-model", "32", "--layers", "1", "--context", "32",
+                                    "--batch-size", "16", "--matcher-pairs", "100", "--matcher-epochs", "1",
+                                    "--tree-queries", "3"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    report = json.loads((out / "results.json").read_text())
+    tokenizer = json.loads((out / "data" / "tokenizer.json").read_text())
+    for arch, m in report["models"].items():
+        saved = json.loads((Path(m["pretrain_dir"]) / "train_config.json").read_text())
+        assert m["pretrain_steps"] == saved["steps"] >= 1 and m["finetune_steps"] >= 1
+        for run in (m["pretrain_dir"], m["dir"]):       # the CLM run and the fine-tuned model share the tokenizer
+            assert json.loads((Path(run) / "tokenizer.json").read_text()) == tokenizer
+    assert f"| {next(iter(report['models']))} | vector |" in (out / "results.md").read_text()
