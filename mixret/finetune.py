@@ -28,6 +28,7 @@ batches an uninterrupted one saw.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -367,23 +368,31 @@ class FinetuneTask:
     def relative_cost(self, step: int) -> float:
         """Padded tokens of step `step` (queries and documents, before token dropout, over every rank's
         micro-batches) against the mean step of an epoch: what the budget timing scales by."""
-        B, group = self.cfg.batch_size, self.cfg.batch_size * self.cfg.loop.grad_accum * self.dist.world_size
-        q_len = np.array([len(s) for s in self.q_seqs])
-        d_len = np.array([len(s) for s in self.d_seqs])
-
-        def tokens(rows: np.ndarray) -> float:
-            docs = rows if self.hard is None else np.concatenate([rows, self.hard[rows]])
-            return len(rows) * q_len[rows].max() + len(docs) * d_len[docs].max()
-
-        def step_tokens(batches: np.ndarray, i: int) -> float:
-            rows = batches[i * group:(i + 1) * group]
-            return sum(tokens(rows[k:k + B]) for k in range(0, len(rows), B))
-
         epoch, i = divmod(step, self.per_epoch)
-        first = epoch_batches(self.doc_lengths, B, self.cfg.seed, 0).reshape(-1)
-        mean = np.mean([step_tokens(first, j) for j in range(self.per_epoch)])
-        batches = first if epoch == 0 else epoch_batches(self.doc_lengths, B, self.cfg.seed, epoch).reshape(-1)
-        return float(step_tokens(batches, i) / mean)
+        batches = epoch_batches(self.doc_lengths, self.cfg.batch_size, self.cfg.seed, epoch).reshape(-1)
+        return self._step_tokens(batches, i) / self._mean_step_tokens
+
+    @functools.cached_property
+    def _mean_step_tokens(self) -> float:
+        first = epoch_batches(self.doc_lengths, self.cfg.batch_size, self.cfg.seed, 0).reshape(-1)
+        return float(np.mean([self._step_tokens(first, j) for j in range(self.per_epoch)]))
+
+    @functools.cached_property
+    def _text_lengths(self) -> tuple[np.ndarray, np.ndarray]:
+        """Token counts of the training queries and documents."""
+        return np.array([len(s) for s in self.q_seqs]), np.array([len(s) for s in self.d_seqs])
+
+    def _step_tokens(self, batches: np.ndarray, i: int) -> float:
+        """Padded tokens of the i-th step's group of rows in one epoch's batches (flattened)."""
+        B = self.cfg.batch_size
+        group = B * self.cfg.loop.grad_accum * self.dist.world_size
+        q_len, d_len = self._text_lengths
+        rows = batches[i * group:(i + 1) * group]
+        total = 0.0
+        for part in (rows[k:k + B] for k in range(0, len(rows), B)):
+            docs = part if self.hard is None else np.concatenate([part, self.hard[part]])
+            total += len(part) * q_len[part].max() + len(docs) * d_len[docs].max()
+        return total
 
     def micro_batch(self, rows: np.ndarray, pad: int, device: torch.device, rng: np.random.Generator) -> tuple:
         view = lambda seqs, idx: [drop_tokens(seqs[i], self.cfg.token_dropout, rng, self.keep_last)  # noqa: E731
