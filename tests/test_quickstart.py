@@ -14,18 +14,24 @@ pytestmark = pytest.mark.slow
 MODES = {"vector", "fusion", "hybrid", "tree", "bm25"}
 
 
-def test_quickstart_runs_end_to_end_on_a_users_pairs(tmp_path, monkeypatch):
+def run_quickstart(tmp_path, monkeypatch, n_train: int, n_test: int, *options: str):
+    """`mixret quickstart` on planted pairs (n_train training, n_test test) with small settings and `options`
+    -> (its CliRunner result, its output folder, its results.json); the run must succeed."""
     monkeypatch.setenv("MIXRET_CACHE", str(tmp_path / "cache"))
-    pairs = planted_pairs(320, n_words=30)
-    write_pairs_jsonl(pairs[:260], tmp_path / "train.jsonl")
-    write_pairs_jsonl(pairs[260:], tmp_path / "test.jsonl")
+    pairs = planted_pairs(n_train + n_test, n_words=30)
+    write_pairs_jsonl(pairs[:n_train], tmp_path / "train.jsonl")
+    write_pairs_jsonl(pairs[n_train:], tmp_path / "test.jsonl")
     out = tmp_path / "qs"
     res = CliRunner().invoke(main, ["quickstart", "--out", str(out), "--pairs", str(tmp_path / "train.jsonl"),
-                                    "--test-pairs", str(tmp_path / "test.jsonl"), "--budget-minutes", "0.6",
-                                    "--d-model", "32", "--layers", "2", "--context", "32", "--batch-size", "16",
-                                    "--matcher-pairs", "200", "--matcher-epochs", "2", "--tree-queries", "5"])
+                                    "--test-pairs", str(tmp_path / "test.jsonl"), "--d-model", "32",
+                                    "--context", "32", "--batch-size", "16", *options])
     assert res.exit_code == 0, res.output + repr(res.exception)
-    report = json.loads((out / "results.json").read_text())
+    return res, out, json.loads((out / "results.json").read_text())
+
+
+def test_quickstart_runs_end_to_end_on_a_users_pairs(tmp_path, monkeypatch):
+    res, out, report = run_quickstart(tmp_path, monkeypatch, 260, 60, "--budget-minutes", "0.6", "--layers", "2",
+                                      "--matcher-pairs", "200", "--matcher-epochs", "2", "--tree-queries", "5")
     assert set(report["models"]) == {"masked-mixer", "llama"} and report["n_test"] == 60
     for arch, m in report["models"].items():
         assert set(m["eval"]["modes"]) == MODES
@@ -61,18 +67,9 @@ def test_quickstart_runs_end_to_end_on_a_users_pairs(tmp_path, monkeypatch):
 
 
 def test_quickstart_with_clm_pretraining_first(tmp_path, monkeypatch):
-    monkeypatch.setenv("MIXRET_CACHE", str(tmp_path / "cache"))
-    pairs = planted_pairs(200, n_words=30)
-    write_pairs_jsonl(pairs[:160], tmp_path / "train.jsonl")
-    write_pairs_jsonl(pairs[160:], tmp_path / "test.jsonl")
-    out = tmp_path / "qs"
-    res = CliRunner().invoke(main, ["quickstart", "--out", str(out), "--pairs", str(tmp_path / "train.jsonl"),
-                                    "--test-pairs", str(tmp_path / "test.jsonl"), "--budget-minutes", "0.5",
-                                    "--pretrain-share", "0.4", "--d-model", "32", "--layers", "1", "--context", "32",
-                                    "--batch-size", "16", "--matcher-pairs", "100", "--matcher-epochs", "1",
-                                    "--tree-queries", "3"])
-    assert res.exit_code == 0, res.output + repr(res.exception)
-    report = json.loads((out / "results.json").read_text())
+    _, out, report = run_quickstart(tmp_path, monkeypatch, 160, 40, "--budget-minutes", "0.5", "--pretrain-share",
+                                    "0.4", "--layers", "1", "--matcher-pairs", "100", "--matcher-epochs", "1",
+                                    "--tree-queries", "3")
     tokenizer = json.loads((out / "data" / "tokenizer.json").read_text())
     for arch, m in report["models"].items():
         saved = json.loads((Path(m["pretrain_dir"]) / "train_config.json").read_text())
