@@ -77,8 +77,10 @@ METRICS_NAME = "metrics.jsonl"
 CURVE_NAME = "training_curve.png"
 RUN_FILES = (TRAIN_CONFIG_NAME, METRICS_NAME, CURVE_NAME, ckpt.CHECKPOINTS)  # what the loop writes in a run
 METRIC_LABELS = {"val_loss": "validation loss"}
-BUDGET_TIMED_STEPS = 6  # steps timed (after one warm-up step) to size a schedule to a time budget: their mean,
-                        # since batches of different lengths take different times
+BUDGET_WARMUP_STEPS = 4  # steps run, untimed, before the budget's timing: a fresh process's first steps (new batch
+                         # shapes, allocations) measured 20-30 % slower than its later ones, which cut budgets short
+BUDGET_TIMED_STEPS = 8   # steps timed after them to size a schedule to a time budget: their mean per unit of work,
+                         # since batches of different lengths take different times
 
 
 class Task(Protocol):
@@ -517,7 +519,7 @@ class _Loop:
         try:
             batches = self.task.batches(0, dist, cfg.grad_accum)
             times = []
-            for _ in range(1 + BUDGET_TIMED_STEPS):
+            for _ in range(BUDGET_WARMUP_STEPS + BUDGET_TIMED_STEPS):
                 start = time.perf_counter()
                 self.train_step(next(batches))
                 if dist.device.type == "cuda":
@@ -534,8 +536,8 @@ class _Loop:
             ckpt.set_host_rng_state(host)
         # steps of different sizes (batches grouped by length): time per unit of work, times the mean step's work
         cost = getattr(self.task, "relative_cost", None)
-        step_mean = sum(times[1:]) / (sum(cost(s) for s in range(1, 1 + BUDGET_TIMED_STEPS)) if cost
-                                      else BUDGET_TIMED_STEPS)
+        timed = range(BUDGET_WARMUP_STEPS, BUDGET_WARMUP_STEPS + BUDGET_TIMED_STEPS)
+        step_mean = sum(times[i] for i in timed) / (sum(cost(s) for s in timed) if cost else BUDGET_TIMED_STEPS)
         timing = dist.max(torch.tensor([step_mean, eval_seconds], dtype=torch.float64, device=dist.device))
         step_s, eval_s = float(timing[0]), float(timing[1])
         steps = max(1, int((seconds - eval_s) / (step_s + eval_s / cfg.eval_every)))

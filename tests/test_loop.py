@@ -125,22 +125,27 @@ def test_budget_minutes_sets_the_steps_and_leaves_the_run_as_with_those_steps(tm
 
 
 class SleepyTask:
-    """A task whose step takes `UNIT` seconds times the step's cost; the six steps the budget times cost 3, the
-    rest 1 (so the mean step costs about 1)."""
+    """A task whose step takes `UNIT` seconds times the step's cost; the steps the budget times cost 3, the rest 1
+    (so the mean step costs about 1). With slow_start, the first steps of the process also take 5 times longer
+    than their cost says, as a fresh process's first real steps do."""
     name, unit, fingerprint, UNIT = "sleepy", "items", "sleepy", 0.02
 
-    def __init__(self, declare_costs: bool):
+    def __init__(self, declare_costs: bool, slow_start: int = 0):
         self.objective = Sleepy()
+        self.slow_start = slow_start
         if declare_costs:
             self.relative_cost = self.cost
 
     def cost(self, step: int) -> float:
-        return 3.0 if 1 <= step <= 6 else 1.0
+        from mixret.loop import BUDGET_TIMED_STEPS, BUDGET_WARMUP_STEPS
+        return 3.0 if BUDGET_WARMUP_STEPS <= step < BUDGET_WARMUP_STEPS + BUDGET_TIMED_STEPS else 1.0
 
     def batches(self, start, dist, grad_accum):
         step = start
         while True:
-            yield [self.UNIT * self.cost(step)]
+            slow = 5.0 if self.slow_start > 0 else 1.0
+            self.slow_start -= 1
+            yield [self.UNIT * self.cost(step) * slow]
             step += 1
 
     def evaluate(self):
@@ -174,6 +179,15 @@ def test_budget_timing_divides_by_the_cost_of_the_steps_it_timed():
         planned[declare] = _Loop(SleepyTask(declare), cfg, Distributed(), None, "fresh", 0).cfg.steps
     assert 45 <= planned[True] <= 62, planned
     assert 15 <= planned[False] <= 21, planned
+
+
+def test_budget_timing_leaves_out_a_fresh_process_first_steps():
+    from mixret.distributed import Distributed
+    from mixret.loop import BUDGET_WARMUP_STEPS, LoopConfig, _Loop
+    seconds = 1.2          # 60 steps of cost 1; far fewer if the slow first steps were timed
+    cfg = LoopConfig(budget_minutes=seconds / 60, eval_every=10**9, progress=False)
+    planned = _Loop(SleepyTask(True, slow_start=BUDGET_WARMUP_STEPS), cfg, Distributed(), None, "fresh", 0).cfg.steps
+    assert 45 <= planned <= 62, planned
 
 
 def test_finetune_step_costs_average_one_and_follow_the_padded_tokens(tmp_path):
