@@ -220,6 +220,10 @@ def _finetune_model_options(fn):
 @click.option("--pooling", type=click.Choice(["last", "mean", "eos"]), default="last", show_default=True,
               help="The embedding trained: last content token, mean of the text's tokens, or an appended eos; the "
                    "output model embeds with it by default.")
+@click.option("--pool-head/--no-pool-head", default=True, show_default=True,
+              help="last/eos pooling: embed through a trained head over the last layer that starts as the running "
+                   "mean of the text's hidden states (what lets a pretrained language model, whose last position "
+                   "predicts the next token, fine-tune without collapsing); off: the last layer's own state.")
 @click.option("--tokenizer", default="bpe-lower", show_default=True,
               help="Random init: bpe-lower (BPE trained on the training pairs, case folded, as retrieval wants), bpe "
                    "(case kept), bytes, or the path of a tokenizer.json.")
@@ -249,7 +253,8 @@ def _finetune_model_options(fn):
 @click.option("--out", default=None, help="Output folder.  [default: runs/MODEL-ft]")
 @run_options
 @friendly
-def finetune_cmd(pairs_path, query_field, target_field, test_fraction, val_pairs, init, pooling, tokenizer, vocab_size,
+def finetune_cmd(pairs_path, query_field, target_field, test_fraction, val_pairs, init, pooling, pool_head, tokenizer,
+                 vocab_size,
                  max_length, batch_size, temperature, learn_temperature, symmetric, hard_negatives, token_dropout,
                  fusion_method, steps, lr, weight_decay, eval_every, checkpoint_every, seed, out, budget_minutes,
                  stop_after, resume, overwrite, **model_kw):
@@ -281,6 +286,7 @@ def finetune_cmd(pairs_path, query_field, target_field, test_fraction, val_pairs
                                    checkpoint_every=checkpoint_every, stop_after=stop_after)
     cfg = FinetuneConfig(pairs=pairs_path, query_field=query_field, target_field=target_field,
                          test_fraction=test_fraction, val_pairs=val_pairs, init=init, model=model, pooling=pooling,
+                         pool_head=pool_head,
                          tokenizer=tokenizer, vocab_size=vocab_size, max_length=max_length, batch_size=batch_size,
                          temperature=temperature, learn_temperature=learn_temperature, symmetric=symmetric,
                          hard_negatives=hard_negatives, token_dropout=token_dropout, fusion_method=fusion_method,

@@ -65,6 +65,9 @@ class FinetuneConfig:
     init: str = "masked-mixer"            # a model folder, or an architecture to start from random init
     model: ModelConfig = field(default_factory=lambda: ModelConfig(**FINETUNE_MODEL))  # for random init
     pooling: str = "last"                 # the embedding trained, and the one the output model embeds with
+    pool_head: bool = True                # last/eos pooling: embed through a trained head over the last layer that
+                                          # starts as the running mean of the text (models.layers.PoolHead); off: the
+                                          # last layer's own state at the last token
     tokenizer: str = "bpe-lower"          # random init: "bpe-lower", "bpe" (trained on the training pairs; the first
                                           # folds case), "bytes" or a path
     vocab_size: int = 2048
@@ -116,7 +119,7 @@ class FinetuneConfig:
 
 # Options a resumed run must keep (the rest may change between invocations).
 RUN_IDENTITY = ("pairs", "query_field", "target_field", "test_fraction", "val_pairs", "init", "model", "pooling",
-                "tokenizer",
+                "pool_head", "tokenizer",
                 "vocab_size", "max_length", "batch_size", "temperature", "learn_temperature", "symmetric",
                 "hard_negatives", "token_dropout", "seed")
 
@@ -218,6 +221,14 @@ class BiEncoder(nn.Module):
         return loss, len(q)
 
 
+def mean_pairwise_cosine(e: torch.Tensor) -> float:
+    """Mean cosine over the distinct pairs of rows of unit-norm e [N, D]: near 1 when every text gets about the
+    same embedding (collapsed), near 0 for embeddings spread over the sphere."""
+    n = len(e)
+    total = e.sum(dim=0)
+    return float((total @ total - (e * e).sum()) / (n * (n - 1)))
+
+
 @torch.no_grad()
 def rank_metrics(q: torch.Tensor, d: torch.Tensor) -> dict:
     """Query i's gold is document i; unit-norm q [N, D], d [N, D] -> R@1 and MRR@10 by cosine (ties lose)."""
@@ -249,7 +260,7 @@ class FinetuneTask:
     validation R@1 / MRR@10 (with the fusion weight fitted at each evaluation)."""
     name = "finetune"
     unit = "queries"
-    metric_keys = ("val_r1", "val_mrr10", "val_fusion_r1", "fusion_weight")
+    metric_keys = ("val_r1", "val_mrr10", "val_fusion_r1", "fusion_weight", "val_mean_cos")
     files = (io.CONFIG_NAME, io.WEIGHTS_NAME, io.TOKENIZER_NAME, FUSION_NAME)
 
     def __init__(self, cfg: FinetuneConfig, dist: Distributed):
@@ -298,6 +309,7 @@ class FinetuneTask:
         self.objective.to(dist.device)
         self.fusion = Fusion(method=cfg.fusion_method)
         self.last_metrics: dict = {}
+        self.curve_reference = (math.log(cfg.batch_size), f"chance (ln {cfg.batch_size}): collapsed embeddings")
         self.describe()
 
     def say(self, message: str) -> None:
@@ -339,6 +351,8 @@ class FinetuneTask:
             torch.manual_seed(cfg.seed)
             lm = build_model(dataclasses.replace(cfg.model, arch=cfg.init, vocab_size=self.tokenizer.vocab_size))
             lm.tokenizer = self.tokenizer
+        if cfg.pool_head and cfg.pooling != "mean" and lm.pool_head is None:
+            lm.add_pool_head()
         from mixret.data import sources_record
         lm.trained_on = (lm.trained_on or []) + sources_record([self.source], self.cfg.test_fraction or None)
         self.lm = lm.to(self.dist.device)
@@ -413,6 +427,7 @@ class FinetuneTask:
         q = F.normalize(embed_sequences(self.lm, self.val_q, B, self.objective.pooling, pad, device), dim=-1)
         d = F.normalize(embed_sequences(self.lm, self.val_d, B, self.objective.pooling, pad, device), dim=-1)
         metrics = rank_metrics(q, d)
+        metrics["val_mean_cos"] = round(mean_pairwise_cosine(torch.cat([q, d])), 4)
         retriever = Retriever(d.numpy(), [p.target for p in self.val])
         cands, dense, lexical = retriever.fusion_candidates(q.numpy(), [p.query for p in self.val], self.fusion.depth)
         weight, record = fit_weight(dense, lexical, cands, np.arange(len(self.val)), self.fusion.method)
@@ -447,6 +462,17 @@ class FinetuneTask:
             with torch.no_grad():
                 self.objective.log_scale.fill_(math.log(1.0 / t))
 
+    def start_metrics(self) -> dict:
+        """The loss of step 0's batch before any step, chance (ln of the batch), and how spread the validation
+        embeddings are (`mean_pairwise_cosine`): a loss above chance with a mean cosine near 1 starts a collapse."""
+        (batch,) = next(self.batches(0, self.dist, 1))
+        loss, n = self.objective(batch)
+        pad, device, pooling = self.tokenizer.pad_id, self.dist.device, self.objective.pooling
+        e = torch.cat([embed_sequences(self.lm, seqs[:256], 64, pooling, pad, device) for seqs in (self.val_q,
+                                                                                                   self.val_d)])
+        return {"loss": round(float(loss) / n, 5), "chance": round(math.log(n), 5),
+                "val_mean_cos": round(mean_pairwise_cosine(F.normalize(e, dim=-1)), 4)}
+
     def describe(self) -> None:
         cfg, lm = self.cfg, self.lm
         start = f"from {cfg.init}" if self.from_folder else f"from random init (mixing_init {lm.config.mixing_init})"
@@ -458,7 +484,8 @@ class FinetuneTask:
             f"{self.n_test:,} held out as the test split"
             + (f"; {self.n_dropped:,} dropped (repeated query or document text)" if self.n_dropped else "") + "\n"
             f"model: {lm.config.arch} {start}, {lm.num_params():,} parameters (d_model {lm.config.d_model}, "
-            f"{lm.config.n_layers} layers, context {lm.config.context}); pooling {cfg.pooling}, "
+            f"{lm.config.n_layers} layers, context {lm.config.context}); pooling {cfg.pooling}"
+            f"{' through the embedding head' if lm.pool_head is not None and cfg.pooling != 'mean' else ''}, "
             f"max_length {self.max_length}"
             + (f"; {self.truncated:,} texts truncated" if self.truncated else "") + "\n"
             f"training: {length} of {cfg.batch_size} pairs{hard}, temperature {cfg.temperature:g}"

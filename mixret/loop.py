@@ -21,6 +21,8 @@ A task gives only what is its own:
         def prepare(self, directory)     # write what a resumed run needs before the first step (rank 0)
         def on_step(self, step, loss)    # after each optimizer step: the step's mean loss (a 0-d tensor)
         def finish(self)                 # after the last step, before the final checkpoint (eval mode)
+        def start_metrics(self) -> dict  # before the first step of a new run (eval mode, no gradients): the
+                                         # metrics.jsonl line of step 0 (the loss before training, say)
         def record_extra(self, step) -> dict   # more fields for each metrics.jsonl line (e.g. the epoch)
         def relative_cost(self, step) -> float # the work of step `step` against the mean step (1.0 on average):
                                                # budget timing divides by it, for steps that differ in size
@@ -568,6 +570,12 @@ class _Loop:
         bar = tqdm(total=cfg.steps, initial=self.step, unit="step", desc=task.name, disable=disable,
                    dynamic_ncols=True, file=sys.stderr)
         run_start = time.perf_counter()
+        if self.step == 0 and hasattr(task, "start_metrics"):
+            self.model.eval()
+            with torch.no_grad():
+                record = task.start_metrics()
+            metrics.write({"step": 0, **keys, **record})
+            say(dist, "step 0 (before training): " + ", ".join(f"{k} {v:.4g}" for k, v in record.items()))
         self.model.train()
         batches = task.batches(self.step, dist, cfg.grad_accum)
         with stop_signals() as received:

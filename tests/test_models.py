@@ -226,3 +226,41 @@ def test_kernel_mixer_adds_only_its_extra_matrices():
     kernel = build_model(ModelConfig(**TINY, arch="masked-mixer", mixer_kernel=k))
     assert kernel.num_params() - flat.num_params() == L * (k - 1) * C * C
     assert tuple(kernel.blocks[0].mix.mats.bias.shape) == (1, C)
+
+
+@pytest.mark.parametrize("name", ["masked-mixer (flat)", "llama"])
+def test_embedding_head_starts_as_the_running_mean_and_stays_causal(name, tmp_path):
+    model = make(name)
+    lengths = [3, 11, 7]
+    ids = torch.randint(1, 64, (3, max(lengths)))
+    mask = (torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]).long()
+    h = model(ids).hidden_states
+    assert_close(model.embed(ids, mask), torch.stack([h[i, n - 1] for i, n in enumerate(lengths)]))
+    model.add_pool_head()
+    emb = model.embed(ids, mask)
+    # at the start: the mean of each text's hidden states, positions 0..last (not the last position's state)
+    assert_close(emb, torch.stack([h[i, :n].mean(0) for i, n in enumerate(lengths)]))
+    # what follows a text's last token (padding, or a longer text) does not change its embedding, once trained
+    with torch.no_grad():
+        model.pool_head.logits.normal_()
+    emb = model.embed(ids, mask)
+    longer = ids.clone()
+    longer[0, lengths[0]:] = 5
+    assert_close(model.embed(longer, mask)[0], emb[0])
+    assert not torch.allclose(emb[0], h[0, :lengths[0]].mean(0), atol=1e-3)   # the trained weights are used
+    # saved with the model: the config records the head and the weights come back
+    model.save_pretrained(tmp_path, tokenizer=ByteTokenizer())
+    assert json.loads((tmp_path / "config.json").read_text())["pool_head"] is True
+    assert_close(mixret.load(tmp_path).embed(ids, mask), emb)
+
+
+def test_a_model_saved_without_the_head_field_loads_without_a_head(tmp_path):
+    model = make("masked-mixer (flat)")
+    model.save_pretrained(tmp_path, tokenizer=ByteTokenizer())
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["pool_head"]                       # as written before the head existed
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = mixret.load(tmp_path)
+    assert loaded.pool_head is None and not loaded.config.pool_head
+    ids = torch.randint(0, 64, (2, 9))
+    assert torch.equal(loaded.embed(ids), model.embed(ids))

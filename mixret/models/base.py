@@ -5,6 +5,7 @@ An architecture subclasses it and provides `make_mix()` (its token mixing), and 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from mixret import io
 from mixret.errors import MixretError
 from mixret.models.config import ModelConfig
-from mixret.models.layers import Block, FeedForward, drop_path_rates
+from mixret.models.layers import Block, FeedForward, PoolHead, drop_path_rates
 
 
 @dataclass
@@ -52,6 +53,7 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
+        self.pool_head = PoolHead(config.context) if config.pool_head else None
         if config.mixing_init == "mean":
             for block in self.blocks:
                 block.mix.init_mean_()
@@ -89,11 +91,19 @@ class CausalLM(nn.Module):
         return CausalLMOutput(loss=loss, logits=logits, hidden_states=h)
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, L] right-padded ids -> [B, D]: the last layer at each row's last non-pad token."""
+        """[B, L] right-padded ids -> [B, D]: the last layer (through the embedding head, when the model has one)
+        at each row's last non-pad token."""
         h = self.hidden(input_ids)
+        if self.pool_head is not None:
+            h = self.pool_head(h)
         if attention_mask is None:
             return h[:, -1]
         return h[torch.arange(h.shape[0], device=h.device), last_index(attention_mask)]
+
+    def add_pool_head(self) -> None:
+        """Give the model a fresh embedding head (PoolHead, the running mean), recorded in its config."""
+        self.config = dataclasses.replace(self.config, pool_head=True)
+        self.pool_head = PoolHead(self.config.context).to(self.wte.weight.device)
 
     def encode(self, texts, **kwargs):
         """Texts -> [N, D] embeddings in input order (needs `self.tokenizer`); see `mixret.embed.encode`."""

@@ -47,6 +47,9 @@ class ModelConfig:
                                arch="hypermixer")
     hyper_chunk: int = _option(64, "hypermixer: positions per chunk of the prefix-sum computation.",
                                arch="hypermixer")
+    pool_head: bool = field(default=False, metadata={
+        "help": "An embedding head over the last hidden layer (added by finetune with last-token pooling).",
+        "option": None, "derived": True})
     n_heads: int = _option(4, "llama: attention heads.", arch="llama")
     rope_theta: float = _option(10000.0, "llama: RoPE base.", arch="llama")
 

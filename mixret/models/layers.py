@@ -29,6 +29,28 @@ def near_identity_(linear: nn.Linear, noise: float = 0.02) -> None:
             linear.bias.zero_()
 
 
+class PoolHead(nn.Module):
+    """The embedding head: a learned causal weighted mean over the last hidden layer,
+    out[t] = sum_{s<=t} softmax_s(A[t, :t+1])[s] h[s], with A starting at zero (the running mean).
+
+    The embedding is its output at the last real token. At the start it is the mean of the text's hidden states,
+    whatever the model learned to put at its last position (a language model puts the next token's prediction
+    there), so contrastive training starts from an embedding that already tells texts apart; it then learns how
+    to weigh each position. The weights stay a mean (positive, summing to 1), so a step of the optimizer moves
+    them by the same relative amount at every length. A gets no weight decay (it is no Linear weight)."""
+
+    def __init__(self, context: int):
+        super().__init__()
+        self.logits = nn.Parameter(torch.zeros(context, context))                          # A [C, C]
+        self.register_buffer("future", torch.ones(context, context).triu(1).bool(), persistent=False)
+
+    def weights(self, L: int) -> torch.Tensor:  # [L, L], rows sum to 1, zero above the diagonal
+        return self.logits[:L, :L].masked_fill(self.future[:L, :L], float("-inf")).softmax(dim=-1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # [B, L, D] -> [B, L, D]
+        return torch.einsum("ts,bsd->btd", self.weights(h.shape[1]).to(h.dtype), h)
+
+
 class DropPath(nn.Module):
     """Stochastic depth: drop a whole residual branch per sample during training."""
 
