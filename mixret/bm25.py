@@ -75,6 +75,8 @@ class BM25Params:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "BM25 parameters") -> "BM25Params":
+        if not isinstance(d, dict):
+            raise MixretError(f"{source}: expected a JSON object with k1, b and stemmer, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -161,8 +163,10 @@ def emb_dir_bm25(emb_dir: str | os.PathLike, meta: dict) -> BM25Params:
         return BM25Params()
     made_by, copied_from = meta.get("model_hash"), (params.model or {}).get("hash")
     if made_by is not None and copied_from != made_by:
-        raise MixretError(f"{Path(emb_dir) / BM25_NAME}: these BM25 parameters came from a model of weights hash "
-                          f"{copied_from}, the embeddings from one of hash {made_by} (rebuild it with "
+        origin = (f"came from a model of weights hash {copied_from}" if copied_from is not None
+                  else "name no model they came from")
+        raise MixretError(f"{Path(emb_dir) / BM25_NAME}: these BM25 parameters {origin}, the embeddings from one of "
+                          f"hash {made_by}; expected those of the model that made the embeddings (copy them with "
                           f"`mixret index {emb_dir}`)")
     return params
 

@@ -248,6 +248,9 @@ def test_bad_bm25_json_is_refused_with_its_file(tmp_path):
     (tmp_path / BM25_NAME).write_text(json.dumps({"k1": -1, "b": 0.5, "stemmer": True}))
     with pytest.raises(MixretError, match=f"{tmp_path / BM25_NAME}: BM25 k1 must be a number >= 0"):
         load_bm25(tmp_path)
+    (tmp_path / BM25_NAME).write_text("[1.2, 0.5]")
+    with pytest.raises(MixretError, match=f"{tmp_path / BM25_NAME}: expected a JSON object with k1, b and stemmer"):
+        load_bm25(tmp_path)
     (tmp_path / BM25_NAME).write_text(json.dumps({"k1": 1.2, "b": 0.5, "stem": True}))
     with pytest.raises(MixretError, match=r"unknown BM25 option\(s\) \['stem'\]"):
         load_bm25(tmp_path)
@@ -255,4 +258,7 @@ def test_bad_bm25_json_is_refused_with_its_file(tmp_path):
     (tmp_path / BM25_NAME).write_text(json.dumps({"k1": 1.2, "b": 0.5, "stemmer": True,
                                                   "model": {"path": "elsewhere", "hash": "abc"}}))
     with pytest.raises(MixretError, match="came from a model of weights hash abc, the embeddings from one of hash"):
+        emb_dir_bm25(tmp_path, {"model_hash": "def"})
+    (tmp_path / BM25_NAME).write_text(json.dumps({"k1": 1.2, "b": 0.5, "stemmer": True}))   # copied by hand
+    with pytest.raises(MixretError, match="name no model they came from.*mixret index"):
         emb_dir_bm25(tmp_path, {"model_hash": "def"})
