@@ -211,8 +211,8 @@ def _finetune_model_options(fn):
               help="Share of pairs held out as the test split (by a hash of the id) and never trained on; 0 when "
                    "the test pairs are in another file.")
 @click.option("--val-pairs", default=500, show_default=True,
-              help="Training pairs kept aside for validation R@1 and for fitting the fusion weight (at most a fifth "
-                   "of them).")
+              help="Training pairs kept aside for validation R@1 and for fitting the fusion weight and BM25's k1, b "
+                   "and stemmer (at most a fifth of them).")
 @click.option("--model", "init", default="masked-mixer", show_default=True,
               help="A model folder to fine-tune (from pretrain or finetune), or an architecture "
                    "(masked-mixer, hypermixer, llama) to start from random init with the model options below.")
@@ -261,9 +261,10 @@ def finetune_cmd(pairs_path, query_field, target_field, test_fraction, val_pairs
     """Fine-tune a language model as a bi-encoder on (query, document) pairs: InfoNCE with in-batch negatives.
 
     The output folder is a model like pretrain's, whose config records the pooling (embed, search and evaluate
-    use it), with fusion.json: the weight of `--mode fusion`, fitted on validation pairs. Validation R@1 and
-    MRR@10 are printed at each evaluation and written to metrics.jsonl. Ctrl-C or SIGTERM writes a checkpoint
-    before stopping; the same command with --resume continues from it.
+    use it), with fusion.json: the weight of `--mode fusion`, and bm25.json: BM25's k1, b and stemmer (a small
+    grid, best validation R@1), both fitted on validation pairs; `mixret index` carries bm25.json to the index.
+    Validation R@1 and MRR@10 are printed at each evaluation and written to metrics.jsonl. Ctrl-C or SIGTERM
+    writes a checkpoint before stopping; the same command with --resume continues from it.
     """
     import dataclasses
     import os
@@ -481,7 +482,10 @@ def train_matcher_cmd(pairs_path, model_dir, query_emb, target_emb, query_field,
 def index_cmd(emb_dir, factory, metric):
     """Build a FAISS index over the embeddings in EMB_DIR (from `mixret embed`) and save it there
     as index.faiss + index.json. IVF and PQ indexes are trained on the embeddings themselves; an IVF
-    with more lists than the corpus can train is shrunk, with a warning."""
+    with more lists than the corpus can train is shrunk, with a warning. The BM25 parameters fitted with
+    the model (its bm25.json, from `mixret finetune`) are copied there too: search, fusion and serve use
+    them, and bm25 search needs no model; a model without them leaves BM25 at its defaults."""
+    from mixret.bm25 import copy_to_emb_dir
     from mixret.embed import EmbeddingSpec, load_emb_dir
     from mixret.search import VectorIndex
 
@@ -489,8 +493,10 @@ def index_cmd(emb_dir, factory, metric):
     with Warnings():
         index = VectorIndex.build(emb, factory, metric, meta={**EmbeddingSpec.of(meta).to_dict(),
                                                               "model_path": meta.get("model_path")})
-    index.save(emb_dir)
-    click.echo(f"{emb_dir}: {index.factory} index ({metric}) over {index.count} vectors of dim {index.dim}")
+        index.save(emb_dir)
+        bm25 = copy_to_emb_dir(emb_dir, meta)
+    click.echo(f"{emb_dir}: {index.factory} index ({metric}) over {index.count} vectors of dim {index.dim}; "
+               f"BM25 {bm25.describe()}")
 
 
 def _retrieval_options(fn):
@@ -498,7 +504,8 @@ def _retrieval_options(fn):
     for option in reversed([
         click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None,
                      help="Language model folder that embeds the texts (search, serve: default the model named "
-                          "in EMB_DIR/meta.json; evaluate: the newest model under ./runs)."),
+                          "in EMB_DIR/meta.json; evaluate: the newest model under ./runs). evaluate also takes "
+                          "BM25's fitted k1, b and stemmer from it (its bm25.json), with --mode bm25 too."),
         click.option("--matcher", "matcher_dir", type=click.Path(file_okay=False), default=None,
                      help="Matcher folder (from `mixret train-matcher`), for tree and hybrid."),
         click.option("--fusion-weight", type=click.FloatRange(0, 1), default=None,
@@ -526,7 +533,9 @@ def _search_options(fn):
 @click.option("--mode", type=click.Choice(["vector", "fusion", "tree", "hybrid", "bm25"]), default="vector",
               show_default=True, help="vector: FAISS; fusion: BM25 and the model's scores combined; tree: matcher "
                                       "tournament over the whole corpus; hybrid: shortlist ranked by the matcher; "
-                                      "bm25: lexical baseline (English stopwords dropped, words stemmed).")
+                                      "bm25: lexical baseline (English stopwords dropped), no model needed. BM25 "
+                                      "uses the k1, b and stemmer `mixret index` copied into EMB_DIR from the "
+                                      "fine-tuned model (bm25.json), else k1 1.5, b 0.75, words stemmed.")
 @click.option("-k", "k", default=10, show_default=True, help="Results to return.")
 @_search_options
 @friendly
@@ -584,17 +593,24 @@ def evaluate_cmd(pairs_path, mode, limit, query_field, target_field, test_fracti
     """Search every held-out query of the pairs among all the held-out targets and report R@1, R@10,
     MRR@10 and nDCG@10 (ranx), queries/s and, for tree and hybrid, matcher passes per query.
 
+    BM25 (bm25, fusion, a bm25 shortlist) scores with the k1, b and stemmer fitted with the model (its
+    bm25.json from `mixret finetune`; with --mode bm25 the model is read for them only, not loaded), and
+    with the defaults where the model has none or no --model is given; a line on stderr says which.
+
     Held out means: every pair of a file that trained none of the models used, the test split of a file
     that trained one (each model and matcher records its training data); the first line says which.
     Pairs repeating an earlier query are dropped, as train-matcher drops them. Ties count against the
     relevant document."""
     import json
     import warnings
+    from pathlib import Path
 
     from mixret import io
+    from mixret.bm25 import BM25_NAME, load_bm25, model_bm25
     from mixret.data import drop_repeated_queries, file_hash, load_pairs, split_pairs
     from mixret.embed import default_model_dir, resolve_spec
-    from mixret.evaluate import MATCHER_MODES, evaluate_pairs, format_table, held_out_split, resolve_modes
+    from mixret.evaluate import (MATCHER_MODES, evaluate_pairs, format_table, held_out_split, resolve_modes,
+                                 uses_bm25)
     from mixret.fusion import load_fusion
     from mixret.search import load_matcher_checked, load_model_checked, matcher_spec
 
@@ -605,12 +621,18 @@ def evaluate_cmd(pairs_path, mode, limit, query_field, target_field, test_fracti
     if mode == "all" and matcher_dir is None:
         click.echo("tree and hybrid skipped: they need --matcher", err=True)
     needs_model, needs_matcher = any(m != "bm25" for m in modes), any(m in MATCHER_MODES for m in modes)
-    unused = [flag for flag, given, used in (("--model", model_dir, needs_model), ("--pooling", pooling, needs_model),
+    tuned = load_bm25(model_dir) if uses_bm25(modes, shortlist_from) else None
+    unused = [flag for flag, given, used in (("--model", model_dir, needs_model or tuned is not None),
+                                             ("--pooling", pooling, needs_model),
                                              ("--matcher", matcher_dir, needs_matcher)) if given and not used]
     if unused:
         click.echo(f"{', '.join(unused)} not used by mode {', '.join(modes)}", err=True)
+    bm25_params = None
+    if uses_bm25(modes, shortlist_from):
+        bm25_params, bm25_note = model_bm25(model_dir)
+        click.echo(bm25_note, err=True)
     model = matcher = spec = None
-    trainers = {}
+    trainers = {} if tuned is None else {f"the BM25 parameters {Path(model_dir) / BM25_NAME}": tuned.trained_on}
     with Warnings():
         if needs_matcher:
             matcher = load_matcher_checked(matcher_dir)
@@ -633,7 +655,8 @@ def evaluate_cmd(pairs_path, mode, limit, query_field, target_field, test_fracti
                               f"expected at least one")
         report = evaluate_pairs(test, model, matcher, modes, shortlist=shortlist, shortlist_from=shortlist_from,
                                 limit=limit, batch_size=batch_size, pooling=spec.pooling if spec else "last",
-                                max_length=spec.max_length if spec else None, fusion=fusion)
+                                max_length=spec.max_length if spec else None, fusion=fusion,
+                                bm25_params=bm25_params)
     report = {"pairs": str(pairs_path), "pairs_hash": file_hash(pairs_path), "scored": which,
               "test_fraction": fraction, "model": str(model_dir) if model is not None else None,
               "matcher": str(matcher_dir) if matcher is not None else None,

@@ -11,7 +11,9 @@ counted.
 When bm25 is among the modes, every other mode is compared with it query by query: the queries it ranks
 first that BM25 does not (wins), the reverse (losses), and the exact two-sided McNemar p-value of that
 difference (a binomial test on the discordant queries, scipy.stats.binomtest). A mode is clearly better than
-BM25 only where p is small (below 0.05, say), not merely where its R@1 is higher.
+BM25 only where p is small (below 0.05, say), not merely where its R@1 is higher. BM25 is the one fitted with
+the model when its k1, b and stemmer are given (mixret.bm25) and differ from the defaults; then the default
+BM25 is reported beside it ("bm25_default"), compared with the fitted one the same way.
 
 Ties are pessimistic: the relevant document is ranked after every document that scores the same as it
 (see `mixret.search`: each search gets the relevant documents as `losers`). A model that gives every
@@ -137,15 +139,17 @@ def run_from(indices: np.ndarray) -> dict[str, dict[str, float]]:
 def evaluate_pairs(pairs: Sequence, model=None, matcher=None, modes: str | Sequence[str] = "vector",
                    shortlist: int = 256, shortlist_from: str = "vector", limit: int | None = None,
                    batch_size: int = 64, pooling: str | None = None, max_length: int | None = None,
-                   fusion=None) -> dict:
+                   fusion=None, bm25_params=None) -> dict:
     """Search every query of `pairs` (the first `limit`) among all their distinct targets in each mode.
 
     model: anything with `encode(texts, batch_size=..., pooling=..., max_length=...) -> [N, E]` (a mixret
     language model), needed by every mode but bm25; pooling, max_length: as for `mixret.embed.encode` (embed
     the texts the way the matcher's training pairs were: see mixret.embed.resolve_spec); matcher: a mixret
     Matcher, needed by tree and hybrid (and ignored by the other modes); fusion: a mixret.fusion.Fusion, needed
-    by fusion. Pairs repeating an earlier query are dropped (drop_repeated_queries). Returns a report dict with
-    the corpus facts, chance levels and, per mode, the metrics, queries/s and matcher passes/query; with
+    by fusion; bm25_params: a mixret.bm25.BM25Params for bm25, fusion and a bm25 shortlist (default: the
+    defaults; a matcher's bm25 feature always keeps them). Pairs repeating an earlier query are dropped
+    (drop_repeated_queries). Returns a report dict with the corpus facts, chance levels, the BM25 parameters
+    used and, per mode, the metrics, queries/s and matcher passes/query; with
     hybrid, "shortlist_order" holds the metrics of its shortlist in the source's own order, what the matcher's
     ranking must beat. With bm25 among the modes, each other mode has "vs_bm25": paired_top1 against BM25.
     """
@@ -181,7 +185,7 @@ def evaluate_pairs(pairs: Sequence, model=None, matcher=None, modes: str | Seque
         corpus_seconds = 0.0
     uses_matcher = any(m in MATCHER_MODES for m in modes)
     retriever = Retriever(corpus_emb, docs, matcher=matcher if uses_matcher else None,
-                          fusion=fusion if "fusion" in modes else None)
+                          fusion=fusion if "fusion" in modes else None, bm25_params=bm25_params)
     report = {
         "n_queries": n, "repeated_queries_dropped": n_repeated, "corpus_size": len(docs), "k": k,
         "ties": "pessimistic",
@@ -191,6 +195,7 @@ def evaluate_pairs(pairs: Sequence, model=None, matcher=None, modes: str | Seque
         "shortlist_from": shortlist_from if "hybrid" in modes else None,
         "matcher_context": matcher.config.context if uses_matcher else None,
         "fusion": fusion.to_dict() if fusion is not None and "fusion" in modes else None,
+        "bm25": _bm25_record(bm25_params) if uses_bm25(modes, shortlist_from) else None,
         "chance": {"R@1": 1 / len(docs), "R@10": k / len(docs)},
         "corpus_embed_seconds": corpus_seconds, "query_embed_seconds": embed_seconds,
         "modes": {},
@@ -211,6 +216,8 @@ def evaluate_pairs(pairs: Sequence, model=None, matcher=None, modes: str | Seque
         for mode in hits:
             if mode != "bm25":
                 report["modes"][mode]["vs_bm25"] = paired_top1(hits[mode], hits["bm25"])
+        if bm25_params is not None and not bm25_params.is_default:
+            report["bm25_default"] = default_bm25_row(docs, queries, qrels, gold, k, hits["bm25"])
     if "hybrid" in modes:
         source = rankings.get(shortlist_from)
         if source is None:
@@ -219,10 +226,33 @@ def evaluate_pairs(pairs: Sequence, model=None, matcher=None, modes: str | Seque
     return report
 
 
+def default_bm25_row(docs: list[str], queries: list[str], qrels: dict, gold: np.ndarray, k: int,
+                     fitted_hits: np.ndarray) -> dict:
+    """The metrics of BM25 with its default parameters, beside a fitted one whose top-1 hits [Q] are given: what
+    the fit gained, with "vs_bm25" the default's won/lost against the fitted BM25."""
+    result = Retriever(None, docs).search("bm25", k, queries=queries, losers=gold)
+    return {**ir_metrics(qrels, run_from(result.indices)),
+            "queries_per_s": len(queries) / result.seconds if result.seconds > 0 else None,
+            "seconds": result.seconds, "passes_per_query": None,
+            "vs_bm25": paired_top1(result.indices[:, 0] == gold, fitted_hits)}
+
+
+def uses_bm25(modes: Sequence[str], shortlist_from: str = "vector") -> bool:
+    """Whether any of the modes searches with BM25 (bm25, fusion, or hybrid with a bm25 shortlist)."""
+    return any(m in ("bm25", "fusion") or (m == "hybrid" and shortlist_from == "bm25") for m in modes)
+
+
+def _bm25_record(params) -> dict:
+    """k1, b and stemmer of a BM25Params (None: the defaults), and whether they were fitted."""
+    from mixret.bm25 import BM25Params
+    params = params if params is not None else BM25Params()
+    return {"k1": params.k1, "b": params.b, "stemmer": params.stemmer, "fitted": bool(params.fitted)}
+
+
 def format_table(report: dict) -> str:
     """Markdown comparison table of a report from evaluate_pairs, one row per mode, chance last."""
     cols = list(METRICS)
-    paired = any("vs_bm25" in m for m in report["modes"].values())
+    paired = any("vs_bm25" in m for m in report["modes"].values()) or bool(report.get("bm25_default"))
     extra = " top-1 vs bm25: won/lost (p) |" if paired else ""
     lines = ["| mode | " + " | ".join(cols) + " | queries/s | matcher passes/query |" + extra,
              "|---|" + "---:|" * (len(cols) + 2 + paired)]
@@ -232,6 +262,11 @@ def format_table(report: dict) -> str:
         speed = f"{m['queries_per_s']:.1f}" if m["queries_per_s"] is not None else "-"
         versus = f" {format_paired(m['vs_bm25'])} |" if "vs_bm25" in m else blank
         lines.append(f"| {mode} | " + " | ".join(f"{m[c]:.3f}" for c in cols) + f" | {speed} | {passes} |" + versus)
+        if mode == "bm25" and report.get("bm25_default"):
+            m = report["bm25_default"]
+            speed = f"{m['queries_per_s']:.1f}" if m["queries_per_s"] is not None else "-"
+            lines.append("| bm25, defaults (k1 1.5, b 0.75, stemmed) | " + " | ".join(f"{m[c]:.3f}" for c in cols)
+                         + f" | {speed} | - | {format_paired(m['vs_bm25'])} |")
         if mode == "hybrid" and report.get("shortlist_order"):
             m = report["shortlist_order"]
             lines.append(f"| hybrid's shortlist, {report['shortlist_from']} order | "
@@ -244,8 +279,15 @@ def format_table(report: dict) -> str:
                if report.get("shortlist") else "")
             + (f"; matcher context {report['matcher_context']}" if report.get("matcher_context") else "")
             + (f"; fusion weight {report['fusion']['weight']:.2f} ({report['fusion']['method']})"
-               if report.get("fusion") else ""))
+               if report.get("fusion") else "")
+            + (f"; {_bm25_line(report['bm25'])}" if report.get("bm25") else ""))
     return head + "\n\n" + "\n".join(lines)
+
+
+def _bm25_line(b: dict) -> str:
+    """"BM25 k1 0.9, b 0.5, stemmer on (fitted)" from a report's bm25 record."""
+    return (f"BM25 k1 {b['k1']:g}, b {b['b']:g}, stemmer {'on' if b['stemmer'] else 'off'} "
+            f"({'fitted' if b['fitted'] else 'defaults'})")
 
 
 def format_paired(v: dict) -> str:

@@ -15,13 +15,14 @@ out for that query).
 new model of the options' size starts from random init (`mixing_init` "mean" by default: its last position
 starts as the mean of the text, so last-token pooling learns from the first step), with a BPE tokenizer
 trained on the training pairs. The output is a model folder whose config records the pooling, so `embed`,
-`search` and `evaluate` use it without being told, plus fusion.json: the weight of `fusion` search, fitted on
-the validation slice.
+`search` and `evaluate` use it without being told, plus fusion.json: the weight of `fusion` search, and
+bm25.json: BM25's k1, b and stemmer (mixret.bm25), both fitted on the validation slice (the fusion weight with the
+fitted BM25).
 
 Pairs: the held-out test split (by a hash of the id, as train-matcher and evaluate use) is never trained on;
 pairs repeating an earlier pair's query or document text are dropped (they would be false negatives); of the
 rest, `val_pairs` (chosen by a hash of the id) form the validation slice: R@1 and MRR@10 of each of its
-queries against all its documents at every evaluation, and the pairs the fusion weight is fitted on. Batches
+queries against all its documents at every evaluation, and the pairs the fusion weight and BM25 are fitted on. Batches
 group texts of similar length; the batches of a step depend only on (seed, step), so a resumed run sees the
 batches an uninterrupted one saw.
 """
@@ -41,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mixret import io, loop
+from mixret.bm25 import BM25_NAME, BM25Params, fit_bm25, save_bm25
 from mixret.distributed import Distributed
 from mixret.embed import POOLINGS, embed_sequences, pad_sequences, pool, token_sequences
 from mixret.errors import MixretError
@@ -251,17 +253,18 @@ def finetune(cfg: FinetuneConfig) -> Path:
             final = {k: v for k, v in task.last_metrics.items() if k.startswith("val_")}
             task.say(f"done: {cfg.loop.steps} steps; validation " + ", ".join(f"{k[4:]} {v:.3f}" for k, v in
                                                                                final.items())
-                     + f"; fusion weight {task.fusion.weight:.2f} ({task.fusion.method})")
+                     + f"; fusion weight {task.fusion.weight:.2f} ({task.fusion.method}); "
+                     + f"BM25 {task.bm25_params.describe()}")
         return out
 
 
 class FinetuneTask:
     """What fine-tuning gives the loop: pairs, tokenizer and model, batches by step, the InfoNCE loss, and
-    validation R@1 / MRR@10 (with the fusion weight fitted at each evaluation)."""
+    validation R@1 / MRR@10 (with the fusion weight fitted at each evaluation, BM25's parameters at the first)."""
     name = "finetune"
     unit = "queries"
     metric_keys = ("val_r1", "val_mrr10", "val_fusion_r1", "fusion_weight", "val_mean_cos")
-    files = (io.CONFIG_NAME, io.WEIGHTS_NAME, io.TOKENIZER_NAME, FUSION_NAME)
+    files = (io.CONFIG_NAME, io.WEIGHTS_NAME, io.TOKENIZER_NAME, FUSION_NAME, BM25_NAME)
 
     def __init__(self, cfg: FinetuneConfig, dist: Distributed):
         self.cfg, self.dist = cfg, dist
@@ -419,16 +422,24 @@ class FinetuneTask:
             excluded[:, len(rows):] = torch.from_numpy(self.hard[rows][None, :] == rows[:, None])
         return tuple(t.to(device) for t in (q_ids, q_mask, d_ids, d_mask, excluded))
 
+    @functools.cached_property
+    def bm25_params(self) -> BM25Params:
+        """BM25's k1, b and stemmer fitted on the validation pairs (they do not depend on the model: fitted once)."""
+        from mixret.data import sources_record
+        return fit_bm25([p.query for p in self.val], [p.target for p in self.val],
+                        on=f"{len(self.val)} validation pairs of {self.source}",
+                        trained_on=sources_record([self.source], self.cfg.test_fraction or None))
+
     def evaluate(self) -> dict:
         """Validation R@1 / MRR@10 (each validation query against all validation documents), then the fusion
-        weight fitted on the same pairs and the fused R@1 it reaches there."""
+        weight fitted on the same pairs, with the fitted BM25, and the fused R@1 it reaches there."""
         from mixret.search import Retriever
         B, device, pad = 64, self.dist.device, self.tokenizer.pad_id
         q = F.normalize(embed_sequences(self.lm, self.val_q, B, self.objective.pooling, pad, device), dim=-1)
         d = F.normalize(embed_sequences(self.lm, self.val_d, B, self.objective.pooling, pad, device), dim=-1)
         metrics = rank_metrics(q, d)
         metrics["val_mean_cos"] = round(mean_pairwise_cosine(torch.cat([q, d])), 4)
-        retriever = Retriever(d.numpy(), [p.target for p in self.val])
+        retriever = Retriever(d.numpy(), [p.target for p in self.val], bm25_params=self.bm25_params)
         cands, dense, lexical = retriever.fusion_candidates(q.numpy(), [p.query for p in self.val], self.fusion.depth)
         weight, record = fit_weight(dense, lexical, cands, np.arange(len(self.val)), self.fusion.method)
         self.fusion = Fusion(weight=weight, method=self.fusion.method, depth=self.fusion.depth,
@@ -450,6 +461,7 @@ class FinetuneTask:
     def save(self, directory: Path) -> None:
         self.lm.save_pretrained(directory, self.tokenizer)
         io.write_json(Path(directory) / FUSION_NAME, self.fusion.to_dict())
+        save_bm25(directory, self.bm25_params)
         if self.cfg.learn_temperature:
             io.write_json(Path(directory) / "temperature.json", {"temperature": self.objective.temperature})
 

@@ -2,9 +2,10 @@
 
 Each architecture gets the same wall-clock training budget (not the same steps): an optional share of it for
 CLM pretraining on the training texts, the rest for contrastive fine-tuning on the training pairs (which also
-fits the fusion weight on a validation slice of them). Then, per model: a matcher trained on the fine-tuned
-embeddings, the test documents embedded and indexed, and every search mode evaluated on the held-out pairs
-beside BM25, in one comparison table. Everything goes under one output directory.
+fits BM25's k1, b and stemmer and the fusion weight on a validation slice of them). Then, per model: a matcher
+trained on the fine-tuned embeddings, the test documents embedded and indexed (with the fitted BM25), and every
+search mode evaluated on the held-out pairs beside the fitted BM25 and the default one, in one comparison table;
+every won/lost count is against the fitted BM25. Everything goes under one output directory.
 
 The pairs are the bundled Debian corpus (split by a hash of the id) unless `pairs` and `test_pairs` name a
 user's own files.
@@ -226,6 +227,7 @@ def _trained_line(arch: str, facts: dict) -> str:
 def _run(cfg: QuickstartConfig, echo: Callable[[str], None]) -> dict:
     from mixret.data import write_pairs_jsonl
     from mixret.embed import EmbeddingSpec, embed_corpus, encode
+    from mixret.bm25 import copy_to_emb_dir, load_bm25
     from mixret.evaluate import evaluate_pairs
     from mixret.fusion import FUSION_NAME, Fusion
     from mixret.matcher import MatcherConfig, dedupe_queries, train_matcher
@@ -253,6 +255,7 @@ def _run(cfg: QuickstartConfig, echo: Callable[[str], None]) -> dict:
         model_dir = Path(facts["dir"])
         model = load(model_dir)
         fusion = Fusion.from_dict(io.read_json(model_dir / FUSION_NAME), str(model_dir / FUSION_NAME))
+        bm25 = load_bm25(model_dir)
 
         # 3. a matcher on the fine-tuned embeddings of the training pairs, each candidate slot also given its
         #    BM25 score and cosine, half of each set's negatives the query's nearest training documents
@@ -276,18 +279,23 @@ def _run(cfg: QuickstartConfig, echo: Callable[[str], None]) -> dict:
         # 4. the test documents embedded and indexed: the corpus `mixret search` searches below
         emb_dir = out / "emb" / arch
         embed_corpus(model_dir, data_dir / "test.jsonl.gz", emb_dir, field="document", overwrite=True)
-        emb, *_ = _load_emb(emb_dir)
+        emb, _, _, emb_meta = _load_emb(emb_dir)
         VectorIndex.build(emb, "Flat", meta={**spec.to_dict(), "model_path": str(model_dir.resolve())}).save(emb_dir)
+        copy_to_emb_dir(emb_dir, emb_meta)
 
         # 5. every mode on the held-out pairs; tree on a sample of queries
         echo(f"== {arch}: evaluating vector, fusion, hybrid, tree ({min(cfg.tree_queries, len(test))} queries), "
              f"bm25")
-        rep = evaluate_pairs(test, model, matcher, modes=["vector", "fusion", "hybrid", "bm25"], fusion=fusion)
-        tree = evaluate_pairs(test, model, matcher, modes=["tree", "bm25"], limit=cfg.tree_queries)
+        rep = evaluate_pairs(test, model, matcher, modes=["vector", "fusion", "hybrid", "bm25"], fusion=fusion,
+                             bm25_params=bm25)
+        if "bm25_default" not in rep:       # the fit kept the defaults: the same BM25 twice
+            rep["bm25_default"] = {**rep["modes"]["bm25"], "vs_bm25": {"wins": 0, "losses": 0, "p": 1.0}}
+        tree = evaluate_pairs(test, model, matcher, modes=["tree", "bm25"], limit=cfg.tree_queries, bm25_params=bm25)
         rep["modes"]["tree"] = tree["modes"]["tree"]
         rep["tree_queries"] = tree["n_queries"]
         report["models"][arch] = {**facts, "params": model.num_params(), "pooling": spec.pooling,
                                   "fusion": {"weight": fusion.weight, "method": fusion.method},
+                                  "bm25": bm25.to_dict() if bm25 is not None else None,
                                   "matcher_dir": str(out / "matchers" / arch), "emb_dir": str(emb_dir),
                                   "matcher": _matcher_summary(mmetrics), "eval": rep}
     report["chance"] = rep["chance"]
@@ -336,37 +344,51 @@ def machine_description() -> str:
     return f"{cpu}, {torch.get_num_threads()} threads, {dev}, torch {torch.__version__}"
 
 
+def _table_row(model: str, mode: str, r: dict, cols: tuple[str, ...]) -> str:
+    """One row of the comparison table: a mode's metrics, speed, matcher passes and won/lost against BM25."""
+    from mixret.evaluate import format_paired
+    passes = f"{r['passes_per_query']:.1f}" if r.get("passes_per_query") is not None else "-"
+    qps = f"{r['queries_per_s']:.1f}" if r.get("queries_per_s") else "-"
+    versus = format_paired(r["vs_bm25"]) if r.get("vs_bm25") else "-"
+    return f"| {model} | {mode} | " + " | ".join(f"{r[c]:.3f}" for c in cols) + f" | {qps} | {passes} | {versus} |"
+
+
+def _bm25_values(params: dict | None) -> str:
+    """"k1 0.9, b 0.5, stemmer on" of a model's fitted BM25 record (the defaults without one)."""
+    from mixret.bm25 import BM25Params
+    p = BM25Params.from_dict(params) if params is not None else BM25Params()
+    return f"k1 {p.k1:g}, b {p.b:g}, stemmer {'on' if p.stemmer else 'off'}"
+
+
 def format_report(report: dict) -> str:
     """The comparison table (markdown) and the models' side table."""
-    from mixret.evaluate import format_paired
     cols = ("R@1", "R@10", "MRR@10", "nDCG@10")
     cfg = report["config"]
     any_eval = next(iter(report["models"].values()))["eval"]
     share = f"{cfg['pretrain_share']:.0%} CLM pretraining then " if cfg["pretrain_share"] else ""
     lines = [f"Retrieval of {any_eval['n_queries']} held-out queries among their {any_eval['corpus_size']} "
              f"documents ({report['source']}; tree: first {any_eval.get('tree_queries')} queries, compared with BM25 "
-             f"on those). Won/lost: queries a mode ranks first that BM25 does not, and the reverse; p: exact McNemar "
-             f"test. Each model: "
+             f"on those). BM25 fitted: k1, b and the stemmer fitted on the validation pairs by fine-tuning; defaults: "
+             f"k1 1.5, b 0.75, stemmer on. Won/lost: queries a mode ranks first that the fitted BM25 does not, and "
+             f"the reverse; p: exact McNemar test. Each model: "
              f"{next(iter(report['models'].values()))['train_minutes']:.1f} min of training ({share}contrastive "
              f"fine-tuning) on {report['n_train']} training pairs; matchers trained on {report['n_matcher_train']} "
              f"of them; machine: {report['machine']}.", "",
              "| model | mode | " + " | ".join(cols) + " | queries/s | matcher passes/query | "
-             "top-1 vs bm25: won/lost (p) |",
+             "top-1 vs fitted bm25: won/lost (p) |",
              "|---|---|" + "---:|" * (len(cols) + 3)]
-    bm25_done = False
     for arch, m in report["models"].items():
-        for mode in ("vector", "fusion", "hybrid", "tree", "bm25"):
-            if mode == "bm25":
-                if bm25_done:
-                    continue
-                bm25_done = True
-            r = m["eval"]["modes"][mode]
-            name = "-" if mode == "bm25" else arch
-            passes = f"{r['passes_per_query']:.1f}" if r.get("passes_per_query") is not None else "-"
-            qps = f"{r['queries_per_s']:.1f}" if r.get("queries_per_s") else "-"
-            versus = format_paired(r["vs_bm25"]) if r.get("vs_bm25") else "-"
-            lines.append(f"| {name} | {mode} | " + " | ".join(f"{r[c]:.3f}" for c in cols)
-                         + f" | {qps} | {passes} | {versus} |")
+        for mode in ("vector", "fusion", "hybrid", "tree"):
+            lines.append(_table_row(arch, mode, m["eval"]["modes"][mode], cols))
+    fitted = {arch: _bm25_values(m.get("bm25")) for arch, m in report["models"].items()}
+    shown = set()
+    for arch, m in report["models"].items():      # one fitted BM25 and the defaults beside it, per distinct fit
+        if fitted[arch] in shown:
+            continue
+        shown.add(fitted[arch])
+        who = "-" if len(set(fitted.values())) == 1 else arch
+        lines.append(_table_row(who, f"bm25, fitted ({fitted[arch]})", m["eval"]["modes"]["bm25"], cols))
+        lines.append(_table_row(who, "bm25, defaults", m["eval"]["bm25_default"], cols))
     ch = report["chance"]
     lines.append("| - | chance | " + " | ".join(f"{ch[c]:.3f}" if c in ch else "-" for c in cols) + " | - | - | - |")
     lines += ["", "Models:", "",

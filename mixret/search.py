@@ -5,7 +5,8 @@
   queries are L2-normalised first (cosine similarity).
 - tree: a knockout tournament over the whole corpus with the matcher, no vector index.
 - hybrid: a shortlist from the vector index (or BM25), ranked by the same tournament.
-- bm25: BM25 over the corpus texts with bm25s (English stopwords, Snowball stems), a lexical baseline.
+- bm25: BM25 over the corpus texts with bm25s (English stopwords, Snowball stems), a lexical baseline; its k1,
+  b and stemmer are the ones fitted with the model when `mixret index` put them in EMB_DIR (see mixret.bm25).
 - fusion: BM25 and the dense similarity combined over both sides' top candidates (see mixret.fusion).
 
 Equal scores are ranked by corpus index (lower first) in bm25 mode, as FAISS's Flat index does.
@@ -56,6 +57,7 @@ SHORTLIST_SOURCES = ("vector", "bm25")
 IVF_MIN_POINTS_PER_LIST = 39   # FAISS's own minimum of training points per k-means centroid
 IVF_NPROBE = 16                # inverted lists visited per query (at most nlist)
 HNSW_EF_SEARCH = 64            # HNSW search breadth (raised to k when k is larger)
+BM25_K1, BM25_B = 1.5, 0.75    # bm25s's own defaults: BM25 when nothing was fitted (see mixret.bm25)
 
 # score_fn(queries [B, E], candidates [B, N, E], mask [B, N] bool, bm25 [B, N] or None) -> logits [B, N];
 # bm25: the candidates' BM25 scores for their query, given to the tournament for a matcher that takes them
@@ -261,24 +263,35 @@ def _faiss_message(e: Exception) -> str:
 # -- BM25 -------------------------------------------------------------------------------------
 
 class BM25Index:
-    """BM25 (bm25s, Lucene variant) over texts tokenised with bm25s.tokenize, English stopwords removed and
-    every word reduced to its stem by the Snowball English stemmer (PyStemmer), so "queues" matches "queueing"."""
+    """BM25 (bm25s, Lucene variant) over texts tokenised with bm25s.tokenize, English stopwords removed and, with
+    the stemmer on, every word reduced to its stem by the Snowball English stemmer (PyStemmer), so "queues"
+    matches "queueing". k1 (term frequency saturation) and b (length normalisation) default to bm25s's own;
+    mixret.bm25 fits all three on validation pairs."""
 
-    def __init__(self, texts: Sequence[str]):
+    def __init__(self, texts: Sequence[str], k1: float = BM25_K1, b: float = BM25_B, stemmer: bool = True):
         import bm25s
         import Stemmer
         if len(texts) == 0:
             raise MixretError("cannot build a BM25 index over an empty corpus")
         self.count = len(texts)
-        self.stemmer = Stemmer.Stemmer("english")
-        self.retriever = bm25s.BM25()
+        self.k1, self.b = k1, b
+        self.stemmer = Stemmer.Stemmer("english") if stemmer else None
+        self.retriever = bm25s.BM25(k1=k1, b=b)
         tokens = bm25s.tokenize(list(texts), stopwords="en", stemmer=self.stemmer, show_progress=False)
         self.retriever.index(tokens, show_progress=False)
 
     def scores(self, query: str) -> np.ndarray:
         """BM25 score of every corpus text for one query -> [M] float32 (0 when no query term is indexed)."""
+        return self.token_scores(self.tokenize([query])[0])
+
+    def tokenize(self, queries: Sequence[str]) -> list[list[str]]:
+        """Each query's words as the corpus's were tokenised (stopwords dropped, stemmed when the stemmer is on)."""
         import bm25s
-        tokens = bm25s.tokenize([query], stopwords="en", stemmer=self.stemmer, return_ids=False, show_progress=False)[0]
+        return bm25s.tokenize(list(queries), stopwords="en", stemmer=self.stemmer, return_ids=False,
+                              show_progress=False)
+
+    def token_scores(self, tokens: list[str]) -> np.ndarray:
+        """`scores` of a query already tokenised by `tokenize` -> [M] float32."""
         known = [t for t in tokens if t in self.retriever.vocab_dict]
         if not known:
             return np.zeros(self.count, dtype=np.float32)
@@ -461,10 +474,11 @@ class SearchResult:
 class Retriever:
     """A corpus searchable in every mode: texts and their embeddings [M, E] (None for bm25 only), plus
     whatever each mode needs (a VectorIndex, built as Flat on first use when not given; a matcher for
-    tree and hybrid; a Fusion for fusion)."""
+    tree and hybrid; a Fusion for fusion) and how BM25 scores (a mixret.bm25.BM25Params; default: k1 1.5,
+    b 0.75, stemmed). A matcher's bm25 feature keeps the default BM25 it was trained with."""
 
     def __init__(self, embeddings, texts: Sequence[str], index: VectorIndex | None = None,
-                 matcher=None, fusion=None, query_chunk_bytes: int = 1 << 28):
+                 matcher=None, fusion=None, bm25_params=None, query_chunk_bytes: int = 1 << 28):
         self.texts = list(texts)
         self.embeddings = None if embeddings is None else _as_matrix(embeddings, "corpus embeddings")
         if not self.texts:
@@ -482,6 +496,8 @@ class Retriever:
                               f"{self.embeddings.shape[1]}-dim ones: it was trained on another model's embeddings")
         self._index = index
         self._bm25: BM25Index | None = None
+        self._default_bm25: BM25Index | None = None
+        self.bm25_params = bm25_params   # None: the defaults
         self.matcher = matcher
         self.fusion = fusion        # a mixret.fusion.Fusion: the weight of fusion mode
         self.query_chunk_bytes = query_chunk_bytes  # bound on the candidate embeddings gathered at once
@@ -497,9 +513,19 @@ class Retriever:
 
     @property
     def bm25(self) -> BM25Index:
+        """The BM25 of the bm25 and fusion modes and of a bm25 shortlist, with bm25_params."""
         if self._bm25 is None:
-            self._bm25 = BM25Index(self.texts)
+            self._bm25 = BM25Index(self.texts) if self.bm25_params is None else self.bm25_params.index(self.texts)
         return self._bm25
+
+    @property
+    def matcher_bm25(self) -> BM25Index:
+        """The BM25 of a matcher's bm25 feature: the default one, as in its training."""
+        if self.bm25_params is None or self.bm25_params.is_default:
+            return self.bm25
+        if self._default_bm25 is None:
+            self._default_bm25 = BM25Index(self.texts)
+        return self._default_bm25
 
     @property
     def group_size(self) -> int:
@@ -588,7 +614,7 @@ class Retriever:
             if texts is None:
                 return None
             rows = cands[i:i + chunk] if cands is not None else np.broadcast_to(np.arange(n), (len(q[i:i + chunk]), n))
-            return self.bm25.scores_of(texts[i:i + chunk], rows)
+            return self.matcher_bm25.scores_of(texts[i:i + chunk], rows)
 
         parts = [tournament(score_fn, q[i:i + chunk], self.embeddings, k, self.group_size,
                             None if cands is None else cands[i:i + chunk], bm25(i),
@@ -633,13 +659,16 @@ class LoadedCorpus:
 def load_corpus(emb_dir: str | os.PathLike, modes: Sequence[str], model_dir=None, matcher_dir=None,
                 fusion_weight: float | None = None, shortlist_from: str = "vector") -> LoadedCorpus:
     """What searching EMB_DIR in `modes` needs, each part checked against the corpus embeddings: the model
-    (default: the one named in meta.json), the FAISS index, the matcher and the fusion weight (default: the
-    model's fusion.json). Parts no mode uses are not loaded; tree and hybrid without a matcher are refused
-    when they are the only modes asked for."""
+    (default: the one named in meta.json), the FAISS index, the matcher, the fusion weight (default: the
+    model's fusion.json) and BM25's parameters (EMB_DIR/bm25.json, copied there by `mixret index`; defaults
+    without it). Parts no mode uses are not loaded; tree and hybrid without a matcher are refused when they
+    are the only modes asked for."""
+    from mixret.bm25 import emb_dir_bm25
     from mixret.embed import EmbeddingSpec, load_emb_dir
     from mixret.fusion import load_fusion
 
     emb, ids, texts, meta = load_emb_dir(emb_dir)
+    bm25_params = emb_dir_bm25(emb_dir, meta)
     spec, what = EmbeddingSpec.of(meta), f"the corpus embeddings in {emb_dir}"
     model = index = matcher = fusion = None
     if any(m != "bm25" for m in modes):
@@ -656,7 +685,8 @@ def load_corpus(emb_dir: str | os.PathLike, modes: Sequence[str], model_dir=None
             raise MixretError(f"{' and '.join(matcher_modes)} search ranks with a matcher: pass --matcher DIR")
         if "fusion" in modes:
             fusion = load_fusion(model_dir, fusion_weight)
-    retriever = Retriever(emb if model is not None else None, texts, index=index, matcher=matcher, fusion=fusion)
+    retriever = Retriever(emb if model is not None else None, texts, index=index, matcher=matcher, fusion=fusion,
+                          bm25_params=bm25_params)
     return LoadedCorpus(ids, texts, retriever, model, None if model is None else str(model_dir), spec)
 
 

@@ -3,7 +3,7 @@
 Endpoints (FastAPI on uvicorn, bound to 127.0.0.1 unless told otherwise):
     POST /search  {"query": "...", "mode": "vector", "k": 10} -> ranked hits (rank, id, score, snippet) and
                   timings; {"queries": [...], ...} is the batch form (one result per query, in order)
-    GET  /health  model, index, corpus size, the modes this server answers and why any other is off
+    GET  /health  model, index, BM25 parameters, corpus size, the modes this server answers and why any other is off
     GET  /        a results page: one query, the hits of two chosen modes side by side
     GET  /docs    the OpenAPI page FastAPI generates
 
@@ -80,8 +80,15 @@ class Searcher:
                      "index": index.factory, "metric": index.metric, "corpus_size": len(self.ids),
                      "matcher": None if matcher_dir is None else str(matcher_dir),
                      "fusion": None if self.retriever.fusion is None else self.retriever.fusion.weight,
+                     "bm25": self.bm25_info(),
                      "options": dict(options)}
         self.modes, self.off, self.needs_embedding = self._probe()
+
+    def bm25_info(self) -> dict:
+        """k1, b and stemmer of the BM25 searched (EMB_DIR/bm25.json, or the defaults) and where they come from."""
+        params = self.retriever.bm25_params
+        return {"k1": params.k1, "b": params.b, "stemmer": params.stemmer,
+                "fitted": params.fitted.get("on") if params.fitted else None}
 
     def _probe(self) -> tuple[list[str], dict[str, str], dict[str, bool]]:
         """Run every mode of search.MODES once: (modes that answer, {mode: why not} for the others,
@@ -398,7 +405,8 @@ def serve(emb_dir, model_dir=None, matcher_dir=None, host: str = "127.0.0.1", po
     start = time.perf_counter()
     searcher = Searcher(emb_dir, model_dir, matcher_dir, **options)
     echo(f"loaded {Path(emb_dir)}: {len(searcher.ids)} texts, model {searcher.info['model']}, index "
-         f"{searcher.info['index']}, matcher {searcher.info['matcher'] or '-'} in {time.perf_counter() - start:.1f} s; "
+         f"{searcher.info['index']}, matcher {searcher.info['matcher'] or '-'}, BM25 "
+         f"{searcher.retriever.bm25_params.describe()} in {time.perf_counter() - start:.1f} s; "
          f"modes {', '.join(searcher.modes)}; {threads} thread(s)")
     for mode, why in searcher.off.items():
         echo(f"mode {mode} off: {why}")

@@ -40,6 +40,10 @@ def test_quickstart_runs_end_to_end_on_a_users_pairs(tmp_path, monkeypatch):
         for key in ("dir", "matcher_dir", "emb_dir"):
             assert Path(m[key]).exists()
         assert (out / "runs" / arch / "fusion.json").is_file()
+        # BM25's parameters fitted with the model, copied beside its index, and the default BM25 beside them
+        assert json.loads((Path(m["emb_dir"]) / "bm25.json").read_text())["fitted"]["pairs"] >= 2
+        assert m["bm25"]["k1"] == json.loads((out / "runs" / arch / "bm25.json").read_text())["k1"]
+        assert m["eval"]["bm25_default"]["R@1"] > 0.9
         # the two rare words shared by query and document make BM25 near perfect here; fusion, with a weight
         # fitted on validation pairs, must not lose what BM25 finds
         modes = m["eval"]["modes"]
@@ -59,7 +63,8 @@ def test_quickstart_runs_end_to_end_on_a_users_pairs(tmp_path, monkeypatch):
     minutes = {m["train_minutes"] for m in report["models"].values()}
     assert len(minutes) == 1
     md = (out / "results.md").read_text()
-    assert "| masked-mixer | fusion |" in md and "| llama | tree |" in md and "| - | bm25 |" in md
+    assert "| masked-mixer | fusion |" in md and "| llama | tree |" in md
+    assert "| - | bm25, fitted (k1 " in md and "| - | bm25, defaults |" in md and "vs fitted bm25" in md
     assert md.strip() in res.output.replace("\r", "")
     # the run ends with one example search (fusion, on the mixer's index) and its results
     tail = res.output[res.output.index("$ mixret search"):]
