@@ -294,6 +294,7 @@ def _run(cfg: QuickstartConfig, echo: Callable[[str], None]) -> dict:
         rep["modes"]["tree"] = tree["modes"]["tree"]
         rep["tree_queries"] = tree["n_queries"]
         report["models"][arch] = {**facts, "params": model.num_params(), "pooling": spec.pooling,
+                                  "pool_head": model.pool_head is not None,
                                   "fusion": {"weight": fusion.weight, "method": fusion.method},
                                   "bm25": bm25.to_dict() if bm25 is not None else None,
                                   "matcher_dir": str(out / "matchers" / arch), "emb_dir": str(emb_dir),
@@ -400,7 +401,8 @@ def format_report(report: dict) -> str:
         pre = f"{m['pretrain_steps']} ({m['pretrain_seconds']:.0f})" if m.get("pretrain_steps") else "-"
         top1 = f"{mm['test_top1']:.3f} ({1 / 31:.3f})" if mm["test_top1"] is not None else "-"
         val = f"{m['val_r1']:.3f}" if m.get("val_r1") is not None else "-"
-        lines.append(f"| {arch} | {m['params']:,} | {m['pooling']} | {pre} | {m['finetune_steps']} "
+        pooling = m["pooling"] + (" (head)" if m.get("pool_head") else "")
+        lines.append(f"| {arch} | {m['params']:,} | {pooling} | {pre} | {m['finetune_steps']} "
                      f"({m['finetune_seconds']:.0f}) | {val} | {m['fusion']['weight']:.2f} ({m['fusion']['method']}) "
                      f"| {top1} |")
     return "\n".join(lines)

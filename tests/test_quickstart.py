@@ -79,6 +79,9 @@ def test_quickstart_with_clm_pretraining_first(tmp_path, monkeypatch):
     for arch, m in report["models"].items():
         saved = json.loads((Path(m["pretrain_dir"]) / "train_config.json").read_text())
         assert m["pretrain_steps"] == saved["steps"] >= 1 and m["finetune_steps"] >= 1
+        # the CLM checkpoint is fine-tuned through the embedding head, the default that keeps it from collapsing
+        assert m["pool_head"] and json.loads((Path(m["dir"]) / "config.json").read_text())["pool_head"] is True
+        assert not json.loads((Path(m["pretrain_dir"]) / "config.json").read_text())["pool_head"]
         for run in (m["pretrain_dir"], m["dir"]):       # the CLM run and the fine-tuned model share the tokenizer
             assert json.loads((Path(run) / "tokenizer.json").read_text()) == tokenizer
     assert f"| {next(iter(report['models']))} | vector |" in (out / "results.md").read_text()
