@@ -466,14 +466,21 @@ def test_each_evaluation_prints_a_sample(tmp_path):
 
 def test_default_data_is_the_bundled_training_split(tmp_path, monkeypatch):
     """With no --data, pretraining reads the bundled pairs' training split (split_pairs, as every command splits
-    them) and records it, so that evaluating on the test split measures text the model never saw."""
-    from mixret.data import BUNDLED_TEST_FRACTION, bundled_splits, bundled_training_texts, file_hash
+    them), every text of it and none of the test split's, and records it, so that evaluating on the test split
+    measures text the model never saw."""
+    from mixret import train
+    from mixret.data import BUNDLED_TEST_FRACTION, file_hash, load_pairs, split_pairs
     monkeypatch.setenv("MIXRET_CACHE", str(tmp_path / "cache"))
-    train_pairs, test_pairs = bundled_splits()
-    assert bundled_training_texts()["text"] == [t for p in train_pairs for t in (p.query, p.target)]
+    read = []                                                  # the documents pretraining tokenizes
+    tokenize = train.tokenize_corpus
+    monkeypatch.setattr(train, "tokenize_corpus",
+                        lambda texts, *args, **kw: (read.extend(texts["text"]), tokenize(texts, *args, **kw))[1])
     run = pretrain(TrainConfig(tokenizer="bytes", d_model=16, layers=1, context=32, batch_size=2, steps=1,
                                eval_every=1, val_max_docs=20, out=str(tmp_path / "run")))
+    train_pairs, test_pairs = split_pairs(load_pairs(bundled_pairs_path()), BUNDLED_TEST_FRACTION)
+    assert read == [t for p in train_pairs for t in (p.query, p.target)]
+    unseen = {t for p in test_pairs for t in (p.query, p.target)} - set(read)
+    assert len(test_pairs) > 500 and len(unseen) > 2 * 500     # the test split's own texts, none of them read
     assert mixret.load(run).trained_on == [{"source": str(bundled_pairs_path().resolve()),
                                             "hash": file_hash(bundled_pairs_path()), "split": "train",
                                             "test_fraction": BUNDLED_TEST_FRACTION}]
-    assert len(test_pairs) > 500
