@@ -7,11 +7,15 @@ embeddings), so a candidate found by one side is never missing the other side's 
 - convex (default): per query, each side's scores are min-max normalised over the candidates, then
   fused = w * dense + (1 - w) * bm25;
 - rrf: weighted reciprocal rank fusion, fused = w / (60 + rank_dense) + (1 - w) / (60 + rank_bm25), the ranks
-  (1 = best) taken among the candidates.
+  (1 = best) taken among the candidates, equal scores sharing a rank.
 
 Ranking is by the fused score, then by the raw score of the side with the larger weight, then by corpus
 index, so weight 0 reproduces BM25's ranking exactly and weight 1 the dense ranking (ties broken by index on
 both sides, as the bm25 and vector modes do).
+
+Ties are pessimistic when the weight is fitted, as in evaluation (see mixret.evaluate): each validation query's
+gold candidate ranks after every candidate with the same fused score, compared as the float32 scores a search
+returns, so constant scores find no gold.
 
 The weight is fitted on pairs the model was not trained on and that are not test pairs (a validation slice of
 the training pairs): the grid value with the best MRR@10, the smallest such weight on a tie.
@@ -93,12 +97,17 @@ def _minmax(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.where(mask, (scores - lo) / span, 0.0)
 
 
-def _ranks(scores: np.ndarray, mask: np.ndarray, cands: np.ndarray) -> np.ndarray:
-    """1-based rank of each candidate by score (ties by corpus index), among a row's masked-in entries."""
+def _ranks(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """1-based rank of each candidate by score among a row's masked-in entries, equal scores sharing the best
+    of their ranks (1 + the number of candidates scoring higher), so that a tie on one side stays a tie."""
     keyed = np.where(mask, scores, -np.inf)
-    order = np.lexsort((cands, -keyed), axis=1)                      # best first
+    order = np.argsort(-keyed, axis=1, kind="stable")               # best first
+    ranked = np.take_along_axis(keyed, order, axis=1)
+    position = np.arange(ranked.shape[1])[None]
+    starts = np.ones(ranked.shape, dtype=bool)
+    starts[:, 1:] = ranked[:, 1:] != ranked[:, :-1]
     ranks = np.empty_like(order)
-    np.put_along_axis(ranks, order, np.arange(1, order.shape[1] + 1)[None].repeat(len(order), 0), axis=1)
+    np.put_along_axis(ranks, order, np.maximum.accumulate(np.where(starts, position, 0), axis=1) + 1, axis=1)
     return ranks
 
 
@@ -111,26 +120,32 @@ def fused_scores(dense: np.ndarray, lexical: np.ndarray, cands: np.ndarray, weig
     if method == "convex":
         fused = weight * _minmax(dense, mask) + (1.0 - weight) * _minmax(lexical, mask)
     elif method == "rrf":
-        fused = weight / (RRF_K + _ranks(dense, mask, cands)) + (1.0 - weight) / (RRF_K + _ranks(lexical, mask, cands))
+        fused = weight / (RRF_K + _ranks(dense, mask)) + (1.0 - weight) / (RRF_K + _ranks(lexical, mask))
     else:
         raise MixretError(f"unknown fusion method {method!r}; expected one of {', '.join(FUSION_METHODS)}")
     return np.where(mask, fused, -np.inf)
 
 
 def fused_order(dense: np.ndarray, lexical: np.ndarray, cands: np.ndarray, weight: float,
-                method: str = "convex") -> tuple[np.ndarray, np.ndarray]:
+                method: str = "convex", losers: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Rank the candidates -> (order [Q, N] positions into cands, best first; fused scores [Q, N] in that order).
 
-    Ties of the fused score go to the raw score of the heavier side, then to the lower corpus index."""
+    Ties of the fused score go to the raw score of the heavier side, then to the lower corpus index. losers [Q]:
+    a corpus index per query that ranks after every candidate whose fused score equals its own in float32 (as
+    `pessimistic_cut` treats the float32 scores of a fusion search), whatever their raw scores and indices."""
     fused = fused_scores(dense, lexical, cands, weight, method)
     heavier = dense if weight >= 0.5 else lexical
     tiebreak = np.where(cands >= 0, heavier.astype(np.float64), -np.inf)
-    order = np.lexsort((np.where(cands >= 0, cands, np.iinfo(np.int64).max), -tiebreak, -fused), axis=1)
+    keys = (np.where(cands >= 0, cands, np.iinfo(np.int64).max), -tiebreak, -fused)
+    if losers is not None:
+        keys += (cands == np.asarray(losers)[:, None], -fused.astype(np.float32))
+    order = np.lexsort(keys, axis=1)
     return order, np.take_along_axis(fused, order, axis=1)
 
 
 def gold_ranks(order: np.ndarray, cands: np.ndarray, gold: np.ndarray) -> np.ndarray:
-    """1-based rank of each query's gold corpus index in its ranking (inf when it is not a candidate)."""
+    """1-based rank of each query's gold corpus index in its ranking (inf when it is not a candidate); pass the
+    golds to `fused_order` as losers for ties counted against them."""
     ranked = np.take_along_axis(cands, order, axis=1)
     hit = ranked == gold[:, None]
     return np.where(hit.any(1), hit.argmax(1) + 1.0, np.inf)
@@ -142,13 +157,14 @@ def mrr_at(ranks: np.ndarray, k: int = 10) -> float:
 
 def fit_weight(dense: np.ndarray, lexical: np.ndarray, cands: np.ndarray, gold: np.ndarray,
                method: str = "convex", grid=GRID) -> tuple[float, dict]:
-    """The grid weight with the best MRR@10 of the gold candidates (smallest weight on a tie) -> (weight, record)
-    where record holds the grid and, per weight, MRR@10 and R@1, for `Fusion.fitted`."""
+    """The grid weight with the best MRR@10 of the gold candidates (smallest weight on a tie; each gold ranked
+    after its ties) -> (weight, record) where record holds the grid and, per weight, MRR@10 and R@1, for
+    `Fusion.fitted`."""
     if len(gold) == 0:
         raise MixretError("no validation pairs to fit the fusion weight on")
     mrr, r1 = [], []
     for w in grid:
-        ranks = gold_ranks(fused_order(dense, lexical, cands, w, method)[0], cands, gold)
+        ranks = gold_ranks(fused_order(dense, lexical, cands, w, method, losers=gold)[0], cands, gold)
         mrr.append(mrr_at(ranks))
         r1.append(float((ranks == 1).mean()))
     best = int(np.argmax(mrr))

@@ -10,6 +10,7 @@ from mixret.data import Pair
 from mixret.errors import MixretError
 from mixret.evaluate import (corpus_and_qrels, evaluate_pairs, format_table, ir_metrics, paired_top1, resolve_modes,
                              run_from)
+from mixret.fusion import Fusion
 from mixret.matcher import Matcher, MatcherConfig
 
 
@@ -80,12 +81,15 @@ def constant_matcher(emb_dim: int, context: int) -> Matcher:
 
 def test_ties_never_count_for_the_relevant_document():
     """Constant scores find nothing in every mode (the search libraries' own order of equal scores would put
-    some relevant documents first: FAISS returns the last rows first, the tournament the first)."""
+    some relevant documents first: FAISS returns the last rows first, the tournament and fusion the first)."""
     pairs = pairs_fixture(60)
     unrelated = [Pair(p.id, f"zz{i}", p.target) for i, p in enumerate(pairs)]  # BM25 scores all 0
-    report = evaluate_pairs(unrelated, Constant(), constant_matcher(8, 16), "all", shortlist=30)
+    report = evaluate_pairs(unrelated, Constant(), constant_matcher(8, 16), "all", shortlist=30,
+                            fusion=Fusion(weight=0.5))
     assert report["ties"] == "pessimistic"
-    for mode, m in report["modes"].items():
+    assert set(report["modes"]) == {"vector", "fusion", "bm25", "tree", "hybrid"}
+    rrf = evaluate_pairs(unrelated, Constant(), None, "fusion", fusion=Fusion(weight=0.5, method="rrf"))
+    for mode, m in [*report["modes"].items(), ("rrf fusion", rrf["modes"]["fusion"])]:
         assert m["R@1"] == m["R@10"] == m["MRR@10"] == m["nDCG@10"] == 0.0, mode
     # a single tie at the top: the relevant document ranks second, not first
     report = evaluate_pairs(pairs[:12], TieWithFirst(pairs[:12]), None, "vector")

@@ -9,8 +9,8 @@ import torch
 from close import assert_close
 from mixret.errors import MixretError
 from mixret.matcher import (
-    Matcher, MatcherConfig, as_pair_set, build_eval_sets, dedupe_queries, evaluate, hard_negative_pool, pad_sets,
-    sample_candidates, score_candidates, set_metrics, train_matcher,
+    PADDED_SHARE, Matcher, MatcherConfig, SetLoss, as_pair_set, build_eval_sets, dedupe_queries, evaluate,
+    hard_negative_pool, pad_sets, sample_candidates, score_candidates, set_metrics, train_matcher,
 )
 
 E = 32
@@ -31,12 +31,26 @@ def small_config(**kw) -> MatcherConfig:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def training_sets() -> list:
+    """(mask [B, N], true positions [B]) of every training batch of `trained`, as its loss saw them."""
+    return []
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, training_sets):
     """A matcher trained for a few seconds on 1000 synthetic pairs (+ 200 test pairs), saved to disk."""
     q, t = synthetic_pairs(1200)
     out = tmp_path_factory.mktemp("matcher")
-    matcher, metrics = train_matcher(q[200:], t[200:], q[:200], t[:200], small_config(), epochs=3,
-                                     batch_size=64, lr=2e-3, seed=0, out_dir=out, progress=False)
+    loss = SetLoss.forward
+
+    def recording(self, batch):
+        training_sets.append((batch[2].detach().clone(), batch[3].detach().clone()))
+        return loss(self, batch)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(SetLoss, "forward", recording)
+        matcher, metrics = train_matcher(q[200:], t[200:], q[:200], t[:200], small_config(), epochs=3,
+                                         batch_size=64, lr=2e-3, seed=0, out_dir=out, progress=False)
     return matcher, metrics, out, (q, t)
 
 
@@ -86,8 +100,19 @@ def test_training_sets_are_partly_padded_like_a_tournament_pass():
     assert (three.sum(1) == 3).all()
 
 
-def test_keeps_its_accuracy_on_sets_with_three_real_candidates(trained):
+def test_keeps_its_accuracy_on_sets_with_three_real_candidates(trained, training_sets):
+    """Trained with padded sets (PADDED_SHARE of them keep 2 to N-1 real candidates, the target among them),
+    the matcher ranks as well when only three candidates of a set are real."""
     matcher, m, out, (q, t) = trained
+    mask = torch.cat([mk for mk, _ in training_sets])
+    positions = torch.cat([pos for _, pos in training_sets])
+    real = mask.sum(1)
+    assert len(real) == 3 * 1000 and mask.shape[1] == CONTEXT - 1                  # 3 epochs of 1000 pairs
+    assert torch.equal(mask, torch.arange(CONTEXT - 1)[None] < real[:, None])    # the real slots come first
+    assert (positions < real).all()                                             # the target is a real slot
+    padded = real < CONTEXT - 1
+    assert abs(padded.float().mean().item() - PADDED_SHARE) < 0.1
+    assert real[padded].min() == 2 and real[padded].max() == CONTEXT - 2
     test = as_pair_set(q[:200], t[:200], "test", CONTEXT)
     sets, pos = build_eval_sets(len(test.targets), CONTEXT, 0, test.true_index)
     sets, pos, mask = pad_sets(sets, pos, torch.Generator().manual_seed(1), n_real=3)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from close import assert_close
 from mixret import io
 from mixret.errors import MixretError
 from mixret.matcher import Matcher, MatcherConfig, as_pair_set, lexical_pool, score_candidates, train_matcher
@@ -79,11 +80,11 @@ def test_search_with_features_equals_direct_scoring(planted_runs):
     direct = score_candidates(matcher, qe, corpus[full], bm25=bm25.scores_of(qt, full))
     tree = retriever.search("tree", 5, query_emb=qe, queries=qt)
     np.testing.assert_array_equal(tree.indices, np.argsort(-direct, axis=1, kind="stable")[:, :5])
-    np.testing.assert_allclose(tree.scores, np.take_along_axis(direct, tree.indices, 1), rtol=1e-5, atol=1e-6)
+    assert_close(tree.scores, np.take_along_axis(direct, tree.indices, 1), name="tree")
     hybrid = retriever.search("hybrid", 5, query_emb=qe, queries=qt, shortlist=10, shortlist_from="bm25")
     _, short = bm25.search(qt, 10)
     direct_short = score_candidates(matcher, qe, corpus[short], bm25=bm25.scores_of(qt, short))
-    np.testing.assert_allclose(hybrid.scores, -np.sort(-direct_short, axis=1)[:, :5], rtol=1e-5, atol=1e-6)
+    assert_close(hybrid.scores, -np.sort(-direct_short, axis=1)[:, :5], name="hybrid")
     assert (tree.indices[:, 0] == np.arange(15)).mean() > 0.9
 
 
@@ -118,9 +119,9 @@ def test_cosine_feature_is_computed_from_the_embeddings():
     f = matcher.slot_features(q, c, mask, None)[..., 0]                     # [2, 5]
     cos = torch.nn.functional.cosine_similarity(q[:, None], c, dim=-1)
     z = (cos[0] - cos[0].mean()) / cos[0].std(correction=0)
-    torch.testing.assert_close(f[0], z, rtol=1e-5, atol=1e-6)
+    assert_close(f[0], z, name="full set")
     z1 = (cos[1, :3] - cos[1, :3].mean()) / cos[1, :3].std(correction=0)
-    torch.testing.assert_close(f[1, :3], z1, rtol=1e-5, atol=1e-6)
+    assert_close(f[1, :3], z1, name="padded set")
     assert (f[1, 3:] == 0).all()
     logits = matcher(q, c, mask)
     assert torch.isinf(logits[1, 3:]).all() and torch.isfinite(logits[1, :3]).all()
@@ -134,7 +135,7 @@ def test_features_config_round_trip(tmp_path):
     loaded = Matcher.from_pretrained(tmp_path)
     assert loaded.config == matcher.config
     q, c, lex = torch.randn(3, E), torch.randn(3, 6, E), torch.rand(3, 6) * 5
-    torch.testing.assert_close(loaded(q, c, bm25=lex), matcher(q, c, bm25=lex), rtol=1e-6, atol=1e-7)
+    assert_close(loaded(q, c, bm25=lex), matcher(q, c, bm25=lex))
     for bad in (["bm25", "bm25"], ["tfidf"], "bm25"):
         with pytest.raises(MixretError, match="features"):
             config(features=bad)
@@ -151,7 +152,7 @@ def test_a_matcher_saved_without_features_still_loads(tmp_path):
     loaded = Matcher.from_pretrained(tmp_path)
     assert loaded.config.features == [] and not hasattr(loaded, "feat_in")
     q, c = torch.randn(2, E), torch.randn(2, 4, E)
-    torch.testing.assert_close(loaded(q, c), matcher(q, c), rtol=1e-6, atol=1e-7)
+    assert_close(loaded(q, c), matcher(q, c))
 
 
 def test_hard_negative_pool_mixes_bm25_and_dense_neighbours():

@@ -1,5 +1,6 @@
 """`mixret pretrain`: resume equivalence, interruption, learning, caching, bad input, every arch."""
 import json
+import math
 import signal
 import sys
 from pathlib import Path
@@ -166,19 +167,26 @@ def test_validation_loss_falls_below_a_unigram_model(tmp_path):
     {"arch": "llama", "n_heads": 2},
 ], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 def test_every_arch_trains_through_the_command(tmp_path, opts):
-    """Every batch is the same four copies of one document: each arch must learn it, cutting the loss to
-    under half its first value in 30 steps (an arch that does not learn stays near ln 260 = 5.6)."""
-    (tmp_path / "corpus.txt").write_text("a small library for reading and writing debian package files\n" * 40)
+    """Each document is one random letter c repeated with dots between, "c.c.c...c": after a dot the next token
+    is the document's letter, which only mixing tokens can tell. A model that sees each token alone (its token
+    mixing zeroed) cannot do better than ln 26 on the 31 letters of each document's 62 targets, a loss of 1.63
+    (measured: 1.7 for the expanded mixer); every arch must learn to mix and reach half of that on validation
+    documents, starting near ln 260 = 5.6."""
+    rng = np.random.default_rng(0)
+    letters = rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=200)
+    (tmp_path / "corpus.txt").write_text("".join(".".join(c * 31) + "\n" for c in letters))
     flags = [x for k, v in opts.items() if k != "arch"
              for x in ([f"--{k.replace('_', '-')}"] if v is True else [f"--{k.replace('_', '-')}", v])]
     result = invoke("--data", tmp_path / "corpus.txt", "--tokenizer", "bytes", "--arch", opts["arch"], *flags,
-                    "--d-model", 32, "--layers", 2, "--context", 64, "--steps", 30, "--batch-size", 4,
-                    "--log-every", 1, "--eval-every", 30, "--out", tmp_path / "run")
+                    "--d-model", 32, "--layers", 2, "--context", 64, "--steps", 60, "--batch-size", 16, "--lr", 1e-2,
+                    "--log-every", 1, "--eval-every", 60, "--out", tmp_path / "run")
     assert result.exit_code == 0, result.output
     model = mixret.load(tmp_path / "run")
     assert {k: getattr(model.config, k) for k in opts} == opts
     recs = metrics(tmp_path / "run")
-    assert recs[0]["loss"] > 4.5 and recs[-1]["loss"] < 0.5 * recs[0]["loss"], (recs[0]["loss"], recs[-1]["loss"])
+    no_mixing = 31 / 62 * math.log(26)
+    val_loss = [r["val_loss"] for r in recs if r.get("val_loss") is not None][-1]
+    assert recs[0]["loss"] > 4.5 and val_loss < 0.5 * no_mixing, (recs[0]["loss"], val_loss)
 
 
 def test_bpe_tokenizer_is_trained_saved_and_reused_on_resume(tmp_path):
@@ -466,14 +474,20 @@ def test_each_evaluation_prints_a_sample(tmp_path):
 
 def test_default_data_is_the_bundled_training_split(tmp_path, monkeypatch):
     """With no --data, pretraining reads the bundled pairs' training split (split_pairs, as every command splits
-    them) and records it, so that evaluating on the test split measures text the model never saw."""
-    from mixret.data import BUNDLED_TEST_FRACTION, bundled_splits, bundled_training_texts, file_hash
+    them), every text of it and none of the test split's, and records it, so that evaluating on the test split
+    measures text the model never saw."""
+    from mixret.data import BUNDLED_TEST_FRACTION, file_hash, load_pairs, split_pairs
     monkeypatch.setenv("MIXRET_CACHE", str(tmp_path / "cache"))
-    train_pairs, test_pairs = bundled_splits()
-    assert bundled_training_texts()["text"] == [t for p in train_pairs for t in (p.query, p.target)]
+    read = []                                                  # the documents pretraining tokenizes
+    tokenize = train.tokenize_corpus
+    monkeypatch.setattr(train, "tokenize_corpus",
+                        lambda texts, *args, **kw: (read.extend(texts["text"]), tokenize(texts, *args, **kw))[1])
     run = pretrain(TrainConfig(tokenizer="bytes", d_model=16, layers=1, context=32, batch_size=2, steps=1,
                                eval_every=1, val_max_docs=20, out=str(tmp_path / "run")))
+    train_pairs, test_pairs = split_pairs(load_pairs(bundled_pairs_path()), BUNDLED_TEST_FRACTION)
+    assert read == [t for p in train_pairs for t in (p.query, p.target)]
+    unseen = {t for p in test_pairs for t in (p.query, p.target)} - set(read)
+    assert len(test_pairs) > 500 and len(unseen) > 2 * 500     # the test split's own texts, none of them read
     assert mixret.load(run).trained_on == [{"source": str(bundled_pairs_path().resolve()),
                                             "hash": file_hash(bundled_pairs_path()), "split": "train",
                                             "test_fraction": BUNDLED_TEST_FRACTION}]
-    assert len(test_pairs) > 500
