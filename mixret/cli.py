@@ -155,7 +155,18 @@ def _pretrain_model_options(fn):
 @_pretrain_opt("--weight-decay", type=float, help="AdamW weight decay, on the weights of Linear layers and mixing "
                "matrices (not on biases, norms or embeddings).", show=0.1)
 @_pretrain_opt("--grad-clip", type=float, help="Gradient norm clipping.", show=1.0)
-@_pretrain_opt("--label-smoothing", type=float, help="Label smoothing of the training loss.", show=0.0)
+@_pretrain_opt("--label-smoothing", type=float, help="clm: label smoothing of the training loss.", show=0.0)
+@_pretrain_opt("--objective", type=click.Choice(["clm", "spans"]), help="What the model learns from the texts. "
+               "clm: next-token prediction (a language model). spans: a retriever from documents alone: a random "
+               "span of each document is a query whose positive is its document and whose negatives are the "
+               "batch's other documents (symmetric InfoNCE); unless given, --batch-size 32, --lr 0.001 and "
+               "--mixing-init mean. The model records its pooling, so embed, search, evaluate and finetune --init "
+               "use it as it is.", show="clm")
+@_pretrain_opt("--pooling", type=click.Choice(["last", "eos", "mean"]), help="spans: the embedding trained.",
+               show="last")
+@_pretrain_opt("--temperature", type=float, help="spans: temperature of the InfoNCE logits.", show=0.05)
+@_pretrain_opt("--span-min", type=int, help="spans: fewest tokens of a span (at most half of its document).", show=8)
+@_pretrain_opt("--span-max", type=int, help="spans: most tokens of a span.", show=24)
 @_pretrain_opt("--seed", type=int, help="Seed for initialisation, data order and the validation split.", show=0)
 @_pretrain_opt("--out", help="Output directory.", show="runs/ARCH-DATE-TIME")
 @_pretrain_opt("--log-every", type=int, help="Steps between metrics.jsonl lines.", show=10)
@@ -168,7 +179,9 @@ def _pretrain_model_options(fn):
               help="JSON file of options (names as the flags, e.g. {\"d_model\": 256}); flags override it.")
 @friendly
 def pretrain_cmd(config_file, **options):
-    """Pretrain a causal language model (next-token prediction) and save it with its tokenizer.
+    """Pretrain a causal language model on texts and save it with its tokenizer: next-token prediction
+    (--objective clm, the default), or spans of each document as queries against the batch's documents
+    (--objective spans: a retriever from documents without pairs, or a start for finetune --init).
 
     With no options: a small masked mixer on the bundled corpus, a few minutes on a CPU. Runs unchanged
     under torchrun (DistributedDataParallel). Ctrl-C or SIGTERM writes a checkpoint before stopping;
