@@ -16,8 +16,6 @@ from mixret.cli import main
 from mixret.data import write_pairs_jsonl
 from mixret.embed import encode
 from mixret.errors import MixretError
-from mixret.finetune import FinetuneConfig, finetune
-from mixret.loop import LoopConfig
 from mixret.spans import draw_span
 from mixret.train import TrainConfig, make_task, pretrain
 from mixret.distributed import Distributed
@@ -120,15 +118,21 @@ def test_draw_span_lengths():
             assert 0 <= start <= n - length
 
 
-def test_finetune_starts_from_a_spans_folder(tmp_path):
+def test_the_spans_folder_records_its_pooling_and_finetune_starts_from_it(tmp_path):
     out = pretrain(tiny(tmp_path, steps=2, pooling="mean"))
+    model = mixret.load(out)
+    assert model.embedding_defaults == {"pooling": "mean", "max_length": 48}
+    texts = planted_documents()[:5]
+    assert np.array_equal(encode(model, texts), encode(model, texts, pooling="mean"))
+    assert not np.allclose(encode(model, texts), encode(model, texts, pooling="last"))
     pairs = tmp_path / "pairs.jsonl"
     write_pairs_jsonl(planted_pairs(), pairs)
-    ft = finetune(FinetuneConfig(pairs=str(pairs), init=str(out), val_pairs=32, batch_size=16, pooling="mean",
-                                 out=str(tmp_path / "ft"), loop=LoopConfig(steps=2, progress=False)))
-    model = mixret.load(ft)
-    assert model.config == mixret.load(out).config and model.embedding_defaults["pooling"] == "mean"
-    assert model.trained_on[0] == mixret.load(out).trained_on[0]
+    result = CliRunner().invoke(main, list(map(str, ["finetune", "--pairs", pairs, "--model", out, "--pooling", "mean",
+                                       "--val-pairs", 32, "--batch-size", 16, "--steps", 2, "--out", tmp_path / "ft"])))
+    assert result.exit_code == 0, result.output
+    tuned = mixret.load(tmp_path / "ft")
+    assert tuned.config == model.config and tuned.embedding_defaults["pooling"] == "mean"
+    assert tuned.trained_on[0] == model.trained_on[0]                # the documents, then the pairs
 
 
 def test_objective_options_are_checked():
