@@ -1,16 +1,19 @@
-"""Pretraining: next-token prediction for any architecture of the model zoo, run by the shared loop.
+"""Pretraining: any architecture of the model zoo trained on texts alone, run by the shared loop.
 
     from mixret.train import TrainConfig, pretrain
     out_dir = pretrain(TrainConfig(data=["corpus.jsonl"], steps=2000))   # mixret.load(out_dir) reads the model
 
 `TrainConfig` holds the run's options and a `ModelConfig`; model options are also accepted by their flat
-names (d_model=..., layers=...), as the command line and train_config.json give them. `PretrainTask` is
-what pretraining gives `mixret.loop`: the corpus, tokenizer and model, the batches of each step and the loss.
+names (d_model=..., layers=...), as the command line and train_config.json give them. `TextTask` is what every
+text-only objective gives `mixret.loop`: the corpus, tokenizer and model, the documents of each step, the run
+folder and the saved model; its subclasses add an objective: `PretrainTask` next-token prediction (objective
+"clm", the default), `mixret.spans.SpanTask` spans of each document as queries against the batch's documents
+(objective "spans").
 
 Each document is one training sequence, [bos] + tokens + [eos], truncated to the context (a truncated document
 has no eos); with `pack` the documents are concatenated and cut into full-context rows instead. Batches are
-right-padded to their longest member. The loss of an optimizer step is the sum of the cross-entropy of every
-predicted token of the step (every micro-batch, every rank) divided by their number.
+right-padded to their longest member. The next-token loss of an optimizer step is the sum of the cross-entropy of
+every predicted token of the step (every micro-batch, every rank) divided by their number.
 
 The order of the training sequences is a function of the seed and the step alone (an endless stream of
 seeded permutations, one per epoch), so a run resumed from a checkpoint sees the same batches as a run that
@@ -41,7 +44,7 @@ from mixret.train_data import (BPE_SAMPLE_CHARS, Stream, corpus_fingerprint, doc
                                micro_batches, packed_sequences, sample_texts, split_documents, tokenize_corpus,
                                tokenizer_from_text, tokenizer_text, unigram_loss)
 
-__all__ = ["Interrupted", "NextTokenLoss", "PretrainTask", "TrainConfig", "pretrain", "resolve_options"]
+__all__ = ["Interrupted", "NextTokenLoss", "PretrainTask", "TextTask", "TrainConfig", "pretrain", "resolve_options"]
 
 DEFAULT_STEPS = 800
 # Longest context the trainer accepts per arch: a masked mixer holds context x context mixing matrices per
@@ -457,7 +460,7 @@ class TextTask:
             f"{self.train_seqs.n_tokens:,} tokens), {self.val_docs:,} for validation\n"
             f"tokenizer: {self.tokenizer.kind}, {self.tokenizer.vocab_size:,} tokens\n"
             f"model: {cfg.arch}, {self.model.num_params():,} parameters (d_model {cfg.d_model}, "
-            f"{cfg.layers} layers, context {cfg.context}, mixing_init {cfg.mixing_init})\n"
+            f"{cfg.layers} layers, context {cfg.context})\n"
             f"training: {length} on {dist.world_size} x {dist.device.type}; {self.describe_objective()}\n"
             f"output: {self.out}")
 
