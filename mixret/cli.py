@@ -140,7 +140,7 @@ def _pretrain_model_options(fn):
 @_pretrain_opt("--val-fraction", type=float, help="Fraction of documents held out for validation (drawn with the "
                "seed).", show=0.05)
 @_pretrain_opt("--val-max-docs", type=int, help="Most documents held out for validation.", show=5000)
-@_pretrain_opt("--pack/--no-pack", help="Concatenate documents into full-context rows instead of one document "
+@_pretrain_opt("--pack/--no-pack", help="clm: concatenate documents into full-context rows instead of one document "
                "per sequence.", show="no-pack")
 @_pretrain_opt("--tokenizer", help="bpe (trained on the training split), bpe-lower (the same, case folded), bytes, "
                "or the path of a tokenizer.json.", show="bpe")
@@ -159,9 +159,9 @@ def _pretrain_model_options(fn):
 @_pretrain_opt("--objective", type=click.Choice(["clm", "spans"]), help="What the model learns from the texts. "
                "clm: next-token prediction (a language model). spans: a retriever from documents alone: a random "
                "span of each document is a query whose positive is its document and whose negatives are the "
-               "batch's other documents (symmetric InfoNCE); unless given, --batch-size 32, --lr 0.001 and "
-               "--mixing-init mean. The model records its pooling, so embed, search, evaluate and finetune --init "
-               "use it as it is.", show="clm")
+               "batch's other documents (symmetric InfoNCE); unless given, --tokenizer bpe-lower, --batch-size 32, "
+               "--lr 0.001 and --mixing-init mean. The model records its pooling, so embed, search, evaluate and "
+               "finetune --model use it as it is.", show="clm")
 @_pretrain_opt("--pooling", type=click.Choice(["last", "eos", "mean"]), help="spans: the embedding trained.",
                show="last")
 @_pretrain_opt("--temperature", type=float, help="spans: temperature of the InfoNCE logits.", show=0.05)

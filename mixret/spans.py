@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from mixret.embed import embed_sequences, pad_sequences
-from mixret.finetune import BiEncoder, rank_metrics
 from mixret.errors import MixretError
+from mixret.finetune import BiEncoder, rank_metrics
 from mixret.train import TextTask
 from mixret.train_data import Sequences
 
@@ -64,7 +64,7 @@ class SpanTask(TextTask):
 
     def with_content(self, seqs: Sequences) -> Sequences:
         """The sequences that hold a token besides bos and eos."""
-        keep = np.array([len(self.content(seqs, i)) > 0 for i in range(len(seqs))], dtype=bool)
+        keep = seqs.ends - seqs.starts - 1 - (seqs.tokens[seqs.ends - 1] == self.tokenizer.eos_id) > 0
         return Sequences(seqs.tokens, seqs.starts[keep], seqs.ends[keep])
 
     def content(self, seqs: Sequences, i: int) -> np.ndarray:

@@ -75,7 +75,7 @@ class TrainConfig:
     text_field: list[str] = field(default_factory=lambda: ["text"])  # JSONL field(s) / column(s) to read
     val_fraction: float = 0.05            # documents held out for validation (chosen by the seed) ...
     val_max_docs: int = 5000              # ... at most this many
-    pack: bool = False                    # concatenate documents into full-context rows
+    pack: bool = False                    # clm only: concatenate documents into full-context rows
     # tokenizer
     tokenizer: str = "bpe"                # "bpe", "bpe-lower" (trained on the training split), "bytes" or a
                                           # tokenizer.json
@@ -242,12 +242,13 @@ def _check_int(cfg: TrainConfig, name: str, minimum: int) -> None:
 
 OBJECTIVES = ("clm", "spans")
 # Options that only one objective reads: given (not left at the default) with another, they are an error.
-OBJECTIVE_OPTIONS = {"label_smoothing": "clm", "pooling": "spans", "temperature": "spans", "span_min": "spans",
-                     "span_max": "spans"}
-# Defaults that differ by objective, for options not given. Spans train a retriever: more in-batch negatives, a
-# contrastive learning rate, and the running-mean mixing init, whose last position starts as the mean of the
-# text, so that last-token pooling learns from the first step.
-OBJECTIVE_DEFAULTS = {"clm": {}, "spans": {"batch_size": 32, "lr": 1e-3, "mixing_init": "mean"}}
+OBJECTIVE_OPTIONS = {"pack": "clm", "label_smoothing": "clm", "pooling": "spans", "temperature": "spans",
+                     "span_min": "spans", "span_max": "spans"}
+# Defaults that differ by objective, for options not given. Spans train a retriever: a case-folded tokenizer (as
+# finetune's), more in-batch negatives, a contrastive learning rate, and the running-mean mixing init, whose last
+# position starts as the mean of the text, so that last-token pooling learns from the first step.
+OBJECTIVE_DEFAULTS = {"clm": {}, "spans": {"tokenizer": "bpe-lower", "batch_size": 32, "lr": 1e-3,
+                                           "mixing_init": "mean"}}
 # Options of one invocation, never saved with the run.
 PER_INVOCATION = ("stop_after", "resume", "overwrite")
 # Options that define the model and its data: a resumed run must keep them.

@@ -142,11 +142,13 @@ def test_objective_options_are_checked():
         TrainConfig(temperature=0.1).validate()
     with pytest.raises(MixretError, match="option label_smoothing applies to objective 'clm'"):
         TrainConfig(objective="spans", label_smoothing=0.1).validate()
+    with pytest.raises(MixretError, match="option pack applies to objective 'clm'"):
+        TrainConfig(objective="spans", pack=True).validate()
     with pytest.raises(MixretError, match="span_max must be an integer >= 8"):
         TrainConfig(objective="spans", span_max=4).validate()
     assert TrainConfig().model.mixing_init == "random" and TrainConfig().batch_size == 16
     spans = TrainConfig(objective="spans")
-    assert (spans.model.mixing_init, spans.batch_size, spans.lr) == ("mean", 32, 1e-3)
+    assert (spans.model.mixing_init, spans.batch_size, spans.lr, spans.tokenizer) == ("mean", 32, 1e-3, "bpe-lower")
     assert TrainConfig(objective="spans", mixing_init="random", batch_size=8).batch_size == 8
 
 
