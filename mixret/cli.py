@@ -143,14 +143,15 @@ def _pretrain_model_options(fn):
 @_pretrain_opt("--pack/--no-pack", help="clm: concatenate documents into full-context rows instead of one document "
                "per sequence.", show="no-pack")
 @_pretrain_opt("--tokenizer", help="bpe (trained on the training split), bpe-lower (the same, case folded), bytes, "
-               "or the path of a tokenizer.json.", show="bpe")
+               "or the path of a tokenizer.json (spans: bpe-lower).", show="bpe")
 @_pretrain_opt("--vocab-size", type=int, help="BPE vocabulary size.", show=4096)
 @_pretrain_model_options
 @_pretrain_opt("--steps", type=int, help="Optimizer steps of the whole schedule (not of this invocation).", show=800)
 @_pretrain_opt("--epochs", type=float, help="Schedule length in passes over the training split (instead of --steps).")
-@_pretrain_opt("--batch-size", type=int, help="Sequences per micro-batch on each process.", show=16)
+@_pretrain_opt("--batch-size", type=int, help="Sequences per micro-batch on each process (spans: 32).", show=16)
 @_pretrain_opt("--grad-accum", type=int, help="Micro-batches per optimizer step.", show=1)
-@_pretrain_opt("--lr", type=float, help="Peak learning rate (AdamW; cosine decay to a tenth of it).", show=4e-3)
+@_pretrain_opt("--lr", type=float, help="Peak learning rate (AdamW; cosine decay to a tenth of it; spans: 0.001).",
+               show=4e-3)
 @_pretrain_opt("--warmup", type=int, help="Linear warmup steps.", show="5% of the steps")
 @_pretrain_opt("--weight-decay", type=float, help="AdamW weight decay, on the weights of Linear layers and mixing "
                "matrices (not on biases, norms or embeddings).", show=0.1)
@@ -181,7 +182,7 @@ def _pretrain_model_options(fn):
 def pretrain_cmd(config_file, **options):
     """Pretrain a causal language model on texts and save it with its tokenizer: next-token prediction
     (--objective clm, the default), or spans of each document as queries against the batch's documents
-    (--objective spans: a retriever from documents without pairs, or a start for finetune --init).
+    (--objective spans: a retriever from documents without pairs, or a start for finetune --model).
 
     With no options: a small masked mixer on the bundled corpus, a few minutes on a CPU. Runs unchanged
     under torchrun (DistributedDataParallel). Ctrl-C or SIGTERM writes a checkpoint before stopping;
