@@ -140,22 +140,34 @@ def _pretrain_model_options(fn):
 @_pretrain_opt("--val-fraction", type=float, help="Fraction of documents held out for validation (drawn with the "
                "seed).", show=0.05)
 @_pretrain_opt("--val-max-docs", type=int, help="Most documents held out for validation.", show=5000)
-@_pretrain_opt("--pack/--no-pack", help="Concatenate documents into full-context rows instead of one document "
+@_pretrain_opt("--pack/--no-pack", help="clm: concatenate documents into full-context rows instead of one document "
                "per sequence.", show="no-pack")
 @_pretrain_opt("--tokenizer", help="bpe (trained on the training split), bpe-lower (the same, case folded), bytes, "
-               "or the path of a tokenizer.json.", show="bpe")
+               "or the path of a tokenizer.json (spans: bpe-lower).", show="bpe")
 @_pretrain_opt("--vocab-size", type=int, help="BPE vocabulary size.", show=4096)
 @_pretrain_model_options
 @_pretrain_opt("--steps", type=int, help="Optimizer steps of the whole schedule (not of this invocation).", show=800)
 @_pretrain_opt("--epochs", type=float, help="Schedule length in passes over the training split (instead of --steps).")
-@_pretrain_opt("--batch-size", type=int, help="Sequences per micro-batch on each process.", show=16)
+@_pretrain_opt("--batch-size", type=int, help="Sequences per micro-batch on each process (spans: 32).", show=16)
 @_pretrain_opt("--grad-accum", type=int, help="Micro-batches per optimizer step.", show=1)
-@_pretrain_opt("--lr", type=float, help="Peak learning rate (AdamW; cosine decay to a tenth of it).", show=4e-3)
+@_pretrain_opt("--lr", type=float, help="Peak learning rate (AdamW; cosine decay to a tenth of it; spans: 0.001).",
+               show=4e-3)
 @_pretrain_opt("--warmup", type=int, help="Linear warmup steps.", show="5% of the steps")
 @_pretrain_opt("--weight-decay", type=float, help="AdamW weight decay, on the weights of Linear layers and mixing "
                "matrices (not on biases, norms or embeddings).", show=0.1)
 @_pretrain_opt("--grad-clip", type=float, help="Gradient norm clipping.", show=1.0)
-@_pretrain_opt("--label-smoothing", type=float, help="Label smoothing of the training loss.", show=0.0)
+@_pretrain_opt("--label-smoothing", type=float, help="clm: label smoothing of the training loss.", show=0.0)
+@_pretrain_opt("--objective", type=click.Choice(["clm", "spans"]), help="What the model learns from the texts. "
+               "clm: next-token prediction (a language model). spans: a retriever from documents alone: a random "
+               "span of each document is a query whose positive is its document and whose negatives are the "
+               "batch's other documents (symmetric InfoNCE); unless given, --tokenizer bpe-lower, --batch-size 32, "
+               "--lr 0.001 and --mixing-init mean. The model records its pooling, so embed, search, evaluate and "
+               "finetune --model use it as it is.", show="clm")
+@_pretrain_opt("--pooling", type=click.Choice(["last", "eos", "mean"]), help="spans: the embedding trained.",
+               show="last")
+@_pretrain_opt("--temperature", type=float, help="spans: temperature of the InfoNCE logits.", show=0.05)
+@_pretrain_opt("--span-min", type=int, help="spans: fewest tokens of a span (at most half of its document).", show=8)
+@_pretrain_opt("--span-max", type=int, help="spans: most tokens of a span.", show=24)
 @_pretrain_opt("--seed", type=int, help="Seed for initialisation, data order and the validation split.", show=0)
 @_pretrain_opt("--out", help="Output directory.", show="runs/ARCH-DATE-TIME")
 @_pretrain_opt("--log-every", type=int, help="Steps between metrics.jsonl lines.", show=10)
@@ -168,7 +180,9 @@ def _pretrain_model_options(fn):
               help="JSON file of options (names as the flags, e.g. {\"d_model\": 256}); flags override it.")
 @friendly
 def pretrain_cmd(config_file, **options):
-    """Pretrain a causal language model (next-token prediction) and save it with its tokenizer.
+    """Pretrain a causal language model on texts and save it with its tokenizer: next-token prediction
+    (--objective clm, the default), or spans of each document as queries against the batch's documents
+    (--objective spans: a retriever from documents without pairs, or a start for finetune --model).
 
     With no options: a small masked mixer on the bundled corpus, a few minutes on a CPU. Runs unchanged
     under torchrun (DistributedDataParallel). Ctrl-C or SIGTERM writes a checkpoint before stopping;

@@ -1,16 +1,19 @@
-"""Pretraining: next-token prediction for any architecture of the model zoo, run by the shared loop.
+"""Pretraining: any architecture of the model zoo trained on texts alone, run by the shared loop.
 
     from mixret.train import TrainConfig, pretrain
     out_dir = pretrain(TrainConfig(data=["corpus.jsonl"], steps=2000))   # mixret.load(out_dir) reads the model
 
 `TrainConfig` holds the run's options and a `ModelConfig`; model options are also accepted by their flat
-names (d_model=..., layers=...), as the command line and train_config.json give them. `PretrainTask` is
-what pretraining gives `mixret.loop`: the corpus, tokenizer and model, the batches of each step and the loss.
+names (d_model=..., layers=...), as the command line and train_config.json give them. `TextTask` is what every
+text-only objective gives `mixret.loop`: the corpus, tokenizer and model, the documents of each step, the run
+folder and the saved model; its subclasses add an objective: `PretrainTask` next-token prediction (objective
+"clm", the default), `mixret.spans.SpanTask` spans of each document as queries against the batch's documents
+(objective "spans").
 
 Each document is one training sequence, [bos] + tokens + [eos], truncated to the context (a truncated document
 has no eos); with `pack` the documents are concatenated and cut into full-context rows instead. Batches are
-right-padded to their longest member. The loss of an optimizer step is the sum of the cross-entropy of every
-predicted token of the step (every micro-batch, every rank) divided by their number.
+right-padded to their longest member. The next-token loss of an optimizer step is the sum of the cross-entropy of
+every predicted token of the step (every micro-batch, every rank) divided by their number.
 
 The order of the training sequences is a function of the seed and the step alone (an endless stream of
 seeded permutations, one per epoch), so a run resumed from a checkpoint sees the same batches as a run that
@@ -41,7 +44,7 @@ from mixret.train_data import (BPE_SAMPLE_CHARS, Stream, corpus_fingerprint, doc
                                micro_batches, packed_sequences, sample_texts, split_documents, tokenize_corpus,
                                tokenizer_from_text, tokenizer_text, unigram_loss)
 
-__all__ = ["Interrupted", "NextTokenLoss", "PretrainTask", "TrainConfig", "pretrain", "resolve_options"]
+__all__ = ["Interrupted", "NextTokenLoss", "PretrainTask", "TextTask", "TrainConfig", "pretrain", "resolve_options"]
 
 DEFAULT_STEPS = 800
 # Longest context the trainer accepts per arch: a masked mixer holds context x context mixing matrices per
@@ -72,7 +75,7 @@ class TrainConfig:
     text_field: list[str] = field(default_factory=lambda: ["text"])  # JSONL field(s) / column(s) to read
     val_fraction: float = 0.05            # documents held out for validation (chosen by the seed) ...
     val_max_docs: int = 5000              # ... at most this many
-    pack: bool = False                    # concatenate documents into full-context rows
+    pack: bool = False                    # clm only: concatenate documents into full-context rows
     # tokenizer
     tokenizer: str = "bpe"                # "bpe", "bpe-lower" (trained on the training split), "bytes" or a
                                           # tokenizer.json
@@ -89,8 +92,15 @@ class TrainConfig:
     warmup: int | None = None             # linear warmup steps (default: 5% of the steps)
     weight_decay: float = 0.1             # on the weights of Linear layers and mixing matrices
     grad_clip: float = 1.0
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0          # clm only
     seed: int = 0
+    # objective
+    objective: str = "clm"                # "clm": next-token prediction; "spans": a span of each document against
+                                          # the batch's documents, InfoNCE (mixret.spans)
+    pooling: str = "last"                 # spans only: the embedding trained, recorded in the saved model
+    temperature: float = 0.05             # spans only: of the InfoNCE logits
+    span_min: int = 8                     # spans only: tokens per span, drawn uniformly from [span_min, span_max]
+    span_max: int = 24
     # run
     out: str | None = None                # default: runs/<arch>-<date>-<time>
     log_every: int = 10
@@ -103,8 +113,12 @@ class TrainConfig:
     overwrite: bool = False
 
     def __init__(self, model: ModelConfig | None = None, **options):
-        """Options by name; model options either as `model` or by their option names (d_model=, layers=)."""
+        """Options by name; model options either as `model` or by their option names (d_model=, layers=).
+        Options not given take the objective's defaults (OBJECTIVE_DEFAULTS) before the fields' own."""
         fields = {f.name: f for f in dataclasses.fields(self) if f.name != "model"}
+        for name, value in OBJECTIVE_DEFAULTS.get(options.get("objective", "clm"), {}).items():
+            if name not in options and not (model is not None and name in MODEL_OPTIONS):
+                options = {**options, name: value}
         flat = {}
         for name, value in options.items():
             if name in MODEL_OPTIONS:
@@ -167,6 +181,24 @@ class TrainConfig:
                               f"got {self.vocab_size}")
         if not self.text_field or not all(isinstance(f, str) and f for f in self.text_field):
             raise MixretError(f"text_field must name at least one field, got {self.text_field!r}")
+        self.validate_objective()
+
+    def validate_objective(self) -> None:
+        from mixret.embed import POOLINGS
+
+        if self.objective not in OBJECTIVES:
+            raise MixretError(f"unknown objective {self.objective!r}; expected one of {', '.join(OBJECTIVES)} "
+                              f"(clm: next-token prediction, spans: spans of the documents as queries)")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, owner in OBJECTIVE_OPTIONS.items():
+            if owner != self.objective and getattr(self, name) != defaults[name]:
+                raise MixretError(f"option {name} applies to objective {owner!r}, not {self.objective!r}")
+        if self.pooling not in POOLINGS:
+            raise MixretError(f"unknown pooling {self.pooling!r}; expected one of {', '.join(POOLINGS)}")
+        if not (_is_number(self.temperature) and self.temperature > 0):
+            raise MixretError(f"temperature must be a positive number, got {self.temperature!r}")
+        _check_int(self, "span_min", minimum=1)
+        _check_int(self, "span_max", minimum=self.span_min)
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         return dataclasses.replace(self.model, vocab_size=vocab_size)
@@ -208,11 +240,20 @@ def _check_int(cfg: TrainConfig, name: str, minimum: int) -> None:
         raise MixretError(f"{name} must be an integer >= {minimum}, got {v!r}")
 
 
+OBJECTIVES = ("clm", "spans")
+# Options that only one objective reads: given (not left at the default) with another, they are an error.
+OBJECTIVE_OPTIONS = {"pack": "clm", "label_smoothing": "clm", "pooling": "spans", "temperature": "spans",
+                     "span_min": "spans", "span_max": "spans"}
+# Defaults that differ by objective, for options not given. Spans train a retriever: a case-folded tokenizer (as
+# finetune's), more in-batch negatives, a contrastive learning rate, and the running-mean mixing init, whose last
+# position starts as the mean of the text, so that last-token pooling learns from the first step.
+OBJECTIVE_DEFAULTS = {"clm": {}, "spans": {"tokenizer": "bpe-lower", "batch_size": 32, "lr": 1e-3,
+                                           "mixing_init": "mean"}}
 # Options of one invocation, never saved with the run.
 PER_INVOCATION = ("stop_after", "resume", "overwrite")
 # Options that define the model and its data: a resumed run must keep them.
 RUN_IDENTITY = ("data", "text_field", "val_fraction", "val_max_docs", "pack", "tokenizer", "vocab_size",
-                *MODEL_OPTIONS, "seed")
+                *MODEL_OPTIONS, "seed", "objective", "pooling", "temperature", "span_min", "span_max")
 SCHEDULE_LENGTH = ("steps", "epochs", "budget_minutes")  # one of them sets the schedule's length
 
 
@@ -276,8 +317,9 @@ class NextTokenLoss(torch.nn.Module):
 # --- the task -------------------------------------------------------------------------------------
 
 def pretrain(cfg: TrainConfig) -> Path:
-    """Train a causal LM as `cfg` says; returns a directory mixret.load reads: the output directory when the
-    schedule is complete, or the checkpoint written when `stop_after` ended the run early.
+    """Train a model as `cfg` says (next-token prediction, or spans as queries with cfg.objective "spans");
+    returns a directory mixret.load reads: the output directory when the schedule is complete, or the
+    checkpoint written when `stop_after` ended the run early.
 
     Raises MixretError for bad options or input (before anything is written) and Interrupted when SIGINT or
     SIGTERM stopped training (after writing a checkpoint).
@@ -286,21 +328,27 @@ def pretrain(cfg: TrainConfig) -> Path:
                               text_field=[cfg.text_field] if isinstance(cfg.text_field, str) else list(cfg.text_field))
     cfg.validate()
     with Distributed.from_env() as dist:
-        task = PretrainTask(cfg, dist)
+        task = make_task(cfg, dist)
         schedule = cfg.loop_config()
         out = loop.train(task, schedule, dist, task.out, task.mode, seed=cfg.seed)
         if out == task.out:
-            task.say(f"done: {schedule.steps} steps; validation loss {task.val_loss:.4f} "
-                     f"(unigram model: {task.unigram:.4f})")
+            task.say(f"done: {schedule.steps} steps; {task.result()}")
         return out
 
 
-class PretrainTask:
-    """What pretraining gives the loop: corpus, tokenizer and model, batches by step, the next-token loss.
-    Everything that can fail on bad input happens in the constructor, before the first write."""
-    name = "pretrain"
-    unit = "tokens"
-    metric_keys = ("val_loss",)
+def make_task(cfg: TrainConfig, dist: Distributed) -> "TextTask":
+    """The task of cfg.objective."""
+    if cfg.objective == "spans":
+        from mixret.spans import SpanTask
+        return SpanTask(cfg, dist)
+    return PretrainTask(cfg, dist)
+
+
+class TextTask:
+    """Texts in, a model out: what every text-only objective gives the loop. The corpus (its training split only
+    is trained on), tokenizer, model, the order of the training documents by step, the run folder and the saved
+    model are here; an objective subclass gives `make_objective`, `micro_batch`, `evaluate`, `describe_objective`
+    and `result`. Everything that can fail on bad input happens in the constructor, before the first write."""
     files = (io.CONFIG_NAME, io.WEIGHTS_NAME, io.TOKENIZER_NAME)
 
     def __init__(self, cfg: TrainConfig, dist: Distributed):
@@ -323,10 +371,7 @@ class PretrainTask:
         self.model = build_model(cfg.model_config(self.tokenizer.vocab_size)).to(dist.device)
         self.model.tokenizer = self.tokenizer
         self.model.trained_on = self.trained_on
-        self.objective = NextTokenLoss(self.model, cfg.label_smoothing)
-        self.unigram = unigram_loss(self.train_seqs, self.val_seqs, self.tokenizer.vocab_size)
-        self.curve_reference = (self.unigram, "unigram (validation)")
-        self.val_loss = float("nan")
+        self.objective = self.make_objective()
         self.describe()
 
     def say(self, message: str) -> None:
@@ -378,31 +423,14 @@ class PretrainTask:
     # -- what the loop asks for ------------------------------------------------------------------
     def batches(self, start: int, dist: Distributed, grad_accum: int) -> Iterator[list]:
         """This rank's micro-batches of each step from `start` on: the step's global batch is the stream's next
-        batch_size * grad_accum * world_size sequences; micro-step k of rank r takes its (k * world_size + r)-th
-        slice of batch_size."""
+        batch_size * grad_accum * world_size sequences; micro-step k of rank r takes its j = (k * world_size + r)-th
+        slice of batch_size, which micro_batch(idx, step, j) turns into the objective's input."""
         stream = Stream(len(self.train_seqs), self.cfg.seed)
-        B, pad = self.cfg.batch_size, self.tokenizer.pad_id
+        B = self.cfg.batch_size
         for step in range(start, 2**62):
             idx = stream.take(step * self.global_batch, self.global_batch)
-            yield [self.train_seqs.batch(part, pad).to(dist.device)
-                   for part in micro_batches(idx, B, grad_accum, dist.world_size, dist.rank)]
-
-    def evaluate(self) -> dict:
-        """Mean cross-entropy (no label smoothing) over every predicted token of the validation split."""
-        B, dist = self.cfg.batch_size, self.dist
-        total = torch.zeros(2, dtype=torch.float64, device=dist.device)  # [loss sum, predicted tokens]
-        for b in range(dist.rank, math.ceil(len(self.val_seqs) / B), dist.world_size):
-            batch = self.val_seqs.batch(self.val_order[b * B:(b + 1) * B], self.tokenizer.pad_id).to(dist.device)
-            with loop.autocast(dist.device):
-                total[0] += self.objective.summed(batch.input_ids, batch.positions, batch.targets, 0.0).double()
-            total[1] += batch.targets.numel()
-        dist.sum(total)
-        self.val_loss = float(total[0] / total[1])
-        if sample_hook is not None and dist.main:
-            text = sample_hook(self.model, self.tokenizer)
-            if text:
-                self.say(text)
-        return {"val_loss": round(self.val_loss, 5)}
+            yield [self.micro_batch(part, step, k * dist.world_size + dist.rank)
+                   for k, part in enumerate(micro_batches(idx, B, grad_accum, dist.world_size, dist.rank))]
 
     def record_extra(self, step: int) -> dict:
         return {"epoch": round(step * self.global_batch / len(self.train_seqs), 4)}
@@ -434,6 +462,44 @@ class PretrainTask:
             f"tokenizer: {self.tokenizer.kind}, {self.tokenizer.vocab_size:,} tokens\n"
             f"model: {cfg.arch}, {self.model.num_params():,} parameters (d_model {cfg.d_model}, "
             f"{cfg.layers} layers, context {cfg.context})\n"
-            f"training: {length} on {dist.world_size} x {dist.device.type}; a unigram model's validation loss "
-            f"is {self.unigram:.4f}\n"
+            f"training: {length} on {dist.world_size} x {dist.device.type}; {self.describe_objective()}\n"
             f"output: {self.out}")
+
+
+class PretrainTask(TextTask):
+    """Next-token prediction (the objective "clm"), with the validation loss against a unigram model's."""
+    name = "pretrain"
+    unit = "tokens"
+    metric_keys = ("val_loss",)
+
+    def make_objective(self) -> NextTokenLoss:
+        self.unigram = unigram_loss(self.train_seqs, self.val_seqs, self.tokenizer.vocab_size)
+        self.curve_reference = (self.unigram, "unigram (validation)")
+        self.val_loss = float("nan")
+        return NextTokenLoss(self.model, self.cfg.label_smoothing)
+
+    def micro_batch(self, idx: np.ndarray, step: int, j: int):
+        return self.train_seqs.batch(idx, self.tokenizer.pad_id).to(self.dist.device)
+
+    def evaluate(self) -> dict:
+        """Mean cross-entropy (no label smoothing) over every predicted token of the validation split."""
+        B, dist = self.cfg.batch_size, self.dist
+        total = torch.zeros(2, dtype=torch.float64, device=dist.device)  # [loss sum, predicted tokens]
+        for b in range(dist.rank, math.ceil(len(self.val_seqs) / B), dist.world_size):
+            batch = self.val_seqs.batch(self.val_order[b * B:(b + 1) * B], self.tokenizer.pad_id).to(dist.device)
+            with loop.autocast(dist.device):
+                total[0] += self.objective.summed(batch.input_ids, batch.positions, batch.targets, 0.0).double()
+            total[1] += batch.targets.numel()
+        dist.sum(total)
+        self.val_loss = float(total[0] / total[1])
+        if sample_hook is not None and dist.main:
+            text = sample_hook(self.model, self.tokenizer)
+            if text:
+                self.say(text)
+        return {"val_loss": round(self.val_loss, 5)}
+
+    def describe_objective(self) -> str:
+        return f"next-token prediction; a unigram model's validation loss is {self.unigram:.4f}"
+
+    def result(self) -> str:
+        return f"validation loss {self.val_loss:.4f} (unigram model: {self.unigram:.4f})"

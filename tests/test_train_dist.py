@@ -54,3 +54,27 @@ def test_torchrun_two_processes_match_one_process(tmp_path, monkeypatch):
     ids = torch.randint(0, 256, (2, 40))
     assert_close(mixret.load(tmp_path / "ddp")(ids).logits, mixret.load(single)(ids).logits, rtol=1e-4)
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == sorted(p.name for p in single.iterdir())
+
+
+def test_torchrun_spans_match_one_process(tmp_path, monkeypatch):
+    """The span objective under DDP: the unused LM head is frozen (DDP refuses parameters without a gradient),
+    and micro-batch j draws the spans it would draw in one process."""
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MIXRET_CACHE": str(tmp_path / "cache")}
+    options = {**OPTIONS, "objective": "spans", "span_min": 4, "span_max": 8}
+    flags = [x for k, v in options.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "mixret.cli", "pretrain", "--data", str(corpus), *flags, "--batch-size", "4",
+           "--out", str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    monkeypatch.setenv("MIXRET_CACHE", str(tmp_path / "cache"))
+    single = pretrain(TrainConfig(data=[str(corpus)], batch_size=4, out=str(tmp_path / "one"),
+                                  **{**options, "grad_accum": 4}))   # the same 16 documents a step
+    ddp, one = metrics(tmp_path / "ddp"), metrics(single)
+    assert [r["loss"] for r in ddp] == pytest.approx([r["loss"] for r in one], rel=1e-4)
+    assert [r["val_r1"] for r in ddp] == [r["val_r1"] for r in one]
+    assert one[-1]["loss"] < one[0]["loss"]
+    ids = torch.randint(0, 256, (2, 40))
+    assert_close(mixret.load(tmp_path / "ddp").hidden(ids), mixret.load(single).hidden(ids), rtol=1e-4)
