@@ -237,7 +237,8 @@ def _finetune_model_options(fn):
 @click.option("--pool-head/--no-pool-head", default=True, show_default=True,
               help="last/eos pooling: embed through a trained head over the last layer that starts as the running "
                    "mean of the text's hidden states (what lets a pretrained language model, whose last position "
-                   "predicts the next token, fine-tune without collapsing); off: the last layer's own state.")
+                   "predicts the next token, fine-tune without collapsing); off: the last layer's own state. A model "
+                   "folder that already embeds (from finetune or pretrain --objective spans) keeps its own embedding.")
 @click.option("--tokenizer", default="bpe-lower", show_default=True,
               help="Random init: bpe-lower (BPE trained on the training pairs, case folded, as retrieval wants), bpe "
                    "(case kept), bytes, or the path of a tokenizer.json.")

@@ -69,7 +69,8 @@ class FinetuneConfig:
     pooling: str = "last"                 # the embedding trained, and the one the output model embeds with
     pool_head: bool = True                # last/eos pooling: embed through a trained head over the last layer that
                                           # starts as the running mean of the text (models.layers.PoolHead); off: the
-                                          # last layer's own state at the last token
+                                          # last layer's own state at the last token. A model folder that already
+                                          # embeds (from finetune or the span objective) keeps its own embedding
     tokenizer: str = "bpe-lower"          # random init: "bpe-lower", "bpe" (trained on the training pairs; the first
                                           # folds case), "bytes" or a path
     vocab_size: int = 2048
@@ -354,12 +355,18 @@ class FinetuneTask:
             torch.manual_seed(cfg.seed)
             lm = build_model(dataclasses.replace(cfg.model, arch=cfg.init, vocab_size=self.tokenizer.vocab_size))
             lm.tokenizer = self.tokenizer
-        if cfg.pool_head and cfg.pooling != "mean" and lm.pool_head is None:
+        if cfg.pool_head and cfg.pooling != "mean" and lm.pool_head is None and not self.is_embedder(lm):
             lm.add_pool_head()
         from mixret.data import sources_record
         lm.trained_on = (lm.trained_on or []) + sources_record([self.source], self.cfg.test_fraction or None)
         self.lm = lm.to(self.dist.device)
         self.lm.train()
+
+    def is_embedder(self, lm) -> bool:
+        """Whether the starting model was already trained to embed (by finetune or the span objective: its folder
+        records a pooling). Its embedding is kept as it is; a language model's last position, which predicts the
+        next token, gets the embedding head."""
+        return self.from_folder and "pooling" in lm.embedding_defaults
 
     # -- what the loop asks for ----------------------------------------------------------------------
     def batches(self, start: int, dist: Distributed, grad_accum: int) -> Iterator[list]:

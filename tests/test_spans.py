@@ -175,3 +175,18 @@ def test_default_data_is_the_bundled_training_split(tmp_path, capsys):
     assert mixret.load(run).trained_on == [{"source": str(bundled_pairs_path().resolve()),
                                             "hash": file_hash(bundled_pairs_path()), "split": "train",
                                             "test_fraction": BUNDLED_TEST_FRACTION}]
+
+
+def test_finetune_keeps_the_embedding_of_a_spans_model_and_gives_a_clm_model_the_head(tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    write_pairs_jsonl(planted_pairs(), pairs)
+    heads = {}
+    for objective in ("spans", "clm"):
+        out = pretrain(tiny(tmp_path / objective, steps=2, **({} if objective == "spans" else {"objective": "clm"})))
+        result = CliRunner().invoke(main, list(map(str, [
+            "finetune", "--pairs", pairs, "--model", out, "--val-pairs", 32, "--batch-size", 16, "--steps", 2,
+            "--out", tmp_path / f"ft-{objective}"])))
+        assert result.exit_code == 0, result.output
+        heads[objective] = mixret.load(tmp_path / f"ft-{objective}").pool_head is not None
+    # the spans model's last position is already an embedding; the CLM model's predicts the next token
+    assert heads == {"spans": False, "clm": True}
