@@ -359,6 +359,8 @@ class FinetuneTask:
             lm.add_pool_head()
         from mixret.data import sources_record
         lm.trained_on = (lm.trained_on or []) + sources_record([self.source], self.cfg.test_fraction or None)
+        if not lm.config.tie_embeddings:       # embeddings never use the LM head: frozen, as DDP needs every
+            lm.lm_head.requires_grad_(False)   # trained parameter to get a gradient
         self.lm = lm.to(self.dist.device)
         self.lm.train()
 

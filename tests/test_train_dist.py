@@ -78,3 +78,41 @@ def test_torchrun_spans_match_one_process(tmp_path, monkeypatch):
     assert one[-1]["loss"] < one[0]["loss"]
     ids = torch.randint(0, 256, (2, 40))
     assert_close(mixret.load(tmp_path / "ddp").hidden(ids), mixret.load(single).hidden(ids), rtol=1e-4)
+
+
+def test_torchrun_finetune_matches_one_process(tmp_path, monkeypatch):
+    """Contrastive fine-tuning under DDP (the LM head, which no embedding uses, is frozen): 2 processes of one
+    micro-batch each make the updates of one process with 2 micro-batches."""
+    from mixret.data import Pair, write_pairs_jsonl
+    from mixret.finetune import FinetuneConfig, finetune
+    from mixret.loop import LoopConfig
+    from mixret.models import ModelConfig
+    rng = np.random.default_rng(0)
+    pairs = []
+    for i in range(120):
+        words = list(rng.choice(WORDS, size=4, replace=False))
+        pairs.append(Pair(f"p{i}", " ".join(words[:2]), " ".join(words + list(rng.choice(WORDS, size=4)))))
+    path = tmp_path / "pairs.jsonl"
+    write_pairs_jsonl(pairs, path)
+    opts = dict(test_fraction=0.0, val_pairs=20, tokenizer="bytes", batch_size=8, token_dropout=0.0)
+    model = dict(d_model=32, layers=2, context=40)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MIXRET_CACHE": str(tmp_path / "cache")}
+    flags = [x for k, v in {**opts, **model}.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mixret.cli",
+           "finetune", "--pairs", str(path), *flags, "--steps", "6", "--eval-every", "3", "--out", str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    monkeypatch.setenv("MIXRET_CACHE", str(tmp_path / "cache"))
+    single = finetune(FinetuneConfig(
+        pairs=str(path), **opts, out=str(tmp_path / "one"),
+        model=ModelConfig(d_model=32, n_layers=2, context=40, mixing_init="mean"),
+        loop=LoopConfig(steps=6, grad_accum=2, lr=1e-3, weight_decay=0.01, eval_every=3, progress=False)))
+    ddp, one = metrics(tmp_path / "ddp"), metrics(single)
+    assert [r["step"] for r in ddp] == [r["step"] for r in one] == [0, 3, 6]   # step 0: before training
+    for key in ("loss", "val_r1", "val_mean_cos"):
+        values = [[r[key] for r in run if r.get(key) is not None] for run in (ddp, one)]
+        assert len(values[0]) >= 2 and values[0] == pytest.approx(values[1], rel=1e-4), key
+    assert one[-1]["loss"] < one[0]["loss"]
+    ids = torch.randint(0, 256, (2, 30))
+    assert_close(mixret.load(tmp_path / "ddp").embed(ids), mixret.load(single).embed(ids), rtol=1e-4)
