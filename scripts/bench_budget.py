@@ -1,16 +1,18 @@
-"""Budget study: a fixed wall-clock budget split between CLM pretraining and contrastive fine-tuning.
+"""Budget study: a fixed wall-clock budget split between pretraining (CLM or spans) and contrastive fine-tuning.
 
     python scripts/bench_budget.py [--out docs/bench/] [--threads 1] [--jobs 2] [--budgets 2,5]
-                                   [--shares 0,25,50,75] [--archs masked-mixer,llama] [--d-model 256]
-                                   [--layers 4] [--context 256] [--work DIR] [--quick]
+                                   [--recipes clm,spans] [--shares 0,25,50,75] [--archs masked-mixer,llama]
+                                   [--d-model 256] [--layers 4] [--context 256] [--work DIR] [--quick]
 
-For each arch, budget B (minutes) and pretraining share s, one run (a child process) does:
-- s = 0: `mixret.finetune` from random init (mixing_init mean, a BPE tokenizer trained on the training pairs)
-  with budget_minutes = B;
-- s > 0: `mixret.train.pretrain` (CLM, budget_minutes = s * B) on the texts of the TRAINING split of the pairs
-  only (summary and document of each pair, as separate documents, written to a temporary JSONL; its own 5 %
-  validation documents give the validation loss), then `finetune` from that folder with budget_minutes =
-  (1 - s) * B.
+For each arch, budget B (minutes), pretraining recipe and share s, one run (a child process) does:
+- s = 0 (fine-tuning alone, whatever the recipe): `mixret.finetune` from random init (mixing_init mean, a BPE
+  tokenizer trained on the training pairs) with budget_minutes = B;
+- s > 0: `mixret.train.pretrain` with the recipe's objective (budget_minutes = s * B) on texts of the TRAINING
+  split of the pairs only, then `finetune` from that folder with budget_minutes = (1 - s) * B. Recipe `clm`:
+  next-token prediction on the summary and the document of each pair, as separate documents; recipe `spans`:
+  the span objective (`pretrain --objective spans`: a span of each document against the batch's documents) on
+  the documents alone, as a user with documents and no pairs would have them. Each writes its texts to a
+  temporary JSONL; its own 5 % validation documents give the validation loss (clm) or span R@1 (spans).
 Every budget is resolved by the shared loop (`LoopConfig.budget_minutes`: a few real steps and one evaluation
 are timed, the step count is fixed to fit). Both phases use the same model size and a BPE tokenizer of the same
 size; the pretraining uses the same mixing init as the random-init fine-tuning (--pretrain-init), so the only
@@ -46,6 +48,7 @@ import bench_common as bc
 ARCHS = ("masked-mixer", "llama")
 SHORT = {"masked-mixer": "mixer", "llama": "llama", "hypermixer": "hyper"}
 MODES = ("vector", "fusion", "bm25")
+RECIPES = ("clm", "spans")  # pretraining objectives before fine-tuning
 QUICK_PAIRS = 800  # pairs of the bundled corpus a --quick run uses
 
 
@@ -66,7 +69,7 @@ def child(spec: dict) -> dict:
     mixret.train.sample_hook = None  # no text samples at each evaluation: time the study does not need
     work = Path(spec["work"])
     work.mkdir(parents=True, exist_ok=True)
-    arch, budget, share = spec["arch"], spec["budget"], spec["share"] / 100
+    arch, budget, share, recipe = spec["arch"], spec["budget"], spec["share"] / 100, spec.get("recipe", "clm")
     size = dict(d_model=spec["d_model"], n_layers=spec["layers"], context=spec["context"])
     train, test = split_pairs(load_pairs(spec["pairs"]), 0.1)
     result = {"load_start": round(os.getloadavg()[0], 2), "n_train_pairs": len(train), "n_test_pairs": len(test)}
@@ -77,17 +80,18 @@ def child(spec: dict) -> dict:
         texts = work / "pretrain-texts.jsonl"  # the training split only: never a test pair's text
         write_pairs_jsonl(train, texts)
         start = time.perf_counter()
+        objective = ({"objective": "spans", "text_field": ["document"]} if recipe == "spans" else
+                     {"text_field": ["summary", "document"], "batch_size": spec["pretrain_batch"]})
         pt = pretrain(TrainConfig(
             model=ModelConfig(arch=arch, mixing_init=spec["pretrain_init"], **size), data=[str(texts)],
-            text_field=["summary", "document"], tokenizer="bpe-lower", vocab_size=spec["vocab_size"],
-            budget_minutes=share * budget,
-            batch_size=spec["pretrain_batch"], out=str(work / "pretrain"), overwrite=True))
+            tokenizer="bpe-lower", vocab_size=spec["vocab_size"], budget_minutes=share * budget,
+            out=str(work / "pretrain"), overwrite=True, **objective))
         result.update(pretrain_seconds=time.perf_counter() - start,
                       pretrain_steps=io.read_json(pt / TRAIN_CONFIG_NAME)["steps"],
-                      pretrain_val_loss=last_metric(pt, "val_loss"))
+                      pretrain_val_loss=last_metric(pt, "val_loss"), pretrain_val_r1=last_metric(pt, "val_r1"))
         init = str(pt)
     else:
-        result.update(pretrain_seconds=0.0, pretrain_steps=0, pretrain_val_loss=None)
+        result.update(pretrain_seconds=0.0, pretrain_steps=0, pretrain_val_loss=None, pretrain_val_r1=None)
 
     start = time.perf_counter()
     ft = finetune(FinetuneConfig(
@@ -150,7 +154,8 @@ def run_one(spec: dict, timeout: float, reuse: bool = False) -> dict:
 
 
 def name_of(spec: dict) -> str:
-    return f"{SHORT.get(spec['arch'], spec['arch'])}-b{spec['budget']:g}-s{spec['share']}"
+    recipe = f"-{spec.get('recipe', 'clm')}" if spec["share"] else ""
+    return f"{SHORT.get(spec['arch'], spec['arch'])}-b{spec['budget']:g}-s{spec['share']}{recipe}"
 
 
 def plot(rows: list[dict], bm25: float | None, path: Path, title: str) -> None:
@@ -160,13 +165,16 @@ def plot(rows: list[dict], bm25: float | None, path: Path, title: str) -> None:
     styles = ["-", "--", ":", "-."]
     colors = {"masked-mixer": "tab:blue", "llama": "tab:orange", "hypermixer": "tab:green"}
     for ax, mode in zip(axes, ("vector", "fusion")):
+        recipes = [x for x in dict.fromkeys(r.get("recipe", "clm") for r in rows) if x != "finetune"] or ["clm"]
         for arch in dict.fromkeys(r["arch"] for r in rows):
             for i, budget in enumerate(budgets):
-                pts = sorted((r["share"], r[f"{mode}_r1"]) for r in rows
-                             if r["arch"] == arch and r["budget"] == budget and r.get(f"{mode}_r1") is not None)
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", linestyle=styles[i % len(styles)], color=colors.get(arch),
-                            label=f"{arch}, {budget:g} min")
+                for j, recipe in enumerate(recipes):
+                    pts = sorted((r["share"], r[f"{mode}_r1"]) for r in rows
+                                 if r["arch"] == arch and r["budget"] == budget and r.get(f"{mode}_r1") is not None
+                                 and (r["share"] == 0 or r.get("recipe", "clm") == recipe))
+                    if pts:
+                        ax.plot(*zip(*pts), marker="os^v"[j % 4], linestyle=styles[i % len(styles)],
+                                color=colors.get(arch), label=f"{arch}, {budget:g} min, {recipe}")
         if bm25 is not None:
             ax.axhline(bm25, color="gray", linestyle="--", linewidth=1, label="BM25")
         ax.set_xlabel("pretraining share of the budget (%)")
@@ -181,12 +189,13 @@ def plot(rows: list[dict], bm25: float | None, path: Path, title: str) -> None:
 def comparisons(rows: list[dict]) -> list[dict]:
     """Mixer against llama at each (budget, share): equal wall-clock budgets."""
     out = []
-    keyed = {(r["arch"], r["budget"], r["share"]): r for r in rows}
-    for (arch, budget, share), m in keyed.items():
-        other = keyed.get(("llama", budget, share))
+    keyed = {(r["arch"], r["budget"], r["share"], r.get("recipe", "clm")): r for r in rows}
+    for (arch, budget, share, recipe), m in keyed.items():
+        other = keyed.get(("llama", budget, share, recipe))
         if arch != "masked-mixer" or other is None:
             continue
-        out.append({"budget": budget, "share": share,
+        out.append({"budget": budget, "share": share, "recipe": recipe,
+                    "vector_ratio": m["vector_r1"] / other["vector_r1"] if other["vector_r1"] else None,
                     **{f"{k}_{side}": r.get(k) for side, r in (("mixer", m), ("llama", other))
                        for k in ("vector_r1", "fusion_r1", "finetune_steps")},
                     "vector_diff": m["vector_r1"] - other["vector_r1"],
@@ -199,6 +208,7 @@ def main() -> None:
     bc.add_common_args(parser, "budget")
     parser.add_argument("--budgets", default="2,5", help="comma-separated wall-clock budgets, minutes")
     parser.add_argument("--shares", default="0,25,50,75", help="comma-separated pretraining shares, percent")
+    parser.add_argument("--recipes", default="clm", help="comma-separated pretraining objectives: clm, spans")
     parser.add_argument("--archs", default=",".join(ARCHS))
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
@@ -243,9 +253,13 @@ def main() -> None:
         write_pairs_jsonl(load_pairs(bundled_pairs_path())[:QUICK_PAIRS], pairs)
     if args.tabulate and not (args.reuse and args.work):
         parser.error("--tabulate needs --reuse and --work")
-    specs = [{"arch": arch, "budget": budget, "share": share, "pairs": str(pairs), "threads": args.threads,
-              "pretrain_init": args.pretrain_init, **sizes}
-             for budget in sorted(budgets, reverse=True) for share in shares for arch in archs]
+    recipes = args.recipes.split(",")
+    if set(recipes) - set(RECIPES):
+        parser.error(f"--recipes: expected names from {', '.join(RECIPES)}, got {args.recipes}")
+    specs = [{"arch": arch, "budget": budget, "share": share, "recipe": recipe if share else "finetune",
+              "pairs": str(pairs), "threads": args.threads, "pretrain_init": args.pretrain_init, **sizes}
+             for budget in sorted(budgets, reverse=True) for share in shares
+             for recipe in (recipes if share else recipes[:1]) for arch in archs]
     for spec in specs:
         spec["work"] = str(work / name_of(spec))
     if args.tabulate:
@@ -282,8 +296,9 @@ def main() -> None:
     bm25_same = len({(r["bm25_r1"], r["bm25_mrr10"]) for r in ok}) <= 1
     for r in ok:
         r["vs_bm25"] = r["fusion_r1"] - bm25
-    cols = [("budget", "budget min"), ("arch", "arch"), ("share", "pretrain %"), ("pretrain_steps", "pretrain steps"),
-            ("pretrain_val_loss", "pretrain val loss"), ("finetune_steps", "finetune steps"),
+    cols = [("budget", "budget min"), ("arch", "arch"), ("recipe", "recipe"), ("share", "pretrain %"),
+            ("pretrain_steps", "pretrain steps"), ("pretrain_val_loss", "pretrain val loss"),
+            ("pretrain_val_r1", "pretrain val R@1"), ("finetune_steps", "finetune steps"),
             ("pretrain_seconds", "pretrain s"), ("finetune_seconds", "finetune s"),
             ("val_r1", "val R@1"), ("vector_r1", "vector R@1"), ("vector_mrr10", "vector MRR@10"),
             ("fusion_weight", "fusion w"), ("fusion_r1", "fusion R@1"), ("fusion_mrr10", "fusion MRR@10"),
@@ -291,15 +306,17 @@ def main() -> None:
     failed = [f"{name_of(r)}: {r['status']}" for r in rows if r["status"] != "ok"]
     table = bc.markdown_table(ok, cols) + ("\n\nFailed runs: " + "; ".join(failed) if failed else "")
     pairs_cmp = comparisons(ok)
-    cmp_cols = [("budget", "budget min"), ("share", "pretrain %"), ("vector_r1_mixer", "mixer vector R@1"),
-                ("vector_r1_llama", "llama vector R@1"), ("vector_diff", "mixer - llama (vector)"),
+    cmp_cols = [("budget", "budget min"), ("recipe", "recipe"), ("share", "pretrain %"),
+                ("vector_r1_mixer", "mixer vector R@1"), ("vector_r1_llama", "llama vector R@1"),
+                ("vector_diff", "mixer - llama (vector)"), ("vector_ratio", "mixer / llama (vector)"),
                 ("fusion_r1_mixer", "mixer fusion R@1"), ("fusion_r1_llama", "llama fusion R@1"),
                 ("fusion_diff", "mixer - llama (fusion)"), ("finetune_steps_mixer", "mixer ft steps"),
                 ("finetune_steps_llama", "llama ft steps")]
     n_test = ok[0]["n_test_pairs"] if ok else "?"
     intro = (
-        f"Each run gets a fixed wall-clock budget, split between CLM pretraining (on the summaries and documents of "
-        f"the training split only) and contrastive fine-tuning (the rest); both phases are sized by "
+        f"Each run gets a fixed wall-clock budget, split between pretraining (recipe clm: next-token prediction on "
+        f"the summaries and documents of the training split only; spans: the span objective on its documents "
+        f"only) and contrastive fine-tuning (the rest; recipe finetune: all of it); both phases are sized by "
         f"`budget_minutes` (steps timed on this machine; tokenizer training, data loading and the test evaluation "
         f"are outside the budget: see `pretrain s` and `finetune s` for the phases' real wall time, budget timing "
         f"included). Models: d_model {sizes['d_model']}, {sizes['layers']} layers, context {sizes['context']}, "
@@ -317,7 +334,7 @@ def main() -> None:
     sections = [("Runs", table),
                 ("Mixer against llama at equal wall-clock budget", bc.markdown_table(pairs_cmp, cmp_cols)),
                 ("Plot", "![test R@1 against pretraining share](budget.png)")]
-    text = bc.write_report(args.out, "budget", "Budget study: CLM pretraining against contrastive fine-tuning", info,
+    text = bc.write_report(args.out, "budget", "Budget study: pretraining against contrastive fine-tuning", info,
                            intro, sections,
                            {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                                      if k not in ("out", "child")},

@@ -163,14 +163,20 @@ def test_step_estimate_extrapolates_time_per_token():
 
 
 def test_bench_budget(tmp_path):
-    # two tiny runs of one arch: fine-tuning only, then half the budget pretraining first
-    data = run_script("budget", tmp_path, "--budgets", "0.02", "--shares", "0,50", "--archs", "masked-mixer")
+    # three tiny runs of one arch: fine-tuning only, then half the budget on CLM or on spans first
+    data = run_script("budget", tmp_path, "--budgets", "0.02", "--shares", "0,50", "--archs", "masked-mixer",
+                      "--recipes", "clm,spans")
     rows = data["rows"]
-    assert [(r["arch"], r["share"]) for r in rows] == [("masked-mixer", 0), ("masked-mixer", 50)]
+    assert [(r["arch"], r["share"], r["recipe"]) for r in rows] == [
+        ("masked-mixer", 0, "finetune"), ("masked-mixer", 50, "clm"), ("masked-mixer", 50, "spans")]
     assert all(r["status"] == "ok" for r in rows)
     for r in rows:
         assert r["finetune_steps"] >= 1 and r["pooling"] == "last"
-        assert (r["pretrain_steps"] >= 1 and r["pretrain_val_loss"] > 0) if r["share"] else r["pretrain_steps"] == 0
+        assert r["pretrain_steps"] >= 1 if r["share"] else r["pretrain_steps"] == 0
+    clm, spans = rows[1], rows[2]
+    assert clm["pretrain_val_loss"] > 0 and clm["pretrain_val_r1"] is None        # next-token prediction
+    assert spans["pretrain_val_loss"] is None and 0 <= spans["pretrain_val_r1"] <= 1  # the span objective
+    for r in rows:
         for key in ("vector_r1", "vector_mrr10", "fusion_r1", "fusion_mrr10"):
             assert 0.0 <= r[key] <= 1.0
         assert r["n_test_pairs"] == r["corpus_size"] > 0 and r["load_start"] >= 0
@@ -187,6 +193,7 @@ def test_budget_comparisons_pair_archs_at_equal_budget():
     (c,) = bench_budget.comparisons(rows)  # only (2 min, 0 %) has both archs
     assert (c["budget"], c["share"]) == (2.0, 0)
     assert c["vector_diff"] == pytest.approx(0.25) and c["fusion_diff"] == pytest.approx(0.05)
+    assert c["vector_ratio"] == pytest.approx(2.0)
 
 
 def test_bench_recipe(tmp_path):
