@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import click
 
@@ -475,28 +476,69 @@ def train_matcher_cmd(pairs_path, model_dir, query_emb, target_emb, query_field,
 @main.command("index")
 @click.argument("emb_dir", type=click.Path(file_okay=False))
 @click.option("--factory", default="Flat", show_default=True,
-              help="FAISS index factory string: Flat, HNSW32, IVF1024,Flat, IVF4096,PQ32, ...")
+              help="FAISS index factory string: Flat, HNSW32, IVF1024,Flat, IVF4096,PQ32, ... (a rebuild).")
 @click.option("--metric", type=click.Choice(["ip", "l2"]), default="ip", show_default=True,
               help="ip: inner product of L2-normalised embeddings (cosine); l2: Euclidean distance.")
+@click.option("--add", "add_file", type=click.Path(dir_okay=False), default=None,
+              help="Add the texts of this corpus file (any format `mixret embed` reads); a text whose id is in "
+                   "EMB_DIR replaces it. Only these texts are embedded.")
+@click.option("--delete", "delete_file", type=click.Path(dir_okay=False), default=None,
+              help="Delete the ids listed in this file, one a line (applied before --add).")
+@click.option("--field", default="text", show_default=True, help="--add: the field holding the texts.")
+@click.option("--id-field", default="id", show_default=True, help="--add: the field holding the ids.")
+@click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None,
+              help="--add: the model folder, if it moved (default: the one named in EMB_DIR/meta.json; other "
+                   "weights are refused).")
+@click.option("--batch-size", default=64, show_default=True, help="--add: texts per forward pass.")
+@click.option("--device", default=None, help="--add: torch device (default: the GPU if there is one).")
 @friendly
-def index_cmd(emb_dir, factory, metric):
+def index_cmd(emb_dir, factory, metric, add_file, delete_file, field, id_field, model_dir, batch_size, device):
     """Build a FAISS index over the embeddings in EMB_DIR (from `mixret embed`) and save it there
     as index.faiss + index.json. IVF and PQ indexes are trained on the embeddings themselves; an IVF
     with more lists than the corpus can train is shrunk, with a warning. The BM25 parameters fitted with
     the model (its bm25.json, from `mixret finetune`) are copied there too: search, fusion and serve use
-    them, and bm25 search needs no model; a model without them leaves BM25 at its defaults."""
+    them, and bm25 search needs no model; a model without them leaves BM25 at its defaults.
+
+    \b
+    With --add and/or --delete, EMB_DIR is updated instead: only the new texts are embedded, with the model,
+    pooling and max length EMB_DIR records, and the folder moves to its next version in one step (a crash at
+    any point leaves the old corpus or the new one, never a mix). A Flat index is built again and equals a
+    rebuild. An IVF, HNSW or PQ index keeps its training: new vectors join it, deleted and replaced ones stay in
+    it, hidden. Rebuild it (`mixret index EMB_DIR --factory ...`) when the removed vectors add up to a good
+    share of the index (`removed` in the report: each search reads past them) or the corpus grew or changed
+    by more than about a tenth (the IVF centroids and the HNSW graph were fitted to the old one)."""
+    if add_file is not None or delete_file is not None:
+        return _update_index(emb_dir, add_file, delete_file, field, id_field, model_dir, batch_size, device)
     from mixret.bm25 import copy_to_emb_dir
-    from mixret.embed import EmbeddingSpec, load_emb_dir
+    from mixret.corpus import WAL_NAME, WriteLock, load_snapshot, write_version
+    from mixret.embed import EmbeddingSpec
     from mixret.search import VectorIndex
 
-    emb, ids, _, meta = load_emb_dir(emb_dir)
-    with Warnings():
-        index = VectorIndex.build(emb, factory, metric, meta={**EmbeddingSpec.of(meta).to_dict(),
-                                                              "model_path": meta.get("model_path")})
-        index.save(emb_dir)
+    with Warnings(), WriteLock(emb_dir):
+        snap, replayed = load_snapshot(emb_dir, with_index=False)
+        meta = snap.meta
+        index = VectorIndex.build(snap.emb, factory, metric, meta={**EmbeddingSpec.of(meta).to_dict(),
+                                                                   "model_path": meta.get("model_path")})
+        if snap.version == 0 and not replayed:
+            index.save(emb_dir)
+        else:   # an updated folder: the new index is a new version
+            from dataclasses import replace
+            write_version(emb_dir, replace(snap, index=index), {"rebuilt": index.factory, "log_writes": replayed})
+            if replayed:
+                (Path(emb_dir) / WAL_NAME).write_bytes(b"")
         bm25 = copy_to_emb_dir(emb_dir, meta)
     click.echo(f"{emb_dir}: {index.factory} index ({metric}) over {index.count} vectors of dim {index.dim}; "
                f"BM25 {bm25.describe()}")
+
+
+def _update_index(emb_dir, add_file, delete_file, field, id_field, model_dir, batch_size, device):
+    from mixret.corpus import update_folder
+    with Warnings():
+        done = update_folder(emb_dir, add_file, delete_file, field, id_field, model_dir, batch_size, device)
+    index = "no vector index" if done["index"] is None else f"{done['index']} index"
+    hidden = f", {done['removed']} removed vectors still in it" if done["removed"] else ""
+    click.echo(f"{emb_dir}: {done['added']} added, {done['replaced']} replaced, {done['deleted']} deleted; "
+               f"{done['count']} texts, version {done['version']}; {index}{hidden}")
 
 
 def _retrieval_options(fn):
