@@ -721,15 +721,27 @@ def evaluate_cmd(pairs_path, mode, limit, query_field, target_field, test_fracti
 @click.option("--max-batch", default=64, show_default=True, help="Most queries encoded together in one batch.")
 @click.option("--max-wait-ms", default=2.0, show_default=True,
               help="How long a batch waits for more queries after its first one.")
+@click.option("--token-file", type=click.Path(dir_okay=False), default=None,
+              help="Turn writes on: POST /documents and DELETE /documents/ID then need 'Authorization: Bearer "
+                   "TOKEN', TOKEN being this file's content (surrounding whitespace stripped). Default: the "
+                   "MIXRET_TOKEN environment variable; with neither, writes answer 403.")
 @friendly
-def serve_cmd(emb_dir, model_dir, matcher_dir, host, port, threads, max_batch, max_wait_ms, **options):
+def serve_cmd(emb_dir, model_dir, matcher_dir, host, port, threads, max_batch, max_wait_ms, token_file, **options):
     """Serve searches of the corpus in EMB_DIR over HTTP: POST /search (JSON), GET /health, GET / (a page
     comparing two modes side by side) and GET /docs. The model, index, BM25 and matcher are loaded once;
     concurrent queries are encoded in batches. Every mode of `mixret search` is served; tree and hybrid
-    need --matcher."""
-    from mixret.serve import serve
+    need --matcher.
+
+    \b
+    With a token (--token-file or MIXRET_TOKEN), the corpus takes writes: POST /documents
+    {"documents": [{"id": "...", "text": "..."}, ...]} adds or replaces, DELETE /documents/ID removes, GET
+    /documents/ID reads. A write is acknowledged once it is in EMB_DIR/writes.wal on the disk and searchable; a
+    restart (after a crash too) replays the log and folds it into EMB_DIR, so every acknowledged write is kept
+    and no half of an unacknowledged one. The server then holds EMB_DIR's write lock: one writer at a time."""
+    from mixret.serve import read_token, serve
     serve(emb_dir, model_dir, matcher_dir, host=host, port=port, threads=threads, max_batch=max_batch,
-          max_wait_ms=max_wait_ms, echo=lambda line: click.echo(line, err=True), **options)
+          max_wait_ms=max_wait_ms, echo=lambda line: click.echo(line, err=True), token=read_token(token_file),
+          **options)
 
 
 # --- quickstart ------------------------------------------------------------------------------

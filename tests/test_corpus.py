@@ -15,6 +15,7 @@ from test_search import invoke, tiny_lm
 
 from mixret import corpus as corpus_mod
 from mixret.embed import load_emb_dir
+from mixret.errors import MixretError
 from mixret.search import load_corpus
 
 QUERIES = ["Perl bindings for OpenLDAP", "a puzzle game", "library for parsing XML", "music player", "Python"]
@@ -200,3 +201,50 @@ def test_index_help_says_when_to_rebuild():
     res = invoke("index", "--help")
     assert "--add" in res.output and "--delete" in res.output and "Rebuild it" in res.output
 
+
+
+def test_write_ahead_log_replays_whole_writes_and_drops_a_cut_short_last_one(docs, tmp_path):
+    """Writes logged by WriteLog are applied when the folder loads (no model needed: the log holds their
+    embeddings); a last line cut short at any byte is a write never acknowledged and is dropped; a damaged line
+    before the last is an error naming it."""
+    root, all_docs = docs
+    shutil.copytree(root / "lm", tmp_path / "lm")
+    emb = embed(tmp_path, all_docs[:10], "emb")
+    snap, _ = corpus_mod.load_snapshot(emb)
+    rng = np.random.default_rng(0)
+    changes = [corpus_mod.Change([], ["a", "b"], ["text a", "text b"], rng.standard_normal((2, 32), np.float32)),
+               corpus_mod.Change([all_docs[0][0]], ["a"], ["text a again"], rng.standard_normal((1, 32), np.float32))]
+    log = corpus_mod.WriteLog(emb, 32, snap.seq)
+    for change in changes:
+        log.append(change)
+    log.close()
+    expected = snap
+    for seq, change in enumerate(changes, 1):
+        expected = corpus_mod.apply_change(expected, change, seq).snapshot
+    loaded, replayed = corpus_mod.load_snapshot(emb)
+    assert replayed == 2 and loaded.ids == expected.ids and loaded.texts == expected.texts and loaded.seq == 2
+    np.testing.assert_array_equal(loaded.emb, expected.emb)
+    assert load_corpus(emb, ["bm25"]).ids == expected.ids     # `mixret search` sees the logged writes
+
+    wal = emb / corpus_mod.WAL_NAME
+    whole = wal.read_bytes()
+    first = whole.index(b"\n") + 1
+    for cut in range(first + 1, len(whole), max(1, (len(whole) - first) // 40)):   # the second write cut short
+        wal.write_bytes(whole[:cut])
+        loaded, replayed = corpus_mod.load_snapshot(emb)
+        assert replayed == 1 and loaded.ids == snap.ids + ["a", "b"], cut
+    corpus_mod.WriteLog(emb, 32, 1).close()   # opened for writing: the cut-short line is cut off
+    assert wal.read_bytes() == whole[:first]
+    wal.write_bytes(whole[:first].replace(b"text a", b"text A") + whole[first:])
+    with pytest.raises(MixretError, match=r"writes.wal:1: damaged line in the write-ahead log"):
+        corpus_mod.load_snapshot(emb)
+
+    # folding: the writes become a version of the folder and the log is emptied; nothing is applied twice
+    wal.write_bytes(whole)
+    with corpus_mod.WriteLock(emb):
+        snap2, replayed = corpus_mod.load_snapshot(emb)
+        corpus_mod.fold_log(emb, snap2, replayed)
+    assert wal.read_bytes() == b"" and json.loads((emb / "meta.json").read_text())["wal_applied"] == 2
+    wal.write_bytes(whole)   # as if the process died after the commit, before emptying the log
+    again, replayed = corpus_mod.load_snapshot(emb)
+    assert replayed == 0 and again.ids == expected.ids
