@@ -6,6 +6,21 @@ Endpoints (FastAPI on uvicorn, bound to 127.0.0.1 unless told otherwise):
     GET  /health  model, index, BM25 parameters, corpus size, the modes this server answers and why any other is off
     GET  /        a results page: one query, the hits of two chosen modes side by side
     GET  /docs    the OpenAPI page FastAPI generates
+    GET  /documents/ID             a document as the corpus holds it now
+    POST /documents {"documents": [{"id": "...", "text": "..."}, ...]}  adds, or replaces an existing id   (writes)
+    DELETE /documents/ID           removes                                                              (writes)
+
+Writes are off unless the server was started with a token (--token-file FILE or MIXRET_TOKEN); they then need
+`Authorization: Bearer TOKEN` (compared in constant time), and answer 401 without it or with another; with no
+token configured they answer 403 and say how to turn them on. A write is embedded as the folder's texts were, then
+appended to EMB_DIR/writes.wal and flushed to the disk (mixret.corpus), then swapped in: it is acknowledged (200,
+with the ids written or removed, its seq and the corpus size) only once it is durable and searchable. Writes run
+one at a time on their own thread. Each corpus state (texts, embeddings, FAISS index, BM25) is built whole and
+never changed: a search batch takes the current one at its start and keeps it to the end, so it sees the corpus
+before a write or after it, never a mix, and says which (seq, corpus_size). BM25 follows writes from the term ids
+it keeps (only new texts are tokenised; scores the same as a fresh index, see scripts/bench_corpus.py). At start
+the log's writes are replayed and folded into a new version of the folder, and the log emptied; the server holds
+the folder's write lock while it runs.
 
 Modes are those of `mixret.search.MODES`, searched by the same `Retriever.search` as `mixret search`, with
 query embeddings from the same `model.encode`. At start-up every mode runs once on a probe query: a mode
@@ -19,8 +34,10 @@ worker thread, off the event loop; requests that arrive meanwhile form the next 
 threads are set once, before loading.
 
 Bad input gets a 4xx with {"error": "..."} saying what was expected: 400 malformed JSON, 413 a body over
-MAX_BODY_BYTES, 422 anything else (empty query, unknown or unavailable mode, k out of range, wrong types,
-unknown fields). Clients send only query texts, a mode name and k: nothing they send names a file.
+MAX_BODY_BYTES (MAX_WRITE_BODY_BYTES for /documents), 422 anything else (empty query or text, unknown or
+unavailable mode, k out of range, wrong types, unknown fields, an id repeated in one write), 404 an unknown id,
+409 a delete that would empty the corpus. A refused write changes nothing. Clients send only texts, ids, a mode
+name and k: nothing they send names a file.
 """
 
 import asyncio

@@ -202,3 +202,10 @@ def test_bench_recipe(tmp_path):
         for key in ("select_vector_r1", "select_fusion_r1", "select_bm25_r1", "test_vector_r1", "test_fusion_r1"):
             assert 0.0 <= r[key] <= 1.0
     assert rows[0]["select_bm25_r1"] == rows[1]["select_bm25_r1"]     # the same pairs for every recipe
+
+
+def test_bench_corpus(tmp_path):
+    data = run_script("corpus", tmp_path)
+    assert [r["docs"] for r in data["rows"]] == [1000, 3000]
+    assert all(r["recompute_s"] > 0 and r["keep_terms_s"] > 0 for r in data["rows"])
+    assert all(r["max_score_diff"] == 0 for r in data["rows"])   # the kept term ids give the same index
