@@ -479,6 +479,13 @@ def train_matcher_cmd(pairs_path, model_dir, query_emb, target_emb, query_field,
               help="FAISS index factory string: Flat, HNSW32, IVF1024,Flat, IVF4096,PQ32, ... (a rebuild).")
 @click.option("--metric", type=click.Choice(["ip", "l2"]), default="ip", show_default=True,
               help="ip: inner product of L2-normalised embeddings (cosine); l2: Euclidean distance.")
+@click.option("--backend", type=click.Choice(["faiss", "milvus"]), default="faiss", show_default=True,
+              help="Where the vectors go: faiss, an index file in EMB_DIR; milvus, a Milvus collection at --uri "
+                   "(FLAT: exact search), for a corpus beyond one machine.")
+@click.option("--uri", default=None, help="--backend milvus: a local Milvus Lite file ending in .db, or "
+                                          "http://HOST:19530 for a Milvus server or cluster.")
+@click.option("--collection", default=None, help="--backend milvus: the collection (replaced if it exists). "
+                                                 "Default: mixret_ + EMB_DIR's folder name.")
 @click.option("--add", "add_file", type=click.Path(dir_okay=False), default=None,
               help="Add the texts of this corpus file (any format `mixret embed` reads); a text whose id is in "
                    "EMB_DIR replaces it. Only these texts are embedded.")
@@ -492,7 +499,8 @@ def train_matcher_cmd(pairs_path, model_dir, query_emb, target_emb, query_field,
 @click.option("--batch-size", default=64, show_default=True, help="--add: texts per forward pass.")
 @click.option("--device", default=None, help="--add: torch device (default: the GPU if there is one).")
 @friendly
-def index_cmd(emb_dir, factory, metric, add_file, delete_file, field, id_field, model_dir, batch_size, device):
+def index_cmd(emb_dir, factory, metric, backend, uri, collection, add_file, delete_file, field, id_field, model_dir,
+              batch_size, device):
     """Build a FAISS index over the embeddings in EMB_DIR (from `mixret embed`) and save it there
     as index.faiss + index.json. IVF and PQ indexes are trained on the embeddings themselves; an IVF
     with more lists than the corpus can train is shrunk, with a warning. The BM25 parameters fitted with
@@ -517,17 +525,31 @@ def index_cmd(emb_dir, factory, metric, add_file, delete_file, field, id_field, 
     with Warnings(), WriteLock(emb_dir):
         snap, replayed = load_snapshot(emb_dir, with_index=False)
         meta = snap.meta
-        index = VectorIndex.build(snap.emb, factory, metric, meta={**EmbeddingSpec.of(meta).to_dict(),
-                                                                   "model_path": meta.get("model_path")})
+        record = {**EmbeddingSpec.of(meta).to_dict(), "model_path": meta.get("model_path")}
+        if backend == "milvus":
+            from mixret.milvus import MilvusIndex, check_uri, default_collection
+            if factory != "Flat":
+                raise MixretError(f"--backend milvus indexes FLAT (exact search); --factory {factory} is for faiss")
+            index = MilvusIndex.build(snap.emb, check_uri(uri), collection or default_collection(emb_dir), metric,
+                                      meta=record)
+        elif uri is not None or collection is not None:
+            raise MixretError("--uri and --collection go with --backend milvus")
+        else:
+            index = VectorIndex.build(snap.emb, factory, metric, meta=record)
         if snap.version == 0 and not replayed:
             index.save(emb_dir)
+            if backend == "milvus":    # its record replaces a FAISS index
+                for name in ("index.faiss", "index.rows.safetensors"):
+                    (Path(emb_dir) / name).unlink(missing_ok=True)
         else:   # an updated folder: the new index is a new version
             from dataclasses import replace
             write_version(emb_dir, replace(snap, index=index), {"rebuilt": index.factory, "log_writes": replayed})
             if replayed:
                 (Path(emb_dir) / WAL_NAME).write_bytes(b"")
         bm25 = copy_to_emb_dir(emb_dir, meta)
-    click.echo(f"{emb_dir}: {index.factory} index ({metric}) over {index.count} vectors of dim {index.dim}; "
+        index.close()
+    where = f" in the Milvus collection {index.collection} at {index.uri}" if backend == "milvus" else ""
+    click.echo(f"{emb_dir}: {index.factory} index ({metric}) over {index.count} vectors of dim {index.dim}{where}; "
                f"BM25 {bm25.describe()}")
 
 
@@ -592,9 +614,12 @@ def search_cmd(query, emb_dir, mode, k, model_dir, matcher_dir, fusion_weight, s
         raise MixretError("empty query; expected some text to search for")
     with Warnings():
         corpus = load_corpus(emb_dir, [mode], model_dir, matcher_dir, fusion_weight, shortlist_from)
-        query_emb = corpus.encode([query]) if corpus.model is not None else None
-        result = corpus.retriever.search(mode, k, query_emb=query_emb, queries=[query], shortlist=shortlist,
-                                         shortlist_from=shortlist_from)
+        try:
+            query_emb = corpus.encode([query]) if corpus.model is not None else None
+            result = corpus.retriever.search(mode, k, query_emb=query_emb, queries=[query], shortlist=shortlist,
+                                             shortlist_from=shortlist_from)
+        finally:
+            corpus.close()
     ids, texts, matcher = corpus.ids, corpus.texts, corpus.retriever.matcher
     indices, scores = result.indices[0], result.scores[0]
     if as_json:

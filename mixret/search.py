@@ -137,10 +137,15 @@ class VectorIndex:
         """Vectors an update removed from the corpus that an approximate index still holds (see `updated`)."""
         return self.index.ntotal - self.count
 
+    backend = "faiss"
+
     @property
     def exact(self) -> bool:
         """Whether this is a Flat index, which `updated` rebuilds (exact search, nothing left behind)."""
         return self.factory == "Flat"
+
+    def close(self) -> None:
+        """Let go of what the index holds outside this object (nothing for FAISS; see mixret.milvus)."""
 
     def updated(self, embeddings: np.ndarray, keep: np.ndarray, added: np.ndarray) -> "VectorIndex":
         """The index of a corpus after an update, this one left untouched (searches may be running on it).
@@ -266,7 +271,8 @@ class VectorIndex:
         directory = Path(directory)
         meta_path = directory / versioned(INDEX_META_NAME, version)
         index_path = directory / versioned(INDEX_NAME, version)
-        for path in (meta_path, index_path):
+        backend = io.read_json(meta_path, "index metadata").get("backend", "faiss") if meta_path.is_file() else "faiss"
+        for path in (meta_path, index_path) if backend == "faiss" else (meta_path,):
             if not path.is_file():
                 raise MixretError(f"{path}: index file not found (build the index with `mixret index {directory}`)")
         meta = io.read_json(meta_path, "index metadata")
@@ -283,6 +289,11 @@ class VectorIndex:
         if expected_count is not None and meta["count"] != expected_count:
             raise MixretError(f"{meta_path}: the index holds {meta['count']} vectors but the corpus has "
                               f"{expected_count} (rebuild it with `mixret index {directory}`)")
+        if backend == "milvus":
+            from mixret.milvus import MilvusIndex
+            return MilvusIndex.from_meta(meta, meta_path, directory)
+        if backend != "faiss":
+            raise MixretError(f"{meta_path}: unknown index backend {backend!r}; expected faiss or milvus")
         try:
             index = faiss.read_index(str(index_path))
         except RuntimeError as e:
@@ -778,6 +789,11 @@ class LoadedCorpus:
     model_dir: str | None
     spec: object           # mixret.embed.EmbeddingSpec of the corpus embeddings
     snapshot: object = None  # the mixret.corpus.Snapshot searched (the folder with its write-ahead log applied)
+
+    def close(self) -> None:
+        """Let go of the vector index's outside resources (a Milvus Lite file, which one process opens at a time)."""
+        if self.retriever._index is not None:
+            self.retriever._index.close()
 
     def encode(self, queries: Sequence[str]) -> np.ndarray:
         """Queries embedded exactly as the corpus was: same model, pooling and number of tokens kept."""

@@ -128,7 +128,7 @@ class Searcher:
         try:
             self.corpus = load_corpus(emb_dir, MODES, model_dir, matcher_dir, fusion_weight,
                                       options.get("shortlist_from", "vector"))
-            self.model = self.corpus.model
+            self._open_corpus, self.model = self.corpus, self.corpus.model
             self.state = self._first_state()
         except BaseException:
             self.close()
@@ -150,6 +150,10 @@ class Searcher:
         built to follow writes."""
         from mixret.corpus import WriteLog, fold_log
         snap, retriever = self.corpus.snapshot, self.corpus.retriever
+        if self.writes and snap.index is not None and snap.index.backend != "faiss":
+            raise MixretError(f"{self.emb_dir}: writes need the FAISS backend for now; this folder's vectors are in "
+                              f"{snap.index.backend} (serve it without a token, or index it with `mixret index "
+                              f"{self.emb_dir}` to take writes)")
         if self.writes:
             replayed = snap.seq - int(snap.meta.get("wal_applied", 0))
             snap = fold_log(self.emb_dir, snap, replayed)
@@ -162,6 +166,9 @@ class Searcher:
     def close(self) -> None:
         """Close the log and release the write lock (again: nothing)."""
         log, lock, self.log, self.lock = self.log, self.lock, None, None
+        corpus, self._open_corpus = getattr(self, "_open_corpus", None), None
+        if corpus is not None:
+            corpus.close()
         if log is not None:
             log.close()
         if lock is not None:
