@@ -518,7 +518,7 @@ def index_cmd(emb_dir, factory, metric, backend, uri, collection, add_file, dele
     if add_file is not None or delete_file is not None:
         return _update_index(emb_dir, add_file, delete_file, field, id_field, model_dir, batch_size, device)
     from mixret.bm25 import copy_to_emb_dir
-    from mixret.corpus import WAL_NAME, WriteLock, load_snapshot, write_version
+    from mixret.corpus import WriteLock, clear_log, load_snapshot, write_version
     from mixret.embed import EmbeddingSpec
     from mixret.search import VectorIndex
 
@@ -545,7 +545,7 @@ def index_cmd(emb_dir, factory, metric, backend, uri, collection, add_file, dele
             from dataclasses import replace
             write_version(emb_dir, replace(snap, index=index), {"rebuilt": index.factory, "log_writes": replayed})
             if replayed:
-                (Path(emb_dir) / WAL_NAME).write_bytes(b"")
+                clear_log(emb_dir)
         bm25 = copy_to_emb_dir(emb_dir, meta)
         index.close()
     where = f" in the Milvus collection {index.collection} at {index.uri}" if backend == "milvus" else ""

@@ -342,19 +342,20 @@ class WriteLog:
         return lines[:len(read_wal(self.path, dim))]
 
     def append(self, change: Change) -> int:
-        """Write one change and flush it to the disk -> its seq."""
-        seq = self.seq + 1
-        self.file.write(wal_line(seq, change).encode("utf-8"))
-        self.file.flush()
-        os.fsync(self.file.fileno())
+        """Write one change and flush it to the disk -> its seq. When that fails (a full disk), whatever part of
+        the line was written is cut off again, so that the next write does not follow half a line."""
+        seq, end = self.seq + 1, self.file.tell()
+        try:
+            self.file.write(wal_line(seq, change).encode("utf-8"))
+            self.file.flush()
+            os.fsync(self.file.fileno())
+        except BaseException:
+            self.file.truncate(end)
+            self.file.seek(end)
+            raise
         self.seq = seq
         return seq
 
-    def clear(self) -> None:
-        """Empty the log (once a committed version holds all its writes)."""
-        self.file.truncate(0)
-        self.file.seek(0)
-        os.fsync(self.file.fileno())
 
     def close(self) -> None:
         self.file.close()
@@ -366,11 +367,18 @@ def fold_log(emb_dir: str | os.PathLike, snap: Snapshot, applied: int) -> Snapsh
     if not applied:
         return snap
     snap = write_version(emb_dir, snap, {"from": WAL_NAME, "writes": applied})
-    path = Path(emb_dir) / WAL_NAME
-    with open(path, "r+b") as f:
-        f.truncate(0)
-        os.fsync(f.fileno())
+    clear_log(emb_dir)
     return snap
+
+
+def clear_log(emb_dir: str | os.PathLike) -> None:
+    """Empty the log, once a committed version holds all its writes (meta.json's wal_applied: a crash before this
+    leaves lines that loading skips)."""
+    path = Path(emb_dir) / WAL_NAME
+    if path.is_file():
+        with open(path, "r+b") as f:
+            f.truncate(0)
+            os.fsync(f.fileno())
 
 
 # -- embedding new texts as the folder records --------------------------------------------------
@@ -442,9 +450,7 @@ def update_folder(emb_dir: str | os.PathLike, add=None, delete=None, field_name:
         record = {**applied.counts, "from": source, "log_writes": replayed}
         new = write_version(emb_dir, applied.snapshot, record)
         if replayed:
-            with open(Path(emb_dir) / WAL_NAME, "r+b") as f:
-                f.truncate(0)
-                os.fsync(f.fileno())
+            clear_log(emb_dir)
     index = new.index
     return {**applied.counts, "count": len(new.ids), "version": new.version,
             "index": None if index is None else index.factory, "removed": 0 if index is None else index.removed}

@@ -230,12 +230,14 @@ class Searcher:
             ids, texts = [p[0] for p in put], [p[1] for p in put]
             emb = self._embed_documents(texts) if put else None
             change = Change(list(delete), ids, texts, emb)
+            seq = self.log.seq + 1
             try:
-                applied = apply_change(state.snapshot, change, state.seq + 1, "the request")
+                applied = apply_change(state.snapshot, change, seq, "the request")
             except MixretError as e:
                 raise WriteRefused(str(e), 409 if "empty" in str(e) else 422) from None
-            seq = self.log.append(change)      # durable from here on
-            self.state = self._next_state(state, applied, seq)
+            new_state = self._next_state(state, applied, seq)   # built whole before the write is logged
+            self.log.append(change)            # durable from here on
+            self.state = new_state
             return {"seq": seq, "corpus_size": len(applied.snapshot.ids)}
 
     def _embed_documents(self, texts: list[str]) -> np.ndarray:

@@ -248,3 +248,25 @@ def test_write_ahead_log_replays_whole_writes_and_drops_a_cut_short_last_one(doc
     wal.write_bytes(whole)   # as if the process died after the commit, before emptying the log
     again, replayed = corpus_mod.load_snapshot(emb)
     assert replayed == 0 and again.ids == expected.ids
+
+
+def test_a_failed_log_append_leaves_no_half_line(docs, tmp_path, monkeypatch):
+    root, all_docs = docs
+    shutil.copytree(root / "lm", tmp_path / "lm")
+    emb = embed(tmp_path, all_docs[:5], "emb")
+    change = corpus_mod.Change([], ["a"], ["text a"], np.ones((1, 32), np.float32))
+    log = corpus_mod.WriteLog(emb, 32, 0)
+    log.append(change)
+    size = (emb / corpus_mod.WAL_NAME).stat().st_size
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError):
+        log.append(corpus_mod.Change([], ["b"], ["text b"], np.ones((1, 32), np.float32)))
+    monkeypatch.undo()
+    assert (emb / corpus_mod.WAL_NAME).stat().st_size == size and log.seq == 1
+    log.append(corpus_mod.Change([], ["c"], ["text c"], np.ones((1, 32), np.float32)))
+    log.close()
+    snap, replayed = corpus_mod.load_snapshot(emb)
+    assert replayed == 2 and snap.ids[-2:] == ["a", "c"] and snap.seq == 2
