@@ -113,6 +113,7 @@ def _fit_factory(factory: str, count: int, dim: int) -> str:
 
 class VectorIndex:
     """A FAISS index over corpus embeddings, with the facts needed to check it matches its queries."""
+    backend = "faiss"
 
     def __init__(self, index, factory: str, metric: str, normalize: bool, meta: dict | None = None,
                  rows: np.ndarray | None = None):
@@ -136,8 +137,6 @@ class VectorIndex:
     def removed(self) -> int:
         """Vectors an update removed from the corpus that an approximate index still holds (see `updated`)."""
         return self.index.ntotal - self.count
-
-    backend = "faiss"
 
     @property
     def exact(self) -> bool:

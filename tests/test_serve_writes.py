@@ -203,8 +203,13 @@ def test_sigkill_mid_stream_loses_no_acknowledged_write(emb, tmp_path, base):
 
 def test_searches_during_writes_each_see_one_corpus_state(emb, tmp_path, base):
     """200 searches (bm25 and vector) while 100 writes add one document each: none fails, and each answer is exactly
-    the answer of the corpus after the number of writes it reports."""
+    the answer of the corpus after the number of writes it reports, BM25 with the k1, b and stemmer of the
+    folder's bm25.json."""
+    from mixret.bm25 import BM25Params, save_bm25
+    meta = json.loads((emb / "meta.json").read_text())
+    save_bm25(emb, BM25Params(0.9, 0.3, False, model={"path": meta["model_path"], "hash": meta["model_hash"]}))
     server = start(emb, tmp_path, "--token-file", base / "token")
+    assert server.get("/health").json()["bm25"]["k1"] == 0.9
     query = "zebra quokka"
     texts = [f"zebra quokka number {i} " + "lorem " * (i % 7) for i in range(100)]
 
@@ -245,7 +250,7 @@ def test_searches_during_writes_each_see_one_corpus_state(emb, tmp_path, base):
         assert body["corpus_size"] == 40 + j
         state_ids, state_texts = final.ids[:40 + j], final.texts[:40 + j]
         if body["mode"] == "bm25":
-            scores, rows = BM25Index(state_texts).search([query], 10)
+            scores, rows = BM25Index(state_texts, k1=0.9, b=0.3, stemmer=False).search([query], 10)
         else:
             scores, rows = VectorIndex.build(final.snapshot.emb[:40 + j]).search(q, 10)
         assert [h["id"] for h in body["hits"]] == [state_ids[i] for i in rows[0]], (body["mode"], j)
