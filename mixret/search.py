@@ -367,8 +367,9 @@ class BM25Index:
 
     def __init__(self, texts: Sequence[str], k1: float = BM25_K1, b: float = BM25_B, stemmer: bool = True,
                  keep_terms: bool = False):
-        """keep_terms: keep each text's term ids, so that `updated` follows writes without tokenising the corpus
-        again (a list of ints per text: memory of the order of the corpus's tokens)."""
+        """keep_terms: keep each text's term statistics (its distinct term ids and their counts, and its length), so
+        that `updated` follows writes without tokenising the corpus again (memory of the order of the corpus's
+        distinct (text, term) pairs)."""
         import bm25s
         import Stemmer
         if len(texts) == 0:
@@ -378,44 +379,68 @@ class BM25Index:
         self.stemmer = Stemmer.Stemmer("english") if stemmer else None
         self.retriever = bm25s.BM25(k1=k1, b=b)
         self.vocab: dict[str, int] | None = None
-        self.doc_terms: list[list[int]] | None = None
+        self.doc_stats: list[tuple[np.ndarray, np.ndarray, int]] | None = None
         if keep_terms:
-            self.vocab = {}
-            self._index_terms(self._term_ids(texts))
+            self.vocab = {"": 0}   # bm25s's empty token, which no text holds
+            self._index_stats(self._term_stats(texts))
         else:
             tokens = bm25s.tokenize(list(texts), stopwords="en", stemmer=self.stemmer, show_progress=False)
             self.retriever.index(tokens, show_progress=False)
 
-    def _term_ids(self, texts: Sequence[str]) -> list[list[int]]:
-        """Each text's terms as ids of self.vocab, which grows by the terms it did not hold."""
-        vocab = self.vocab
-        return [[vocab.setdefault(t, len(vocab)) for t in words] for words in self.tokenize(texts)]
+    def _term_stats(self, texts: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray, int]]:
+        """Each text's (distinct term ids int32, their counts float32, its number of terms), ids of self.vocab,
+        which grows by the terms it did not hold."""
+        vocab, out = self.vocab, []
+        for words in self.tokenize(texts):
+            ids = np.fromiter((vocab.setdefault(t, len(vocab)) for t in words), dtype=np.int64, count=len(words))
+            terms, counts = np.unique(ids, return_counts=True)
+            out.append((terms.astype(np.int32), counts.astype(np.float32), len(words)))
+        return out
 
-    def _index_terms(self, doc_terms: list[list[int]]) -> None:
-        """Score every (text, term) from the texts' term ids: document frequencies, IDF and lengths all recomputed,
-        as bm25s computes them from tokens (the same scores, in the same order)."""
-        self.doc_terms, self.count = doc_terms, len(doc_terms)
-        self.retriever.index((doc_terms, dict(self.vocab)), show_progress=False)
+    def _index_stats(self, doc_stats: list[tuple[np.ndarray, np.ndarray, int]]) -> None:
+        """Score every (text, term) from the texts' term statistics, all at once: document frequencies, IDF, the mean
+        length and each score recomputed exactly as bm25s computes them text by text (the same float64 operations
+        in the same order, then float32), into the same sparse matrix, so that scores equal a fresh index's."""
+        import scipy.sparse as sp
+        self.doc_stats, self.count = doc_stats, len(doc_stats)
+        n, n_vocab = len(doc_stats), len(self.vocab)
+        lengths = np.array([length for _, _, length in doc_stats], dtype=np.int64)
+        sizes = np.array([len(terms) for terms, _, _ in doc_stats], dtype=np.int64)
+        terms = np.concatenate([t for t, _, _ in doc_stats]) if sizes.sum() else np.zeros(0, np.int32)
+        tf = np.concatenate([c for _, c, _ in doc_stats]).astype(np.float64) if sizes.sum() else np.zeros(0)
+        docs = np.repeat(np.arange(n, dtype=np.int32), sizes)
+        df = np.bincount(terms, minlength=n_vocab)
+        idf = np.zeros(n_vocab, dtype=np.float32)
+        held = np.flatnonzero(df)
+        ratio = 1 + (n - df[held] + 0.5) / (df[held] + 0.5)          # bm25s: math.log(1 + (N - df + 0.5) / (df + 0.5))
+        idf[held] = [math.log(r) for r in ratio.tolist()]
+        norm = self.k1 * ((1 - self.b) + self.b * lengths / lengths.mean())   # per text, float64
+        scores = (idf[terms].astype(np.float64) * (tf / (norm[docs] + tf))).astype(np.float32)
+        matrix = sp.csc_matrix((scores, (docs, terms)), shape=(n, n_vocab), dtype=np.float32)
+        r = self.retriever
+        r.scores = {"data": matrix.data, "indices": matrix.indices, "indptr": matrix.indptr, "num_docs": n}
+        r.vocab_dict, r.nonoccurrence_array = dict(self.vocab), None
+        r.unique_token_ids_set = set(r.vocab_dict.values())
 
     def updated(self, keep: np.ndarray, texts: Sequence[str], added: np.ndarray) -> "BM25Index":
         """The BM25 of the corpus after an update (see VectorIndex.updated for keep and added; texts: the new
-        corpus's), built from the kept term ids: only the added texts are tokenised. Needs keep_terms."""
-        if self.doc_terms is None:
+        corpus's), built from the kept term statistics: only the added texts are tokenised. Needs keep_terms."""
+        if self.doc_stats is None:
             raise MixretError("this BM25 index was built without keep_terms; it cannot follow writes")
         import bm25s
         new = BM25Index.__new__(BM25Index)
         new.k1, new.b, new.stemmer = self.k1, self.b, self.stemmer
         new.retriever, new.vocab = bm25s.BM25(k1=self.k1, b=self.b), dict(self.vocab)
-        doc_terms: list = [None] * len(texts)
+        doc_stats: list = [None] * len(texts)
         for old, row in enumerate(np.asarray(keep).tolist()):
             if row >= 0:
-                doc_terms[row] = self.doc_terms[old]
+                doc_stats[row] = self.doc_stats[old]
         added = np.asarray(added, dtype=np.int64).tolist()
-        for row, terms in zip(added, new._term_ids([texts[r] for r in added])):
-            doc_terms[row] = terms
-        if any(terms is None for terms in doc_terms):
+        for row, stats in zip(added, new._term_stats([texts[r] for r in added])):
+            doc_stats[row] = stats
+        if any(stats is None for stats in doc_stats):
             raise MixretError("BM25 update: a row of the new corpus is neither kept nor added")
-        new._index_terms(doc_terms)
+        new._index_stats(doc_stats)
         return new
 
     def scores(self, query: str) -> np.ndarray:

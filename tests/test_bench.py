@@ -207,8 +207,8 @@ def test_bench_recipe(tmp_path):
 def test_bench_corpus(tmp_path):
     data = run_script("corpus", tmp_path)
     assert [r["docs"] for r in data["rows"]] == [1000, 3000]
-    assert all(r["recompute_s"] > 0 and r["keep_terms_s"] > 0 for r in data["rows"])
-    assert all(r["max_score_diff"] == 0 for r in data["rows"])   # the kept term ids give the same index
+    assert all(r["recompute_s"] > 0 and r["term_ids_s"] > 0 and r["keep_terms_s"] > 0 for r in data["rows"])
+    assert all(r["max_score_diff"] == 0 and r["max_score_diff_term_ids"] == 0 for r in data["rows"])  # the same index
 
 
 def test_bench_backend(tmp_path):

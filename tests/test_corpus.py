@@ -270,3 +270,25 @@ def test_a_failed_log_append_leaves_no_half_line(docs, tmp_path, monkeypatch):
     log.close()
     snap, replayed = corpus_mod.load_snapshot(emb)
     assert replayed == 2 and snap.ids[-2:] == ["a", "c"] and snap.seq == 2
+
+
+@pytest.mark.parametrize("k1,b,stemmer", [(1.5, 0.75, True), (0.9, 0.3, False)])
+def test_bm25_from_kept_term_statistics_equals_a_fresh_index(k1, b, stemmer):
+    """The BM25 serve keeps (term statistics, updated after each write) scores every text exactly as a BM25
+    built from the texts of that moment."""
+    from mixret.data import bundled_pairs_path, load_pairs
+    from mixret.search import BM25Index
+    texts = [p.target for p in load_pairs(bundled_pairs_path())[:300]] + ["the of and", "zebra"]
+    kept = BM25Index(texts, k1, b, stemmer, keep_terms=True)
+    queries = [" ".join(t.split()[:4]) for t in texts[::25]] + ["zebra", "the", "zebra perl library"]
+    for index, corpus in ((kept, texts), (None, None)):
+        if index is None:   # delete rows 10-19, replace row 5, add two texts
+            corpus = texts[:10] + texts[20:] + ["a zebra library", "perl perl perl"]
+            corpus[5] = "a new text for row five"
+            keep = np.r_[np.arange(10), np.full(10, -1), np.arange(10, len(texts) - 10)]
+            keep[5] = -1
+            index = kept.updated(keep, corpus, np.array([5, len(corpus) - 2, len(corpus) - 1]))
+        fresh = BM25Index(corpus, k1, b, stemmer)
+        for q in queries:
+            np.testing.assert_array_equal(index.scores(q), fresh.scores(q))
+        np.testing.assert_array_equal(index.search(queries, 10)[1], fresh.search(queries, 10)[1])
