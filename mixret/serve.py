@@ -17,8 +17,8 @@ appended to EMB_DIR/writes.wal and flushed to the disk (mixret.corpus), then swa
 with the ids written or removed, its seq and the corpus size) only once it is durable and searchable. Writes run
 one at a time on their own thread. Each corpus state (texts, embeddings, FAISS index, BM25) is built whole and
 never changed: a search batch takes the current one at its start and keeps it to the end, so it sees the corpus
-before a write or after it, never a mix, and says which (seq, corpus_size). BM25 follows writes from the term ids
-it keeps (only new texts are tokenised; scores the same as a fresh index, see scripts/bench_corpus.py). At start
+before a write or after it, never a mix, and says which (seq, corpus_size). BM25 follows writes from the term
+statistics it keeps (only new texts are tokenised; the scores of a fresh index; see scripts/bench_corpus.py). At start
 the log's writes are replayed and folded into a new version of the folder, and the log emptied; the server holds
 the folder's write lock while it runs.
 
@@ -160,7 +160,7 @@ class Searcher:
             self.log = WriteLog(self.emb_dir, snap.emb.shape[1], snap.seq)
             params = retriever.bm25_params
             retriever._bm25 = params.index(snap.texts, keep_terms=True) if params is not None else \
-                BM25Index(snap.texts, keep_terms=True)   # BM25 follows writes from the texts' kept term ids
+                BM25Index(snap.texts, keep_terms=True)   # BM25 follows writes from kept term statistics
         return State(snap, retriever, snap.rows(), snap.seq)
 
     def close(self) -> None:
