@@ -292,3 +292,59 @@ def test_bm25_from_kept_term_statistics_equals_a_fresh_index(k1, b, stemmer):
         for q in queries:
             np.testing.assert_array_equal(index.scores(q), fresh.scores(q))
         np.testing.assert_array_equal(index.search(queries, 10)[1], fresh.search(queries, 10)[1])
+
+
+KILL_AT = """
+import os, sys
+step, calls = int(sys.argv[1]), [0]
+def dying(real):
+    def call(*args):
+        calls[0] += 1
+        if calls[0] == step:
+            os._exit(137)              # the process dies here: no cleanup, no finally
+        return real(*args)
+    return call
+os.fsync, os.replace = dying(os.fsync), dying(os.replace)
+from mixret.corpus import update_folder
+update_folder(sys.argv[2], add=sys.argv[3])
+"""
+
+
+def killed_update(emb, add, step: int) -> int:
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-c", KILL_AT, str(step), str(emb), str(add)], env=env,
+                          capture_output=True, timeout=120).returncode
+
+
+@pytest.mark.parametrize("steps", [pytest.param(None, marks=pytest.mark.slow), (7,)])
+def test_a_process_killed_at_any_step_leaves_the_old_or_the_new_corpus(docs, tmp_path, steps):
+    """`update_folder` in a process that dies (os._exit) at its n-th flush or rename, for every n (slow) or one in
+    the middle: the folder loads as the old corpus or the new one, and the next update cleans up what the dead one
+    left and succeeds."""
+    root, all_docs = docs
+    shutil.copytree(root / "lm", tmp_path / "lm")
+    base = embed(tmp_path, all_docs[:20], "emb")
+    shutil.copytree(base, tmp_path / "pristine")
+    add = write_jsonl(tmp_path / "add.jsonl", all_docs[20:24] + [(all_docs[3][0], "replaced text")])
+    old = load_emb_dir(base)[1:3]
+    seen = set()
+    for step in steps or range(1, 60):
+        shutil.rmtree(base)
+        shutil.copytree(tmp_path / "pristine", base)
+        code = killed_update(base, add, step)
+        state = load_emb_dir(base)[1:3]
+        new = state[0] == old[0] + [d[0] for d in all_docs[20:24]] and state[1][3] == "replaced text"
+        assert state == old or new, f"step {step}: neither old nor new"
+        load_corpus(base, ["vector"])
+        seen.add("new" if new else "old")
+        if code == 0:
+            break
+        assert code == 137
+        corpus_mod.update_folder(base, add=add)   # the next update: it cleans up and succeeds
+        assert not [p.name for p in base.iterdir() if p.name.endswith(".tmp")]
+        assert load_emb_dir(base)[1][-4:] == [d[0] for d in all_docs[20:24]]
+    assert steps or seen == {"old", "new"}
