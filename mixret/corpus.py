@@ -94,16 +94,7 @@ def apply_change(snap: Snapshot, change: Change, seq: int | None = None, source:
     """The snapshot after `change` (deletes first, then puts); snap is left as it was. An unknown id to delete,
     an id repeated within the change, or a corpus left empty is a MixretError naming `source`."""
     rows = snap.rows()
-    _check_unique(change.delete, "deletes", source)
-    _check_unique(change.put_ids, "texts", source)
-    unknown = [i for i in change.delete if i not in rows]
-    if unknown:
-        raise MixretError(f"{source}: cannot delete {_some(unknown)}: no such id in the corpus")
-    dim = snap.emb.shape[1]
-    put_emb = np.zeros((0, dim), np.float32) if change.put_emb is None else np.asarray(change.put_emb, np.float32)
-    if put_emb.shape != (len(change.put_ids), dim):
-        raise MixretError(f"{source}: {put_emb.shape} embeddings for {len(change.put_ids)} texts; expected "
-                          f"({len(change.put_ids)}, {dim})")
+    put_emb = _checked(change, rows, snap.emb.shape[1], source)
     deleted = {rows[i] for i in change.delete}
     keep = np.full(len(snap.ids), -1, dtype=np.int64)
     survivors = [r for r in range(len(snap.ids)) if r not in deleted]
@@ -138,6 +129,23 @@ def apply_change(snap: Snapshot, change: Change, seq: int | None = None, source:
     new = Snapshot(ids, texts, emb, meta, index, snap.seq if seq is None else seq)
     counts = {"added": len(appended), "replaced": replaced, "deleted": len(deleted)}
     return Applied(new, keep, added, counts)
+
+
+def _checked(change: Change, rows: dict[str, int], dim: int, source: str) -> np.ndarray:
+    """The change's embeddings [n, dim] float32, once its ids, texts and embeddings agree with each other and with
+    the corpus (rows: id -> row); a MixretError naming `source` otherwise."""
+    _check_unique(change.delete, "deletes", source)
+    _check_unique(change.put_ids, "texts", source)
+    unknown = [i for i in change.delete if i not in rows]
+    if unknown:
+        raise MixretError(f"{source}: cannot delete {_some(unknown)}: no such id in the corpus")
+    if len(change.put_texts) != len(change.put_ids):
+        raise MixretError(f"{source}: {len(change.put_texts)} texts for {len(change.put_ids)} ids; expected one each")
+    put_emb = np.zeros((0, dim), np.float32) if change.put_emb is None else np.asarray(change.put_emb, np.float32)
+    if put_emb.shape != (len(change.put_ids), dim):
+        raise MixretError(f"{source}: {put_emb.shape} embeddings for {len(change.put_ids)} texts; expected "
+                          f"({len(change.put_ids)}, {dim})")
+    return put_emb
 
 
 def _check_unique(ids: Sequence[str], what: str, source: str) -> None:
