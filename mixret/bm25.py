@@ -62,8 +62,8 @@ class BM25Params:
     def is_default(self) -> bool:
         return self.values == BM25Params().values
 
-    def index(self, texts: Sequence[str]) -> BM25Index:
-        return BM25Index(texts, k1=self.k1, b=self.b, stemmer=self.stemmer)
+    def index(self, texts: Sequence[str], keep_terms: bool = False) -> BM25Index:
+        return BM25Index(texts, k1=self.k1, b=self.b, stemmer=self.stemmer, keep_terms=keep_terms)
 
     def describe(self) -> str:
         """"k1 0.9, b 0.5, stemmer on", with "(defaults)" or "(fitted on ...)"."""

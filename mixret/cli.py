@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import click
 
@@ -490,28 +491,91 @@ def train_matcher_cmd(pairs_path, model_dir, query_emb, target_emb, query_field,
 @main.command("index")
 @click.argument("emb_dir", type=click.Path(file_okay=False))
 @click.option("--factory", default="Flat", show_default=True,
-              help="FAISS index factory string: Flat, HNSW32, IVF1024,Flat, IVF4096,PQ32, ...")
+              help="FAISS index factory string: Flat, HNSW32, IVF1024,Flat, IVF4096,PQ32, ... (a rebuild).")
 @click.option("--metric", type=click.Choice(["ip", "l2"]), default="ip", show_default=True,
               help="ip: inner product of L2-normalised embeddings (cosine); l2: Euclidean distance.")
+@click.option("--backend", type=click.Choice(["faiss", "milvus"]), default="faiss", show_default=True,
+              help="Where the vectors go: faiss, an index file in EMB_DIR; milvus, a Milvus collection at --uri "
+                   "(FLAT: exact search), for a corpus beyond one machine.")
+@click.option("--uri", default=None, help="--backend milvus: a local Milvus Lite file ending in .db, or "
+                                          "http://HOST:19530 for a Milvus server or cluster.")
+@click.option("--collection", default=None, help="--backend milvus: the collection (replaced if it exists). "
+                                                 "Default: mixret_ + EMB_DIR's folder name.")
+@click.option("--add", "add_file", type=click.Path(dir_okay=False), default=None,
+              help="Add the texts of this corpus file (any format `mixret embed` reads); a text whose id is in "
+                   "EMB_DIR replaces it. Only these texts are embedded.")
+@click.option("--delete", "delete_file", type=click.Path(dir_okay=False), default=None,
+              help="Delete the ids listed in this file, one a line (applied before --add).")
+@click.option("--field", default="text", show_default=True, help="--add: the field holding the texts.")
+@click.option("--id-field", default="id", show_default=True, help="--add: the field holding the ids.")
+@click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None,
+              help="--add: the model folder, if it moved (default: the one named in EMB_DIR/meta.json; other "
+                   "weights are refused).")
+@click.option("--batch-size", default=64, show_default=True, help="--add: texts per forward pass.")
+@click.option("--device", default=None, help="--add: torch device (default: the GPU if there is one).")
 @friendly
-def index_cmd(emb_dir, factory, metric):
+def index_cmd(emb_dir, factory, metric, backend, uri, collection, add_file, delete_file, field, id_field, model_dir,
+              batch_size, device):
     """Build a FAISS index over the embeddings in EMB_DIR (from `mixret embed`) and save it there
     as index.faiss + index.json. IVF and PQ indexes are trained on the embeddings themselves; an IVF
     with more lists than the corpus can train is shrunk, with a warning. The BM25 parameters fitted with
     the model (its bm25.json, from `mixret finetune`) are copied there too: search, fusion and serve use
-    them, and bm25 search needs no model; a model without them leaves BM25 at its defaults."""
+    them, and bm25 search needs no model; a model without them leaves BM25 at its defaults.
+
+    \b
+    With --add and/or --delete, EMB_DIR is updated instead: only the new texts are embedded, with the model,
+    pooling and max length EMB_DIR records, and the folder moves to its next version in one step (a crash at
+    any point leaves the old corpus or the new one, never a mix). A Flat index is built again and equals a
+    rebuild. An IVF, HNSW or PQ index keeps its training: new vectors join it, deleted and replaced ones stay in
+    it, hidden. Rebuild it (`mixret index EMB_DIR --factory ...`) when the removed vectors add up to a good
+    share of the index (`removed` in the report: each search reads past them) or the corpus grew or changed
+    by more than about a tenth (the IVF centroids and the HNSW graph were fitted to the old one)."""
+    if add_file is not None or delete_file is not None:
+        return _update_index(emb_dir, add_file, delete_file, field, id_field, model_dir, batch_size, device)
     from mixret.bm25 import copy_to_emb_dir
-    from mixret.embed import EmbeddingSpec, load_emb_dir
+    from mixret.corpus import WriteLock, clear_log, load_snapshot, write_version
+    from mixret.embed import EmbeddingSpec
     from mixret.search import VectorIndex
 
-    emb, ids, _, meta = load_emb_dir(emb_dir)
-    with Warnings():
-        index = VectorIndex.build(emb, factory, metric, meta={**EmbeddingSpec.of(meta).to_dict(),
-                                                              "model_path": meta.get("model_path")})
-        index.save(emb_dir)
+    with Warnings(), WriteLock(emb_dir):
+        snap, replayed = load_snapshot(emb_dir, with_index=False)
+        meta = snap.meta
+        record = {**EmbeddingSpec.of(meta).to_dict(), "model_path": meta.get("model_path")}
+        if backend == "milvus":
+            from mixret.milvus import MilvusIndex, check_uri, default_collection
+            if factory != "Flat":
+                raise MixretError(f"--backend milvus indexes FLAT (exact search); --factory {factory} is for faiss")
+            index = MilvusIndex.build(snap.emb, check_uri(uri), collection or default_collection(emb_dir), metric,
+                                      meta=record)
+        elif uri is not None or collection is not None:
+            raise MixretError("--uri and --collection go with --backend milvus")
+        else:
+            index = VectorIndex.build(snap.emb, factory, metric, meta=record)
+        if snap.version == 0 and not replayed:
+            index.save(emb_dir)
+            if backend == "milvus":    # its record replaces a FAISS index
+                for name in ("index.faiss", "index.rows.safetensors"):
+                    (Path(emb_dir) / name).unlink(missing_ok=True)
+        else:   # an updated folder: the new index is a new version
+            from dataclasses import replace
+            write_version(emb_dir, replace(snap, index=index), {"rebuilt": index.factory, "log_writes": replayed})
+            if replayed:
+                clear_log(emb_dir)
         bm25 = copy_to_emb_dir(emb_dir, meta)
-    click.echo(f"{emb_dir}: {index.factory} index ({metric}) over {index.count} vectors of dim {index.dim}; "
+        index.close()
+    where = f" in the Milvus collection {index.collection} at {index.uri}" if backend == "milvus" else ""
+    click.echo(f"{emb_dir}: {index.factory} index ({metric}) over {index.count} vectors of dim {index.dim}{where}; "
                f"BM25 {bm25.describe()}")
+
+
+def _update_index(emb_dir, add_file, delete_file, field, id_field, model_dir, batch_size, device):
+    from mixret.corpus import update_folder
+    with Warnings():
+        done = update_folder(emb_dir, add_file, delete_file, field, id_field, model_dir, batch_size, device)
+    index = "no vector index" if done["index"] is None else f"{done['index']} index"
+    hidden = f", {done['removed']} removed vectors still in it" if done["removed"] else ""
+    click.echo(f"{emb_dir}: {done['added']} added, {done['replaced']} replaced, {done['deleted']} deleted; "
+               f"{done['count']} texts, version {done['version']}; {index}{hidden}")
 
 
 def _retrieval_options(fn):
@@ -565,9 +629,12 @@ def search_cmd(query, emb_dir, mode, k, model_dir, matcher_dir, fusion_weight, s
         raise MixretError("empty query; expected some text to search for")
     with Warnings():
         corpus = load_corpus(emb_dir, [mode], model_dir, matcher_dir, fusion_weight, shortlist_from)
-        query_emb = corpus.encode([query]) if corpus.model is not None else None
-        result = corpus.retriever.search(mode, k, query_emb=query_emb, queries=[query], shortlist=shortlist,
-                                         shortlist_from=shortlist_from)
+        try:
+            query_emb = corpus.encode([query]) if corpus.model is not None else None
+            result = corpus.retriever.search(mode, k, query_emb=query_emb, queries=[query], shortlist=shortlist,
+                                             shortlist_from=shortlist_from)
+        finally:
+            corpus.close()
     ids, texts, matcher = corpus.ids, corpus.texts, corpus.retriever.matcher
     indices, scores = result.indices[0], result.scores[0]
     if as_json:
@@ -694,15 +761,27 @@ def evaluate_cmd(pairs_path, mode, limit, query_field, target_field, test_fracti
 @click.option("--max-batch", default=64, show_default=True, help="Most queries encoded together in one batch.")
 @click.option("--max-wait-ms", default=2.0, show_default=True,
               help="How long a batch waits for more queries after its first one.")
+@click.option("--token-file", type=click.Path(dir_okay=False), default=None,
+              help="Turn writes on: POST /documents and DELETE /documents/ID then need 'Authorization: Bearer "
+                   "TOKEN', TOKEN being this file's content (surrounding whitespace stripped). Default: the "
+                   "MIXRET_TOKEN environment variable; with neither, writes answer 403.")
 @friendly
-def serve_cmd(emb_dir, model_dir, matcher_dir, host, port, threads, max_batch, max_wait_ms, **options):
+def serve_cmd(emb_dir, model_dir, matcher_dir, host, port, threads, max_batch, max_wait_ms, token_file, **options):
     """Serve searches of the corpus in EMB_DIR over HTTP: POST /search (JSON), GET /health, GET / (a page
     comparing two modes side by side) and GET /docs. The model, index, BM25 and matcher are loaded once;
     concurrent queries are encoded in batches. Every mode of `mixret search` is served; tree and hybrid
-    need --matcher."""
-    from mixret.serve import serve
+    need --matcher.
+
+    \b
+    With a token (--token-file or MIXRET_TOKEN), the corpus takes writes: POST /documents
+    {"documents": [{"id": "...", "text": "..."}, ...]} adds or replaces, DELETE /documents/ID removes, GET
+    /documents/ID reads. A write is acknowledged once it is in EMB_DIR/writes.wal on the disk and searchable; a
+    restart (after a crash too) replays the log and folds it into EMB_DIR, so every acknowledged write is kept
+    and no half of an unacknowledged one. The server then holds EMB_DIR's write lock: one writer at a time."""
+    from mixret.serve import read_token, serve
     serve(emb_dir, model_dir, matcher_dir, host=host, port=port, threads=threads, max_batch=max_batch,
-          max_wait_ms=max_wait_ms, echo=lambda line: click.echo(line, err=True), **options)
+          max_wait_ms=max_wait_ms, echo=lambda line: click.echo(line, err=True), token=read_token(token_file),
+          **options)
 
 
 # --- quickstart ------------------------------------------------------------------------------

@@ -411,18 +411,32 @@ def write_emb_dir(directory: Path, E: torch.Tensor, ids: list[str], texts: list[
     io.write_json(directory / META_NAME, meta)
 
 
+def versioned(name: str, version: int) -> str:
+    """The name of an EMB_DIR file in its version `version` (see mixret.corpus): "embeddings.safetensors" for 0
+    (as `mixret embed` and `mixret index` write it), "embeddings.3.safetensors" for 3."""
+    if not version:
+        return name
+    stem, _, rest = name.partition(".")
+    return f"{stem}.{version}.{rest}"
+
+
 def load_emb_dir(directory: str | os.PathLike) -> tuple[np.ndarray, list[str], list[str], dict]:
-    """(embeddings [N, D] float32, ids, texts, meta) of an EMB_DIR written by embed_corpus."""
+    """(embeddings [N, D] float32, ids, texts, meta) of an EMB_DIR written by embed_corpus, in the version its
+    meta.json names (updates by `mixret index --add/--delete` write new versions; see mixret.corpus)."""
     from safetensors import safe_open
 
     directory = Path(directory)
     if not directory.is_dir():
         raise MixretError(f"{directory}: embeddings folder not found")
     meta = io.read_json(directory / META_NAME, "embeddings meta file (is this a complete EMB_DIR?)")
-    emb_path, ids_path = directory / EMB_NAME, directory / IDS_NAME
+    version = meta.get("version", 0)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise MixretError(f"{directory / META_NAME}: version {version!r}; expected a whole number >= 0")
+    emb_path, ids_path = directory / versioned(EMB_NAME, version), directory / versioned(IDS_NAME, version)
     for p in (emb_path, ids_path):
         if not p.is_file():
-            raise MixretError(f"{p}: not found; expected an EMB_DIR with {EMB_NAME}, {IDS_NAME} and {META_NAME}")
+            raise MixretError(f"{p}: not found; expected an EMB_DIR with {emb_path.name}, {ids_path.name} and "
+                              f"{META_NAME}")
     try:
         with safe_open(str(emb_path), framework="np") as f:
             if "embeddings" not in f.keys():

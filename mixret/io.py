@@ -59,6 +59,24 @@ def atomic_path(path: str | os.PathLike):
         raise
 
 
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a file's bytes to the disk (before it is renamed into place or acknowledged)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """Flush a folder's entries (the renames and new files in it) to the disk."""
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def temp_dir(parent: str | os.PathLike, name: str, suffix: str = ".tmp") -> Path:
     """A new hidden folder `.NAME.*SUFFIX` in parent, with ordinary permissions, to be renamed when complete."""
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=suffix))

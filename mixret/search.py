@@ -52,6 +52,7 @@ from mixret.errors import MixretError
 
 INDEX_NAME = "index.faiss"
 INDEX_META_NAME = "index.json"
+INDEX_ROWS_NAME = "index.rows.safetensors"   # the label map of an updated approximate index
 MODES = ("vector", "fusion", "tree", "hybrid", "bm25")
 SHORTLIST_SOURCES = ("vector", "bm25")
 IVF_MIN_POINTS_PER_LIST = 39   # FAISS's own minimum of training points per k-means centroid
@@ -112,13 +113,16 @@ def _fit_factory(factory: str, count: int, dim: int) -> str:
 
 class VectorIndex:
     """A FAISS index over corpus embeddings, with the facts needed to check it matches its queries."""
+    backend = "faiss"
 
-    def __init__(self, index, factory: str, metric: str, normalize: bool, meta: dict | None = None):
+    def __init__(self, index, factory: str, metric: str, normalize: bool, meta: dict | None = None,
+                 rows: np.ndarray | None = None):
         self.index = index
         self.factory = factory
         self.metric = metric
         self.normalize = normalize
         self.meta = dict(meta or {})
+        self.rows = rows    # FAISS label -> corpus row, -1 for a removed vector; None: the label is the row
 
     @property
     def dim(self) -> int:
@@ -126,7 +130,43 @@ class VectorIndex:
 
     @property
     def count(self) -> int:
-        return self.index.ntotal
+        """Vectors searched: those of the corpus (removed ones left in an updated approximate index not counted)."""
+        return self.index.ntotal if self.rows is None else int((self.rows >= 0).sum())
+
+    @property
+    def removed(self) -> int:
+        """Vectors an update removed from the corpus that an approximate index still holds (see `updated`)."""
+        return self.index.ntotal - self.count
+
+    @property
+    def exact(self) -> bool:
+        """Whether this is a Flat index, which `updated` rebuilds (exact search, nothing left behind)."""
+        return self.factory == "Flat"
+
+    def close(self) -> None:
+        """Let go of what the index holds outside this object (nothing for FAISS; see mixret.milvus)."""
+
+    def updated(self, embeddings: np.ndarray, keep: np.ndarray, added: np.ndarray) -> "VectorIndex":
+        """The index of a corpus after an update, this one left untouched (searches may be running on it).
+
+        embeddings [N', D]: the whole new corpus; keep [N]: the new row of each old row (-1: deleted, or replaced by
+        a new vector); added [n]: the new rows whose vectors are new. A Flat index is built again from the
+        embeddings, exactly as `build` would; any other (IVF, HNSW, PQ) is copied and the new vectors join its
+        trained structure, while deleted or replaced vectors stay in it, never returned (a label map sends them to
+        -1): search then costs what the larger index costs, and the IVF centroids or HNSW graph were fitted to the
+        old corpus, so rebuild (`mixret index EMB_DIR --factory ...`) when many were removed or added."""
+        import faiss
+        x = _as_matrix(embeddings, "embeddings")
+        if self.exact:
+            return VectorIndex.build(x, self.factory, self.metric, self.normalize, self.meta)
+        index = faiss.clone_index(self.index)
+        new = x[np.asarray(added, dtype=np.int64)]
+        if len(new):
+            index.add(_normalized(new) if self.normalize else new)
+        keep = np.asarray(keep, dtype=np.int64)
+        old = keep if self.rows is None else np.where(self.rows >= 0, keep[np.maximum(self.rows, 0)], -1)
+        rows = np.concatenate([old, np.asarray(added, dtype=np.int64)])
+        return VectorIndex(index, self.factory, self.metric, self.normalize, self.meta, rows)
 
     @classmethod
     def build(cls, embeddings, factory: str = "Flat", metric: str = "ip", normalize: bool | None = None,
@@ -171,13 +211,16 @@ class VectorIndex:
             raise MixretError(f"k must be between 1 and the corpus size {self.count}, got {k}")
         if self.normalize:
             q = _normalized(q)
+        depth = min(k + self.removed, self.index.ntotal)   # removed vectors may take places in the top k
         ivf = faiss.try_extract_index_ivf(self.index)
         if ivf is not None:
             ivf.nprobe = min(IVF_NPROBE, ivf.nlist)
         if hasattr(self.index, "hnsw"):
-            self.index.hnsw.efSearch = max(HNSW_EF_SEARCH, k)
-        scores, indices = self.index.search(q, k)
-        return scores, indices.astype(np.int64)
+            self.index.hnsw.efSearch = max(HNSW_EF_SEARCH, depth)
+        scores, labels = self.index.search(q, depth)
+        if self.rows is None:
+            return scores, labels.astype(np.int64)
+        return _live_rows(scores, labels, self.rows, k, self.metric)
 
     def similarity(self, queries: np.ndarray, corpus: np.ndarray, cands: np.ndarray) -> np.ndarray:
         """Exact scores [Q, N] of corpus rows cands [Q, N] (-1 = none: 0) for queries [Q, D], on the index's scale
@@ -193,29 +236,42 @@ class VectorIndex:
         return np.where(cands >= 0, sims, 0.0).astype(np.float32)
 
     # -- save / load --------------------------------------------------------------------------
-    def save(self, directory: str | os.PathLike) -> None:
-        """Write directory/index.faiss, then directory/index.json, each atomically."""
+    def save(self, directory: str | os.PathLike, version: int = 0) -> list[str]:
+        """Write directory/index.faiss (with a label map, index.rows.safetensors), then index.json, each atomically;
+        an EMB_DIR's version > 0 (see mixret.corpus) puts the version in each name -> the names written."""
         import faiss
+        from safetensors.numpy import save_file
+
+        from mixret.embed import versioned
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        with io.atomic_path(directory / INDEX_NAME) as tmp:
+        names = [versioned(INDEX_NAME, version), versioned(INDEX_META_NAME, version)]
+        with io.atomic_path(directory / names[0]) as tmp:
             faiss.write_index(self.index, tmp)
-        io.write_json(directory / INDEX_META_NAME, {
+        if self.rows is not None:
+            names.insert(1, versioned(INDEX_ROWS_NAME, version))
+            with io.atomic_path(directory / names[1]) as tmp:
+                save_file({"rows": np.ascontiguousarray(self.rows, dtype=np.int64)}, tmp)
+        io.write_json(directory / names[-1], {
             **self.meta, "factory": self.factory, "metric": self.metric, "normalize": self.normalize,
-            "dim": self.dim, "count": self.count,
+            "dim": self.dim, "count": self.count, "removed": self.removed,
         })
+        return names
 
     @classmethod
     def load(cls, directory: str | os.PathLike, expected_dim: int | None = None,
-             expected_spec=None, expected_count: int | None = None) -> "VectorIndex":
-        """Read an index written by `save`; refuse one whose dim or size differ from the expected, or whose
-        embeddings differ from expected_spec (a mixret.embed.EmbeddingSpec: model hash, pooling, max_length)."""
+             expected_spec=None, expected_count: int | None = None, version: int = 0) -> "VectorIndex":
+        """Read an index written by `save` (of the EMB_DIR's `version`); refuse one whose dim or size differ from the
+        expected, or whose embeddings differ from expected_spec (a mixret.embed.EmbeddingSpec: model hash, pooling,
+        max_length)."""
         import faiss
 
-        from mixret.embed import EmbeddingSpec
+        from mixret.embed import EmbeddingSpec, versioned
         directory = Path(directory)
-        meta_path, index_path = directory / INDEX_META_NAME, directory / INDEX_NAME
-        for path in (meta_path, index_path):
+        meta_path = directory / versioned(INDEX_META_NAME, version)
+        index_path = directory / versioned(INDEX_NAME, version)
+        backend = io.read_json(meta_path, "index metadata").get("backend", "faiss") if meta_path.is_file() else "faiss"
+        for path in (meta_path, index_path) if backend == "faiss" else (meta_path,):
             if not path.is_file():
                 raise MixretError(f"{path}: index file not found (build the index with `mixret index {directory}`)")
         meta = io.read_json(meta_path, "index metadata")
@@ -232,16 +288,57 @@ class VectorIndex:
         if expected_count is not None and meta["count"] != expected_count:
             raise MixretError(f"{meta_path}: the index holds {meta['count']} vectors but the corpus has "
                               f"{expected_count} (rebuild it with `mixret index {directory}`)")
+        if backend == "milvus":
+            from mixret.milvus import MilvusIndex
+            return MilvusIndex.from_meta(meta, meta_path, directory)
+        if backend != "faiss":
+            raise MixretError(f"{meta_path}: unknown index backend {backend!r}; expected faiss or milvus")
         try:
             index = faiss.read_index(str(index_path))
         except RuntimeError as e:
             raise MixretError(f"{index_path}: cannot read FAISS index ({_faiss_message(e)})") from None
-        if index.d != meta["dim"] or index.ntotal != meta["count"]:
+        held = meta["count"] + meta.get("removed", 0)
+        if index.d != meta["dim"] or index.ntotal != held:
             raise MixretError(f"{index_path}: holds {index.ntotal} vectors of dim {index.d} but {meta_path} "
-                              f"says {meta['count']} of dim {meta['dim']} (rebuild it with `mixret index {directory}`)")
-        known = ("factory", "metric", "normalize", "dim", "count")
-        return cls(index, meta["factory"], meta["metric"], bool(meta["normalize"]),
-                   {k: v for k, v in meta.items() if k not in known})
+                              f"says {held} of dim {meta['dim']} (rebuild it with `mixret index {directory}`)")
+        rows = _load_rows(directory / versioned(INDEX_ROWS_NAME, version), index.ntotal) if meta.get("removed") or \
+            (directory / versioned(INDEX_ROWS_NAME, version)).is_file() else None
+        known = ("factory", "metric", "normalize", "dim", "count", "removed")
+        found = cls(index, meta["factory"], meta["metric"], bool(meta["normalize"]),
+                    {k: v for k, v in meta.items() if k not in known}, rows)
+        if found.count != meta["count"]:
+            raise MixretError(f"{index_path}: its label map keeps {found.count} vectors but {meta_path} says "
+                              f"{meta['count']} (rebuild it with `mixret index {directory}`)")
+        return found
+
+
+def _load_rows(path: Path, labels: int) -> np.ndarray:
+    """The label map of an updated approximate index: [labels] int64 corpus rows, -1 for removed vectors."""
+    from safetensors import safe_open
+    if not path.is_file():
+        raise MixretError(f"{path}: label map of an updated index not found (rebuild the index with `mixret index`)")
+    try:
+        with safe_open(str(path), framework="np") as f:
+            rows = f.get_tensor("rows")
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise MixretError(f"{path}: cannot read the index's label map ({e})") from None
+    if rows.shape != (labels,):
+        raise MixretError(f"{path}: a label map of shape {rows.shape}; expected ({labels},), one row per vector")
+    return rows.astype(np.int64)
+
+
+def _live_rows(scores: np.ndarray, labels: np.ndarray, rows: np.ndarray, k: int,
+               metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """FAISS results [Q, depth] -> the first k whose label maps to a corpus row, as (scores, rows) [Q, k]; -1
+    (and FAISS's own filler score, the worst float32) where fewer were found."""
+    mapped = np.where(labels >= 0, rows[np.maximum(labels, 0)], -1)
+    worst = np.finfo(np.float32).max * (-1 if metric == "ip" else 1)
+    out_s = np.full((len(labels), k), worst, dtype=np.float32)
+    out_i = np.full((len(labels), k), -1, dtype=np.int64)
+    for q in range(len(labels)):
+        live = np.flatnonzero(mapped[q] >= 0)[:k]
+        out_s[q, :len(live)], out_i[q, :len(live)] = scores[q, live], mapped[q, live]
+    return out_s, out_i
 
 
 def _quiet_pq_training(pq, count: int, factory: str) -> None:
@@ -268,7 +365,11 @@ class BM25Index:
     matches "queueing". k1 (term frequency saturation) and b (length normalisation) default to bm25s's own;
     mixret.bm25 fits all three on validation pairs."""
 
-    def __init__(self, texts: Sequence[str], k1: float = BM25_K1, b: float = BM25_B, stemmer: bool = True):
+    def __init__(self, texts: Sequence[str], k1: float = BM25_K1, b: float = BM25_B, stemmer: bool = True,
+                 keep_terms: bool = False):
+        """keep_terms: keep each text's term statistics (its distinct term ids and their counts, and its length), so
+        that `updated` follows writes without tokenising the corpus again (memory of the order of the corpus's
+        distinct (text, term) pairs)."""
         import bm25s
         import Stemmer
         if len(texts) == 0:
@@ -277,8 +378,70 @@ class BM25Index:
         self.k1, self.b = k1, b
         self.stemmer = Stemmer.Stemmer("english") if stemmer else None
         self.retriever = bm25s.BM25(k1=k1, b=b)
-        tokens = bm25s.tokenize(list(texts), stopwords="en", stemmer=self.stemmer, show_progress=False)
-        self.retriever.index(tokens, show_progress=False)
+        self.vocab: dict[str, int] | None = None
+        self.doc_stats: list[tuple[np.ndarray, np.ndarray, int]] | None = None
+        if keep_terms:
+            self.vocab = {"": 0}   # bm25s's empty token, which no text holds
+            self._index_stats(self._term_stats(texts))
+        else:
+            tokens = bm25s.tokenize(list(texts), stopwords="en", stemmer=self.stemmer, show_progress=False)
+            self.retriever.index(tokens, show_progress=False)
+
+    def _term_stats(self, texts: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray, int]]:
+        """Each text's (distinct term ids int32, their counts float32, its number of terms), ids of self.vocab,
+        which grows by the terms it did not hold."""
+        vocab, out = self.vocab, []
+        for words in self.tokenize(texts):
+            ids = np.fromiter((vocab.setdefault(t, len(vocab)) for t in words), dtype=np.int64, count=len(words))
+            terms, counts = np.unique(ids, return_counts=True)
+            out.append((terms.astype(np.int32), counts.astype(np.float32), len(words)))
+        return out
+
+    def _index_stats(self, doc_stats: list[tuple[np.ndarray, np.ndarray, int]]) -> None:
+        """Score every (text, term) from the texts' term statistics, all at once: document frequencies, IDF, the mean
+        length and each score recomputed exactly as bm25s computes them text by text (the same float64 operations
+        in the same order, then float32), into the same sparse matrix, so that scores equal a fresh index's."""
+        import scipy.sparse as sp
+        self.doc_stats, self.count = doc_stats, len(doc_stats)
+        n, n_vocab = len(doc_stats), len(self.vocab)
+        lengths = np.array([length for _, _, length in doc_stats], dtype=np.int64)
+        sizes = np.array([len(terms) for terms, _, _ in doc_stats], dtype=np.int64)
+        terms = np.concatenate([t for t, _, _ in doc_stats]) if sizes.sum() else np.zeros(0, np.int32)
+        tf = np.concatenate([c for _, c, _ in doc_stats]).astype(np.float64) if sizes.sum() else np.zeros(0)
+        docs = np.repeat(np.arange(n, dtype=np.int32), sizes)
+        df = np.bincount(terms, minlength=n_vocab)
+        idf = np.zeros(n_vocab, dtype=np.float32)
+        held = np.flatnonzero(df)
+        ratio = 1 + (n - df[held] + 0.5) / (df[held] + 0.5)          # bm25s: math.log(1 + (N - df + 0.5) / (df + 0.5))
+        idf[held] = [math.log(r) for r in ratio.tolist()]
+        norm = self.k1 * ((1 - self.b) + self.b * lengths / lengths.mean())   # per text, float64
+        scores = (idf[terms].astype(np.float64) * (tf / (norm[docs] + tf))).astype(np.float32)
+        matrix = sp.csc_matrix((scores, (docs, terms)), shape=(n, n_vocab), dtype=np.float32)
+        r = self.retriever
+        r.scores = {"data": matrix.data, "indices": matrix.indices, "indptr": matrix.indptr, "num_docs": n}
+        r.vocab_dict, r.nonoccurrence_array = dict(self.vocab), None
+        r.unique_token_ids_set = set(r.vocab_dict.values())
+
+    def updated(self, keep: np.ndarray, texts: Sequence[str], added: np.ndarray) -> "BM25Index":
+        """The BM25 of the corpus after an update (see VectorIndex.updated for keep and added; texts: the new
+        corpus's), built from the kept term statistics: only the added texts are tokenised. Needs keep_terms."""
+        if self.doc_stats is None:
+            raise MixretError("this BM25 index was built without keep_terms; it cannot follow writes")
+        import bm25s
+        new = BM25Index.__new__(BM25Index)
+        new.k1, new.b, new.stemmer = self.k1, self.b, self.stemmer
+        new.retriever, new.vocab = bm25s.BM25(k1=self.k1, b=self.b), dict(self.vocab)
+        doc_stats: list = [None] * len(texts)
+        for old, row in enumerate(np.asarray(keep).tolist()):
+            if row >= 0:
+                doc_stats[row] = self.doc_stats[old]
+        added = np.asarray(added, dtype=np.int64).tolist()
+        for row, stats in zip(added, new._term_stats([texts[r] for r in added])):
+            doc_stats[row] = stats
+        if any(stats is None for stats in doc_stats):
+            raise MixretError("BM25 update: a row of the new corpus is neither kept nor added")
+        new._index_stats(doc_stats)
+        return new
 
     def scores(self, query: str) -> np.ndarray:
         """BM25 score of every corpus text for one query -> [M] float32 (0 when no query term is indexed)."""
@@ -649,6 +812,12 @@ class LoadedCorpus:
     model: object | None
     model_dir: str | None
     spec: object           # mixret.embed.EmbeddingSpec of the corpus embeddings
+    snapshot: object = None  # the mixret.corpus.Snapshot searched (the folder with its write-ahead log applied)
+
+    def close(self) -> None:
+        """Let go of the vector index's outside resources (a Milvus Lite file, which one process opens at a time)."""
+        if self.retriever._index is not None:
+            self.retriever._index.close()
 
     def encode(self, queries: Sequence[str]) -> np.ndarray:
         """Queries embedded exactly as the corpus was: same model, pooling and number of tokens kept."""
@@ -664,20 +833,25 @@ def load_corpus(emb_dir: str | os.PathLike, modes: Sequence[str], model_dir=None
     without it). Parts no mode uses are not loaded; tree and hybrid without a matcher are refused when they
     are the only modes asked for."""
     from mixret.bm25 import emb_dir_bm25
+    from mixret.corpus import load_snapshot
     from mixret.embed import EmbeddingSpec, load_emb_dir
     from mixret.fusion import load_fusion
 
-    emb, ids, texts, meta = load_emb_dir(emb_dir)
+    loaded = load_emb_dir(emb_dir)
+    meta = loaded[3]
     bm25_params = emb_dir_bm25(emb_dir, meta)
     spec, what = EmbeddingSpec.of(meta), f"the corpus embeddings in {emb_dir}"
-    model = index = matcher = fusion = None
+    model = matcher = fusion = None
+    with_index = False
     if any(m != "bm25" for m in modes):
         model_dir = model_dir or meta.get("model_path")
         if model_dir is None:
             raise MixretError(f"{emb_dir}: meta.json names no model; pass --model DIR")
         model, _ = load_model_checked(model_dir, meta, emb_dir)
-        if {"vector", "fusion"} & set(modes) or ("hybrid" in modes and shortlist_from == "vector"):
-            index = VectorIndex.load(emb_dir, expected_dim=emb.shape[1], expected_spec=spec, expected_count=len(ids))
+        with_index = bool({"vector", "fusion"} & set(modes) or ("hybrid" in modes and shortlist_from == "vector"))
+    snap, _ = load_snapshot(emb_dir, with_index, loaded)
+    emb, ids, texts, index = snap.emb, snap.ids, snap.texts, snap.index
+    if any(m != "bm25" for m in modes):
         matcher_modes = [m for m in modes if m in ("tree", "hybrid")]
         if matcher_dir is not None and matcher_modes:
             matcher = load_matcher_checked(matcher_dir, spec, what)
@@ -687,7 +861,7 @@ def load_corpus(emb_dir: str | os.PathLike, modes: Sequence[str], model_dir=None
             fusion = load_fusion(model_dir, fusion_weight)
     retriever = Retriever(emb if model is not None else None, texts, index=index, matcher=matcher, fusion=fusion,
                           bm25_params=bm25_params)
-    return LoadedCorpus(ids, texts, retriever, model, None if model is None else str(model_dir), spec)
+    return LoadedCorpus(ids, texts, retriever, model, None if model is None else str(model_dir), spec, snap)
 
 
 def load_model_checked(model_dir: str | os.PathLike, emb_meta: dict | None = None, emb_dir=None):

@@ -6,6 +6,21 @@ Endpoints (FastAPI on uvicorn, bound to 127.0.0.1 unless told otherwise):
     GET  /health  model, index, BM25 parameters, corpus size, the modes this server answers and why any other is off
     GET  /        a results page: one query, the hits of two chosen modes side by side
     GET  /docs    the OpenAPI page FastAPI generates
+    GET  /documents/ID             a document as the corpus holds it now
+    POST /documents {"documents": [{"id": "...", "text": "..."}, ...]}  adds, or replaces an existing id   (writes)
+    DELETE /documents/ID           removes                                                              (writes)
+
+Writes are off unless the server was started with a token (--token-file FILE or MIXRET_TOKEN); they then need
+`Authorization: Bearer TOKEN` (compared in constant time), and answer 401 without it or with another; with no
+token configured they answer 403 and say how to turn them on. A write is embedded as the folder's texts were, then
+appended to EMB_DIR/writes.wal and flushed to the disk (mixret.corpus), then swapped in: it is acknowledged (200,
+with the ids written or removed, its seq and the corpus size) only once it is durable and searchable. Writes run
+one at a time on their own thread. Each corpus state (texts, embeddings, FAISS index, BM25) is built whole and
+never changed: a search batch takes the current one at its start and keeps it to the end, so it sees the corpus
+before a write or after it, never a mix, and says which (seq, corpus_size). BM25 follows writes from the term
+statistics it keeps (only new texts are tokenised; the scores of a fresh index; see scripts/bench_corpus.py). At start
+the log's writes are replayed and folded into a new version of the folder, and the log emptied; the server holds
+the folder's write lock while it runs.
 
 Modes are those of `mixret.search.MODES`, searched by the same `Retriever.search` as `mixret search`, with
 query embeddings from the same `model.encode`. At start-up every mode runs once on a probe query: a mode
@@ -19,12 +34,16 @@ worker thread, off the event loop; requests that arrive meanwhile form the next 
 threads are set once, before loading.
 
 Bad input gets a 4xx with {"error": "..."} saying what was expected: 400 malformed JSON, 413 a body over
-MAX_BODY_BYTES, 422 anything else (empty query, unknown or unavailable mode, k out of range, wrong types,
-unknown fields). Clients send only query texts, a mode name and k: nothing they send names a file.
+MAX_BODY_BYTES (MAX_WRITE_BODY_BYTES for /documents), 422 anything else (empty query or text, unknown or
+unavailable mode, k out of range, wrong types, unknown fields, an id repeated in one write), 404 an unknown id,
+409 a delete that would empty the corpus. A refused write changes nothing. Clients send only texts, ids, a mode
+name and k: nothing they send names a file.
 """
 
 import asyncio
+import hmac
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,11 +54,15 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from mixret.errors import MixretError
+from mixret.search import BM25Index, load_corpus
 
 MAX_BODY_BYTES = 1 << 20    # a request body larger than this is refused (413)
 MAX_QUERIES = 256           # queries in one batch-form request
 MAX_QUERY_CHARS = 4000      # characters in one query (the model truncates long queries anyway)
 SNIPPET_CHARS = 200         # characters of each hit's text returned, whitespace collapsed
+MAX_WRITE_BODY_BYTES = 16 << 20   # a POST /documents body larger than this is refused (413)
+MAX_WRITE_DOCUMENTS = 1000  # documents in one POST /documents
+MAX_ID_CHARS = 1000         # characters of a document id
 
 
 # -- the loaded state -------------------------------------------------------------------------
@@ -60,29 +83,108 @@ class Outcome:
     passes: np.ndarray | None = None
     error: MixretError | None = None
     timings: dict = field(default_factory=dict)
+    state: object = None      # the State searched
+
+
+@dataclass(frozen=True)
+class State:
+    """One corpus state, never changed once built: searches take the current one and keep it to the end (a write
+    builds the next and swaps it in). seq: the last write it holds (write-ahead log numbering)."""
+    snapshot: object          # mixret.corpus.Snapshot
+    retriever: object         # mixret.search.Retriever over it
+    rows: dict
+    seq: int
+
+    @property
+    def ids(self) -> list[str]:
+        return self.snapshot.ids
+
+    @property
+    def texts(self) -> list[str]:
+        return self.snapshot.texts
+
+
+class WriteRefused(MixretError):
+    """A write that changes nothing, with its HTTP status (404: an unknown id; 422: anything else)."""
+
+    def __init__(self, message: str, status: int = 422):
+        super().__init__(message)
+        self.status = status
 
 
 class Searcher:
     """The corpus of an EMB_DIR with its model, FAISS index, BM25 and matcher, loaded the way `mixret search`
-    loads them; `options` (shortlist, shortlist_from) go to every Retriever.search call as in the CLI."""
+    loads them (its write-ahead log applied); `options` (shortlist, shortlist_from) go to every Retriever.search
+    call as in the CLI. writes=True holds the EMB_DIR's write lock, folds the log into a new version of the folder
+    and takes writes (`write`): each is logged and flushed to the disk, then searchable."""
 
-    def __init__(self, emb_dir, model_dir=None, matcher_dir=None, fusion_weight=None, **options):
-        from mixret.search import MODES, load_corpus
+    def __init__(self, emb_dir, model_dir=None, matcher_dir=None, fusion_weight=None, writes: bool = False,
+                 **options):
+        from mixret.corpus import WriteLock
+        from mixret.search import MODES
 
-        self.corpus = load_corpus(emb_dir, MODES, model_dir, matcher_dir, fusion_weight,
-                                  options.get("shortlist_from", "vector"))
-        self.model, self.retriever = self.corpus.model, self.corpus.retriever
-        self.ids, self.texts = self.corpus.ids, self.corpus.texts
+        self.emb_dir, self.writes, self.log = Path(emb_dir), writes, None
+        self.lock = WriteLock(emb_dir).__enter__() if writes else None
+        try:
+            self.corpus = load_corpus(emb_dir, MODES, model_dir, matcher_dir, fusion_weight,
+                                      options.get("shortlist_from", "vector"))
+            self._open_corpus, self.model = self.corpus, self.corpus.model
+            self.state = self._first_state()
+        except BaseException:
+            self.close()
+            raise
         self.options = options
+        self._write_lock = threading.Lock()
         index, spec = self.retriever.index, self.corpus.spec
         self.info = {"emb_dir": str(emb_dir), "model": self.corpus.model_dir, "model_hash": spec.model_hash,
                      "arch": self.model.config.arch, "dim": index.dim, "pooling": spec.pooling or "last",
-                     "index": index.factory, "metric": index.metric, "corpus_size": len(self.ids),
+                     "index": index.factory, "metric": index.metric,
                      "matcher": None if matcher_dir is None else str(matcher_dir),
                      "fusion": None if self.retriever.fusion is None else self.retriever.fusion.weight,
-                     "bm25": self.bm25_info(),
+                     "bm25": self.bm25_info(), "writes": "on" if writes else "off",
                      "options": dict(options)}
         self.modes, self.off, self.needs_embedding = self._probe()
+
+    def _first_state(self) -> State:
+        """The loaded corpus as a State; with writes on, the log's writes folded into a new version first and BM25
+        built to follow writes."""
+        from mixret.corpus import WriteLog, fold_log
+        snap, retriever = self.corpus.snapshot, self.corpus.retriever
+        if self.writes and snap.index is not None and snap.index.backend != "faiss":
+            raise MixretError(f"{self.emb_dir}: writes need the FAISS backend for now; this folder's vectors are in "
+                              f"{snap.index.backend} (serve it without a token, or index it with `mixret index "
+                              f"{self.emb_dir}` to take writes)")
+        if self.writes:
+            replayed = snap.seq - int(snap.meta.get("wal_applied", 0))
+            snap = fold_log(self.emb_dir, snap, replayed)
+            self.log = WriteLog(self.emb_dir, snap.emb.shape[1], snap.seq)
+            params = retriever.bm25_params
+            retriever._bm25 = params.index(snap.texts, keep_terms=True) if params is not None else \
+                BM25Index(snap.texts, keep_terms=True)   # BM25 follows writes from kept term statistics
+        return State(snap, retriever, snap.rows(), snap.seq)
+
+    def close(self) -> None:
+        """Close the log and release the write lock (again: nothing)."""
+        log, lock, self.log, self.lock = self.log, self.lock, None, None
+        corpus, self._open_corpus = getattr(self, "_open_corpus", None), None
+        if corpus is not None:
+            corpus.close()
+        if log is not None:
+            log.close()
+        if lock is not None:
+            lock.__exit__(None, None, None)
+
+    @property
+    def retriever(self):
+        return self.state.retriever
+
+    @property
+    def ids(self) -> list[str]:
+        return self.state.ids
+
+    @property
+    def texts(self) -> list[str]:
+        return self.state.texts
 
     def bm25_info(self) -> dict:
         """k1, b and stemmer of the BM25 searched (EMB_DIR/bm25.json, or the defaults) and where they come from."""
@@ -114,10 +216,56 @@ class Searcher:
     def _encode(self, texts: list[str]) -> np.ndarray:
         return self.corpus.encode(texts)
 
+    # -- writes -------------------------------------------------------------------------------
+    def write(self, put: list[tuple[str, str]] = (), delete: list[str] = ()) -> dict:
+        """Delete ids, then add or replace texts: embedded, logged and flushed to the disk, then swapped in as the
+        new state -> {"seq", "corpus_size"}. A WriteRefused changes nothing. Writes run one at a time."""
+        from mixret.corpus import Change, apply_change
+        with self._write_lock:
+            state = self.state
+            missing = [doc_id for doc_id in delete if doc_id not in state.rows]
+            if missing:
+                raise WriteRefused(f"no document with id {missing[0]!r}; expected the id of a document in the "
+                                   f"corpus", 404)
+            ids, texts = [p[0] for p in put], [p[1] for p in put]
+            emb = self._embed_documents(texts) if put else None
+            change = Change(list(delete), ids, texts, emb)
+            seq = self.log.seq + 1
+            try:
+                applied = apply_change(state.snapshot, change, seq, "the request")
+            except MixretError as e:
+                raise WriteRefused(str(e), 409 if "empty" in str(e) else 422) from None
+            new_state = self._next_state(state, applied, seq)   # built whole before the write is logged
+            self.log.append(change)            # durable from here on
+            self.state = new_state
+            return {"seq": seq, "corpus_size": len(applied.snapshot.ids)}
+
+    def _embed_documents(self, texts: list[str]) -> np.ndarray:
+        """Texts embedded as the folder's were (model, pooling, max length), rounded to the folder's dtype."""
+        from mixret.embed import DTYPES
+        spec = self.corpus.spec
+        E = self.model.encode(texts, batch_size=64, pooling=spec.pooling or "last", max_length=spec.max_length,
+                              show_progress_bar=False, convert_to_numpy=False)
+        return E.to(DTYPES[self.corpus.snapshot.meta.get("dtype", "float32")]).float().numpy()
+
+    def _next_state(self, state: State, applied, seq: int) -> State:
+        from mixret.search import Retriever
+        old, snap = state.retriever, applied.snapshot
+        retriever = Retriever(snap.emb, snap.texts, index=snap.index, matcher=old.matcher, fusion=old.fusion,
+                              bm25_params=old.bm25_params, query_chunk_bytes=old.query_chunk_bytes)
+        retriever._bm25 = old.bm25.updated(applied.keep, snap.texts, applied.added)
+        return State(snap, retriever, snap.rows(), seq)
+
+    def document(self, doc_id: str) -> dict | None:
+        state = self.state
+        row = state.rows.get(doc_id)
+        return None if row is None else {"id": doc_id, "text": state.texts[row], "seq": state.seq}
+
     def run(self, jobs: list[Job]) -> list[Outcome]:
-        """Search a batch of jobs: the distinct texts of the jobs whose mode needs embeddings are encoded
-        in one call, then each (mode, k) group is one Retriever.search call. A job's bad input fails only
-        its own group."""
+        """Search a batch of jobs, all on the corpus state current when it starts: the distinct texts of the jobs
+        whose mode needs embeddings are encoded in one call, then each (mode, k) group is one Retriever.search
+        call. A job's bad input fails only its own group."""
+        state = self.state
         start = time.perf_counter()
         texts = list(dict.fromkeys(q for job in jobs if self.needs_embedding[job.mode] for q in job.queries))
         rows = {t: i for i, t in enumerate(texts)}
@@ -127,12 +275,12 @@ class Searcher:
         groups: dict[tuple[str, int], list[int]] = {}
         for j, job in enumerate(jobs):
             groups.setdefault((job.mode, job.k), []).append(j)
-        outcomes = [Outcome() for _ in jobs]
+        outcomes = [Outcome(state=state) for _ in jobs]
         for (mode, k), members in groups.items():
             queries = [q for j in members for q in jobs[j].queries]
             query_emb = emb[[rows[q] for q in queries]] if self.needs_embedding[mode] else None
             try:
-                res = self.retriever.search(mode, k, query_emb=query_emb, queries=queries, **self.options)
+                res = state.retriever.search(mode, k, query_emb=query_emb, queries=queries, **self.options)
             except MixretError as e:
                 for j in members:
                     outcomes[j].error = e
@@ -146,18 +294,22 @@ class Searcher:
                 row += n
         return outcomes
 
-    def hits(self, indices: np.ndarray, scores: np.ndarray) -> list[dict]:
-        """One query's results [k] as JSON hits (a -1 index, a missing result, is left out)."""
+    def hits(self, indices: np.ndarray, scores: np.ndarray, state: State | None = None) -> list[dict]:
+        """One query's results [k] in `state` (default: the current one) as JSON hits (a -1 index, a missing
+        result, is left out)."""
+        state = state or self.state
         out = []
         for rank, (i, s) in enumerate(zip(indices.tolist(), scores.tolist()), 1):
             if i >= 0:
-                text = " ".join(self.texts[i].split())
+                text = " ".join(state.texts[i].split())
                 snippet = text if len(text) <= SNIPPET_CHARS else text[:SNIPPET_CHARS - 3] + "..."
-                out.append({"rank": rank, "id": self.ids[i], "score": s, "snippet": snippet})
+                out.append({"rank": rank, "id": state.ids[i], "score": s, "snippet": snippet})
         return out
 
     def health(self) -> dict:
-        return {"status": "ok", **self.info, "modes": self.modes, "modes_off": self.off}
+        state = self.state
+        return {"status": "ok", **self.info, "corpus_size": len(state.ids), "seq": state.seq, "modes": self.modes,
+                "modes_off": self.off}
 
 
 # -- micro-batching ---------------------------------------------------------------------------
@@ -235,33 +387,37 @@ def page_html() -> str:
 
 
 class BodyLimit:
-    """ASGI middleware refusing request bodies over max_bytes with 413, by Content-Length or while streaming."""
+    """ASGI middleware refusing request bodies over max_bytes (paths under a prefix of `limits`: its own limit)
+    with 413, by Content-Length or while streaming."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, limits: dict[str, int] | None = None):
+        self.app, self.max_bytes, self.limits = app, max_bytes, dict(limits or {})
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         from fastapi import HTTPException
+        limit = next((n for prefix, n in self.limits.items() if scope.get("path", "").startswith(prefix)),
+                     self.max_bytes)
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and not length.isdigit():
             return await _send_json(send, 400, "invalid Content-Length header; expected a number of bytes")
-        if length is not None and int(length) > self.max_bytes:
-            return await _send_json(send, 413, self._message())
+        if length is not None and int(length) > limit:
+            return await _send_json(send, 413, self._message(limit))
         received = 0
 
         async def limited():
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
-            if received > self.max_bytes:
-                raise HTTPException(413, self._message())
+            if received > limit:
+                raise HTTPException(413, self._message(limit))
             return message
         await self.app(scope, limited, send)
 
-    def _message(self) -> str:
-        return f"request body too large; expected at most {self.max_bytes} bytes"
+    @staticmethod
+    def _message(limit: int) -> str:
+        return f"request body too large; expected at most {limit} bytes"
 
 
 async def _send_json(send, status: int, error: str) -> None:
@@ -272,8 +428,8 @@ async def _send_json(send, status: int, error: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def create_app(searcher: Searcher, max_batch: int = 64, max_wait_ms: float = 2.0):
-    """The FastAPI app serving `searcher`."""
+def create_app(searcher: Searcher, max_batch: int = 64, max_wait_ms: float = 2.0, token: str | None = None):
+    """The FastAPI app serving `searcher`; token: the Bearer token writes need (None: writes answer 403)."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, HTTPException, Request
@@ -281,22 +437,24 @@ def create_app(searcher: Searcher, max_batch: int = 64, max_wait_ms: float = 2.0
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     batcher = MicroBatcher(searcher.run, max_batch, max_wait_ms / 1e3)
-    corpus_size = len(searcher.ids)
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mixret-write")
 
     @asynccontextmanager
     async def lifespan(app):
         batcher.start()
         yield
         await batcher.stop()
+        writer.shutdown(wait=True)
+        searcher.close()
 
     app = FastAPI(title="mixret search", version=_version(), lifespan=lifespan,
-                  description=f"Search {corpus_size} texts of {searcher.info['emb_dir']} in the modes "
+                  description=f"Search {len(searcher.ids)} texts of {searcher.info['emb_dir']} in the modes "
                               f"{', '.join(searcher.modes)}.")
-    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES, limits={"/documents": MAX_WRITE_BODY_BYTES})
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+        return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):
@@ -317,19 +475,127 @@ def create_app(searcher: Searcher, max_batch: int = 64, max_wait_ms: float = 2.0
         start = time.perf_counter()
         req = _parse_request(await request.body())
         job = Job(_check_queries(req), _check_mode(req.mode, searcher), req.k)
+        corpus_size = len(searcher.ids)
         if not 1 <= job.k <= corpus_size:
             raise HTTPException(422, f"k={job.k} is out of range; expected 1 to {corpus_size} (the corpus size)")
         outcome, queued = await batcher.submit(job)
         if outcome.error is not None:
             raise HTTPException(422, str(outcome.error))
         timings = {"queue_ms": queued * 1e3, **outcome.timings, "total_ms": (time.perf_counter() - start) * 1e3}
-        results = [{"query": q, "hits": searcher.hits(outcome.indices[i], outcome.scores[i]),
+        results = [{"query": q, "hits": searcher.hits(outcome.indices[i], outcome.scores[i], outcome.state),
                     "passes": int(outcome.passes[i])} for i, q in enumerate(job.queries)]
+        corpus = {"seq": outcome.state.seq, "corpus_size": len(outcome.state.ids)}   # the corpus state searched
         if req.query is not None:  # plain JSON types: JSONResponse skips FastAPI's (slow) jsonable_encoder
-            return JSONResponse({**results[0], "mode": job.mode, "k": job.k, "timings": timings})
-        return JSONResponse({"mode": job.mode, "k": job.k, "results": results, "timings": timings})
+            return JSONResponse({**results[0], "mode": job.mode, "k": job.k, **corpus, "timings": timings})
+        return JSONResponse({"mode": job.mode, "k": job.k, "results": results, **corpus, "timings": timings})
+
+    @app.get("/documents/{doc_id}")
+    async def get_document(doc_id: str):
+        """A document of the corpus as it is now: its id and text."""
+        found = searcher.document(doc_id)
+        if found is None:
+            raise HTTPException(404, f"no document with id {doc_id!r}")
+        return JSONResponse(found)
+
+    @app.post("/documents", openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": WriteRequest.model_json_schema()}}}})
+    async def post_documents(request: Request):
+        """Add documents, or replace those whose id exists (Authorization: Bearer TOKEN). Acknowledged once the
+        write is on the disk and searchable."""
+        _authorize(request, token)
+        puts = _check_documents(_parse_write(await request.body()))
+        done = await _write(writer, searcher, put=puts)
+        return JSONResponse({"written": [doc_id for doc_id, _ in puts], **done})
+
+    @app.delete("/documents/{doc_id}")
+    async def delete_document(doc_id: str, request: Request):
+        """Remove a document (Authorization: Bearer TOKEN). Acknowledged once the removal is on the disk."""
+        _authorize(request, token)
+        done = await _write(writer, searcher, delete=[doc_id])
+        return JSONResponse({"deleted": [doc_id], **done})
 
     return app
+
+
+class Document(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    id: str = Field(description="The document's id: an id already in the corpus replaces that document.")
+    text: str = Field(description="Its text (longer than the model's context: embedded from its start).")
+
+
+class WriteRequest(BaseModel):
+    """The body of POST /documents."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+    documents: list[Document] = Field(description=f"1 to {MAX_WRITE_DOCUMENTS} documents.")
+
+
+WRITE_SHAPE = '{"documents": [{"id": "...", "text": "..."}, ...]}'
+
+
+def _authorize(request, token: str | None) -> None:
+    """403 when writes are off (no token configured), 401 without the right Bearer token (compared in constant
+    time)."""
+    from fastapi import HTTPException
+    if token is None:
+        raise HTTPException(403, "writes are off on this server; start it with --token-file FILE (or the "
+                                 "MIXRET_TOKEN environment variable) holding a secret token to turn them on, then "
+                                 "send it as 'Authorization: Bearer TOKEN'")
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        raise HTTPException(401, "this write needs a token; expected the header 'Authorization: Bearer TOKEN'",
+                            headers={"WWW-Authenticate": "Bearer"})
+    if not hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), token.encode("utf-8")):
+        raise HTTPException(401, "wrong token; expected the token the server was started with",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
+def _parse_write(body: bytes) -> WriteRequest:
+    from fastapi import HTTPException
+    from pydantic import ValidationError
+    try:
+        return WriteRequest.model_validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        if any(e["type"] == "json_invalid" for e in errors):
+            raise HTTPException(400, f"request body is not valid JSON ({errors[0]['msg']}); expected "
+                                     f"{WRITE_SHAPE}") from None
+        parts = [f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in errors[:5]]
+        raise HTTPException(422, "; ".join(parts) + f"; expected {WRITE_SHAPE}") from None
+
+
+def _check_documents(req: WriteRequest) -> list[tuple[str, str]]:
+    from fastapi import HTTPException
+    docs = req.documents
+    if not 1 <= len(docs) <= MAX_WRITE_DOCUMENTS:
+        raise HTTPException(422, f'"documents" holds {len(docs)} documents; expected 1 to {MAX_WRITE_DOCUMENTS}')
+    seen = set()
+    for i, doc in enumerate(docs):
+        name = f"documents[{i}]"
+        if not doc.id or doc.id != doc.id.strip() or any(c in doc.id for c in "\r\n"):
+            raise HTTPException(422, f"{name}.id {doc.id!r}: expected a non-empty id without surrounding "
+                                     f"whitespace or line breaks")
+        if len(doc.id) > MAX_ID_CHARS:
+            raise HTTPException(422, f"{name}.id has {len(doc.id)} characters; expected at most {MAX_ID_CHARS}")
+        if not doc.text.strip():
+            raise HTTPException(422, f"{name}.text is empty; expected some text to embed")
+        for what, value in (("id", doc.id), ("text", doc.text)):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise HTTPException(422, f"{name}.{what} is not valid Unicode text; expected text") from None
+        if doc.id in seen:
+            raise HTTPException(422, f"{name}.id {doc.id!r} repeats an earlier document's id; expected each id once")
+        seen.add(doc.id)
+    return [(doc.id, doc.text) for doc in docs]
+
+
+async def _write(writer, searcher: Searcher, put=(), delete=()) -> dict:
+    from fastapi import HTTPException
+    loop = asyncio.get_running_loop()
+    try:
+        return await loop.run_in_executor(writer, lambda: searcher.write(list(put), list(delete)))
+    except WriteRefused as e:
+        raise HTTPException(e.status, str(e)) from None
 
 
 def _parse_request(body: bytes) -> SearchRequest:
@@ -388,11 +654,31 @@ def _version() -> str:
 
 # -- entry point ------------------------------------------------------------------------------
 
+def read_token(token_file=None, environ=os.environ) -> str | None:
+    """The write token: the content of token_file (surrounding whitespace stripped), else $MIXRET_TOKEN, else None
+    (writes off). An empty one is an error."""
+    if token_file is not None:
+        path = Path(token_file)
+        if not path.is_file():
+            raise MixretError(f"{path}: token file not found; expected a file holding the write token")
+        try:
+            token, source = path.read_text(encoding="utf-8").strip(), str(path)
+        except UnicodeDecodeError:
+            raise MixretError(f"{path}: not UTF-8 text; expected a file holding the write token") from None
+    elif "MIXRET_TOKEN" in environ:
+        token, source = environ["MIXRET_TOKEN"].strip(), "MIXRET_TOKEN"
+    else:
+        return None
+    if not token:
+        raise MixretError(f"{source} is empty; expected a secret token (e.g. `openssl rand -hex 32`)")
+    return token
+
+
 def serve(emb_dir, model_dir=None, matcher_dir=None, host: str = "127.0.0.1", port: int = 8000,
           threads: int | None = None, max_batch: int = 64, max_wait_ms: float = 2.0, echo=print,
-          **options) -> None:
+          token: str | None = None, **options) -> None:
     """Set the threads, load everything, and serve until interrupted (port 0: any free port; the log line
-    `Uvicorn running on http://HOST:PORT` gives it)."""
+    `Uvicorn running on http://HOST:PORT` gives it). token: turns writes on (see read_token)."""
     import faiss
     import torch
     import uvicorn
@@ -403,12 +689,16 @@ def serve(emb_dir, model_dir=None, matcher_dir=None, host: str = "127.0.0.1", po
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)
     start = time.perf_counter()
-    searcher = Searcher(emb_dir, model_dir, matcher_dir, **options)
+    searcher = Searcher(emb_dir, model_dir, matcher_dir, writes=token is not None, **options)
     echo(f"loaded {Path(emb_dir)}: {len(searcher.ids)} texts, model {searcher.info['model']}, index "
          f"{searcher.info['index']}, matcher {searcher.info['matcher'] or '-'}, BM25 "
          f"{searcher.retriever.bm25_params.describe()} in {time.perf_counter() - start:.1f} s; "
-         f"modes {', '.join(searcher.modes)}; {threads} thread(s)")
+         f"modes {', '.join(searcher.modes)}; {threads} thread(s); writes "
+         f"{'on (write-ahead log ' + str(searcher.log.path) + ')' if token is not None else 'off'}")
     for mode, why in searcher.off.items():
         echo(f"mode {mode} off: {why}")
-    uvicorn.run(create_app(searcher, max_batch, max_wait_ms), host=host, port=port, access_log=False,
-                log_level="info")
+    try:
+        uvicorn.run(create_app(searcher, max_batch, max_wait_ms, token), host=host, port=port, access_log=False,
+                    log_level="info", workers=1)
+    finally:
+        searcher.close()

@@ -16,6 +16,13 @@ request to reading its whole response. The CLI baseline runs `mixret search QUER
 times with OMP_NUM_THREADS=T (median wall time, process start included).
 
 Writes OUT/serve.md and OUT/serve.json.
+
+--mixed measures writes instead (the server started with a token): search latency (vector, --mixed-clients
+clients) with no writes, then while one writer adds --write-batch documents --write-rate times a second; the
+throughput of adds sent back to back (documents/s, --burst requests of --burst-batch documents) against the time
+of embedding and indexing the whole corpus from scratch; and the start-up of a server that replays the
+write-ahead log those writes left (after a SIGKILL) against the start-up of a server on a folder without one.
+Writes OUT/serve_mixed.md and OUT/serve_mixed.json.
 """
 import argparse
 import asyncio
@@ -86,9 +93,10 @@ def child_env(threads: int) -> dict:
 # -- the server and the clients ---------------------------------------------------------------
 
 class Server:
-    def __init__(self, emb_dir: Path, matcher: Path | None, threads: int, log: Path):
+    def __init__(self, emb_dir: Path, matcher: Path | None, threads: int, log: Path, token_file: Path | None = None):
         cmd = [sys.executable, "-m", "mixret.cli", "serve", "--index", str(emb_dir), "--port", "0",
-               "--threads", str(threads)] + (["--matcher", str(matcher)] if matcher else [])
+               "--threads", str(threads)] + (["--matcher", str(matcher)] if matcher else []) + \
+            (["--token-file", str(token_file)] if token_file else [])
         self.log = log
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=child_env(threads))
@@ -138,6 +146,136 @@ async def load_run(url: str, mode: str, queries: list[str], clients: int, reques
             "p99_ms": float(np.percentile(ms, 99)), "mean_batch": float(np.mean(batches))}
 
 
+async def mixed_run(url: str, queries: list[str], clients: int, requests: int, token: str, rate: float,
+                    batch: int, start_id: int) -> dict:
+    """Search load as in load_run (vector mode); with rate > 0, one writer adds `batch` new documents `rate`
+    times a second until the searches are done."""
+    done = asyncio.Event()
+    write_ms, written = [], [0]
+
+    async def writer():
+        async with httpx.AsyncClient(base_url=url, timeout=300) as http:
+            i = start_id
+            while not done.is_set():
+                t = time.perf_counter()
+                docs = [{"id": f"mixed-{i + j}", "text": queries[(i + j) % len(queries)] + f" (write {i + j})"}
+                        for j in range(batch)]
+                res = await http.post("/documents", json={"documents": docs},
+                                      headers={"Authorization": f"Bearer {token}"})
+                if res.status_code != 200:
+                    raise SystemExit(f"write: HTTP {res.status_code}: {res.text}")
+                write_ms.append((time.perf_counter() - t) * 1e3)
+                written[0] += batch
+                i += batch
+                await asyncio.sleep(max(0.0, 1 / rate - (time.perf_counter() - t)))
+
+    async def searches():
+        try:
+            return await load_run(url, "vector", queries, clients, requests)
+        finally:
+            done.set()
+    start = time.perf_counter()
+    if rate > 0:
+        row, _ = await asyncio.gather(searches(), writer())
+    else:
+        row = await searches()
+    wall = time.perf_counter() - start
+    row.update({"write_rate": rate, "docs_written": written[0], "writes_s": len(write_ms) / wall,
+                "write_p50_ms": float(np.percentile(write_ms, 50)) if write_ms else None,
+                "write_p99_ms": float(np.percentile(write_ms, 99)) if write_ms else None})
+    return row
+
+
+async def burst(url: str, queries: list[str], token: str, requests: int, batch: int, start_id: int) -> float:
+    """Documents per second of `requests` adds of `batch` new documents each, sent back to back."""
+    async with httpx.AsyncClient(base_url=url, timeout=300) as http:
+        start = time.perf_counter()
+        for r in range(requests):
+            first = start_id + r * batch
+            docs = [{"id": f"burst-{first + j}", "text": queries[(first + j) % len(queries)] + f" (burst {first + j})"}
+                    for j in range(batch)]
+            res = await http.post("/documents", json={"documents": docs}, headers={"Authorization": f"Bearer {token}"})
+            if res.status_code != 200:
+                raise SystemExit(f"write: HTTP {res.status_code}: {res.text}")
+        return requests * batch / (time.perf_counter() - start)
+
+
+def rebuild_seconds(emb_dir: Path, threads: int) -> float:
+    """Embedding and indexing the folder's whole corpus from scratch (mixret embed + mixret index, one process)."""
+    import json
+    from mixret.embed import embed_corpus, load_emb_dir
+    from mixret.search import VectorIndex
+    _, ids, texts, meta = load_emb_dir(emb_dir)
+    with tempfile.TemporaryDirectory(prefix="bench-rebuild-") as tmp:
+        corpus = Path(tmp) / "corpus.jsonl"
+        corpus.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in zip(ids, texts)))
+        torch.set_num_threads(threads)
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            embed_corpus(meta["model_path"], corpus, Path(tmp) / "emb", show_progress_bar=False)
+        emb, *_ = load_emb_dir(Path(tmp) / "emb")
+        VectorIndex.build(emb, "Flat").save(Path(tmp) / "emb")
+        return time.perf_counter() - start
+
+
+def mixed(args, emb_dir: Path, queries: list[str], tmp: Path, info: dict) -> None:
+    import shutil
+    folder = tmp / "emb-writes"
+    shutil.copytree(emb_dir, folder)
+    token = "bench-token"
+    (tmp / "token").write_text(token)
+    server = Server(folder, None, args.threads, tmp / "mixed.log", tmp / "token")
+    clean_startup = server.startup_s
+    rows, next_id = [], 0
+    try:
+        size = httpx.get(server.url + "/health", timeout=60).json()["corpus_size"]
+        for rate in (0.0, *args.write_rates):
+            row = asyncio.run(mixed_run(server.url, queries, args.mixed_clients, args.requests, token, rate,
+                                        args.write_batch, next_id))
+            next_id += row["docs_written"]
+            rows.append(row)
+            print(f"writes {rate}/s: search p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms; "
+                  f"{row['docs_written']} documents written", flush=True)
+        docs_s = asyncio.run(burst(server.url, queries, token, args.burst, args.burst_batch, next_id))
+        health = httpx.get(server.url + "/health", timeout=60).json()
+        print(f"adds back to back: {docs_s:.1f} documents/s", flush=True)
+    finally:
+        server.proc.kill()       # SIGKILL: the log stays as it is, for the restart below
+        server.proc.wait(30)
+    log_lines = len((folder / "writes.wal").read_bytes().splitlines())
+    restarted = Server(folder, None, args.threads, tmp / "restart.log", tmp / "token")
+    replay_startup = restarted.startup_s
+    restarted.stop()
+    rebuild_s = rebuild_seconds(emb_dir, args.threads)
+    info = bc.finish_info(info)
+    table = bc.markdown_table(rows, [("write_rate", "writes/s asked"), ("writes_s", "writes/s done"),
+                                     ("docs_written", "documents written"), ("req_s", "searches/s"),
+                                     ("p50_ms", "search p50 ms"), ("p99_ms", "search p99 ms"),
+                                     ("write_p50_ms", "write p50 ms"), ("write_p99_ms", "write p99 ms")])
+    adds = bc.markdown_table([{"docs_s": docs_s, "batch": args.burst_batch, "rebuild_s": rebuild_s,
+                               "corpus": size, "rebuild_docs_s": size / rebuild_s}],
+                             [("batch", "documents a request"), ("docs_s", "adds, documents/s"),
+                              ("corpus", "corpus"), ("rebuild_s", "rebuild from scratch (s)"),
+                              ("rebuild_docs_s", "rebuild, documents/s")])
+    restart = bc.markdown_table([{"clean": clean_startup, "lines": log_lines, "replay": replay_startup,
+                                  "size": health["corpus_size"]}],
+                                [("clean", "start-up, no log (s)"), ("lines", "log lines"),
+                                 ("size", "corpus after replay"), ("replay", "start-up replaying the log (s)")])
+    intro = (f"`mixret serve --threads {args.threads} --token-file ...` on {size} bundled documents (the setup of "
+             f"serve.md), vector search by {args.mixed_clients} clients, {args.requests} requests a row, while one "
+             f"writer adds {args.write_batch} document(s) per request at the rate asked (0: no writes). Every write is "
+             f"embedded, flushed to the write-ahead log and swapped in (Flat index and BM25 rebuilt) before its "
+             f"answer. Server, writer and search clients share the machine.")
+    text = bc.write_report(args.out, "serve_mixed", "mixret serve: searches during writes", info, intro,
+                           [("Search latency during writes", table), ("Add throughput", adds),
+                            ("Restart", restart)],
+                           {"rows": rows, "adds_docs_s": docs_s, "rebuild_s": rebuild_s, "corpus": size,
+                            "startup_clean_s": clean_startup, "startup_replay_s": replay_startup,
+                            "log_lines": log_lines})
+    print(text)
+
+
 def cli_seconds(emb_dir: Path, matcher: Path | None, mode: str, query: str, threads: int, repeats: int) -> float:
     """Median wall time of `mixret search QUERY --mode MODE` as a fresh process."""
     cmd = [sys.executable, "-m", "mixret.cli", "search", query, "--index", str(emb_dir), "--mode", mode,
@@ -165,9 +303,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch/FAISS threads of the server and the CLI")
     parser.add_argument("--cli-repeats", type=int, default=3, help="runs of `mixret search` per mode")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, seconds in all (a smoke test)")
+    parser.add_argument("--mixed", action="store_true", help="measure searches during writes instead (see above)")
+    parser.add_argument("--mixed-clients", type=int, default=4, help="--mixed: concurrent search clients")
+    parser.add_argument("--write-rates", default="2,10", help="--mixed: writes a second, comma-separated")
+    parser.add_argument("--write-batch", type=int, default=1, help="--mixed: documents a write")
+    parser.add_argument("--burst", type=int, default=20, help="--mixed: adds sent back to back")
+    parser.add_argument("--burst-batch", type=int, default=50, help="--mixed: documents an add of the burst")
     args = parser.parse_args()
+    args.write_rates = [float(r) for r in args.write_rates.split(",")]
     if args.quick:
         args.docs, args.clients, args.requests, args.cli_repeats = 200, "1,4", 20, 1
+        args.burst, args.burst_batch = 3, 10
     clients = [int(c) for c in args.clients.split(",")]
     torch.set_num_threads(args.threads)
     info = bc.machine_info(torch.device("cpu"))
@@ -182,6 +328,8 @@ def main() -> None:
                   flush=True)
         else:
             emb_dir, matcher, queries = args.index, args.matcher, queries_of(args.index)
+        if args.mixed:
+            return mixed(args, emb_dir, queries, tmp, info)
         server = Server(emb_dir, matcher, args.threads, tmp / "server.log")
         try:
             health = httpx.get(server.url + "/health", timeout=60).json()

@@ -209,3 +209,29 @@ def test_bench_recipe(tmp_path):
         for key in ("select_vector_r1", "select_fusion_r1", "select_bm25_r1", "test_vector_r1", "test_fusion_r1"):
             assert 0.0 <= r[key] <= 1.0
     assert rows[0]["select_bm25_r1"] == rows[1]["select_bm25_r1"]     # the same pairs for every recipe
+
+
+def test_bench_corpus(tmp_path):
+    data = run_script("corpus", tmp_path)
+    assert [r["docs"] for r in data["rows"]] == [1000, 3000]
+    assert all(r["recompute_s"] > 0 and r["term_ids_s"] > 0 and r["keep_terms_s"] > 0 for r in data["rows"])
+    assert all(r["max_score_diff"] == 0 and r["max_score_diff_term_ids"] == 0 for r in data["rows"])  # the same index
+
+
+def test_bench_backend(tmp_path):
+    data = run_script("backend", tmp_path, "--qdrant-max", "0")   # Qdrant's local mode loads too slowly for a smoke test
+    rows = {r["backend"]: r for r in data["rows"]}
+    assert {"faiss", "milvus"} <= set(rows) and "qdrant" not in rows
+    assert all(r["exact"] == 1.0 and r["p50_ms"] > 0 for r in rows.values())   # FLAT answers FAISS's top 10
+    assert any(r["backend"] == "milvus" and r["added_mib"] > 0 for r in data["sizes"])
+
+
+@pytest.mark.slow  # three servers; the writes themselves are tested in test_serve_writes.py
+def test_bench_serve_mixed(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "bench_serve.py"), "--quick", "--mixed", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "serve_mixed.json").read_text())
+    assert [r["write_rate"] for r in data["rows"]] == [0.0, 2.0, 10.0]
+    assert data["rows"][0]["docs_written"] == 0 and all(r["docs_written"] > 0 for r in data["rows"][1:])
+    assert data["adds_docs_s"] > 0 and data["rebuild_s"] > 0 and data["log_lines"] > 0
