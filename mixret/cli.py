@@ -817,11 +817,17 @@ def serve_cmd(emb_dir, model_dir, matcher_dir, host, port, threads, max_batch, m
 @click.option("--tree-queries", default=100, show_default=True, help="Queries evaluated in tree mode.")
 @click.option("--matcher-pairs", default=3000, show_default=True, help="Training pairs the matchers see.")
 @click.option("--matcher-epochs", default=10, show_default=True, help="Matcher training epochs.")
+@click.option("--baseline", default=None, metavar="NAME_OR_PATH",
+              help="A sentence-transformers model (hub name or folder) to compare with: after the mixret models, it "
+                   "is fine-tuned with MultipleNegativesRankingLoss on the same training pairs for the same minutes "
+                   "and threads each of them had (outside the budget), its fusion weight fitted on the same "
+                   "validation slice, and scored in the same table (vector and fusion, won/lost against the same "
+                   "fitted BM25, documents embedded per second). Needs pip install 'mixret[st]'.")
 @click.option("--seed", default=0, show_default=True)
 @friendly
 def quickstart_cmd(out, budget_minutes, pairs_path, test_pairs_path, query_field, target_field, pretrain_share,
                    d_model, layers, context, batch_size, hard_negatives, max_pairs, tree_queries, matcher_pairs,
-                   matcher_epochs, seed):
+                   matcher_epochs, baseline, seed):
     """Run the whole pipeline: train a masked mixer and a llama baseline of the same size for the same wall-clock
     time (contrastive fine-tuning, after optional CLM pretraining), train a matcher for each, index, evaluate
     vector, fusion, hybrid, tree and BM25 on the held-out pairs, print one comparison table (also saved as
@@ -832,7 +838,7 @@ def quickstart_cmd(out, budget_minutes, pairs_path, test_pairs_path, query_field
                            query_field=query_field, target_field=target_field, pretrain_share=pretrain_share,
                            d_model=d_model, layers=layers, context=context, batch_size=batch_size,
                            hard_negatives=hard_negatives, max_pairs=max_pairs, tree_queries=tree_queries,
-                           matcher_pairs=matcher_pairs, matcher_epochs=matcher_epochs, seed=seed)
+                           matcher_pairs=matcher_pairs, matcher_epochs=matcher_epochs, baseline=baseline, seed=seed)
     report = run(cfg, echo=click.echo)
     args = example_search(report, cfg)
     click.echo("\n$ mixret " + " ".join(_shell_quote(a) for a in args))
