@@ -223,7 +223,7 @@ def _distill_model_options(fn):
                "split of the bundled pairs (summaries and documents).")
 @_pretrain_opt("--field", "text_field", multiple=True, help="Field / column holding the texts; repeat to read "
                "several fields of each record as separate texts.", show="text")
-@_pretrain_opt("--pairs", help="Optional pairs file: its training split (split_pairs' test split, 10%% by a hash "
+@_pretrain_opt("--pairs", help="Optional pairs file: its training split (split_pairs' test split, a tenth by a hash "
                "of the id, is never read) adds in-batch InfoNCE to the distillation loss.")
 @_pretrain_opt("--query-field", help="Pairs field with the queries.", show="summary")
 @_pretrain_opt("--target-field", help="Pairs field with the documents.", show="document")

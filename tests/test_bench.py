@@ -202,3 +202,17 @@ def test_bench_recipe(tmp_path):
         for key in ("select_vector_r1", "select_fusion_r1", "select_bm25_r1", "test_vector_r1", "test_fusion_r1"):
             assert 0.0 <= r[key] <= 1.0
     assert rows[0]["select_bm25_r1"] == rows[1]["select_bm25_r1"]     # the same pairs for every recipe
+
+
+@pytest.mark.slow
+def test_bench_distill(tmp_path, monkeypatch):
+    pytest.importorskip("sentence_transformers")
+    from planted import planted_documents
+    from st_models import tiny_st_model
+    teacher = tiny_st_model(tmp_path / "teacher", planted_documents())
+    monkeypatch.setenv("MIXRET_CACHE", str(tmp_path / "cache"))
+    data = run_script("distill", tmp_path / "out", "--teacher", str(teacher))
+    assert [(r["student"], r["loss"]) for r in data["rows"]] == [
+        ("masked-mixer d32 x 1", "cosine"), ("llama d32 x 1", "cosine"), ("masked-mixer d32 x 1", "mse")]
+    assert all(r["steps"] >= 1 and r["docs_per_s"] > 0 and 0 <= r["vector_r1"] <= 1 for r in data["rows"])
+    assert data["teacher"]["texts"] == 300 and data["teacher"]["seconds"] is not None
