@@ -175,6 +175,7 @@ def _training_options(fn):
                "or the path of a tokenizer.json (spans: bpe-lower).", show="bpe")
 @_pretrain_opt("--vocab-size", type=int, help="BPE vocabulary size.", show=4096)
 @_pretrain_model_options
+@_training_options
 @_pretrain_opt("--label-smoothing", type=float, help="clm: label smoothing of the training loss.", show=0.0)
 @_pretrain_opt("--objective", type=click.Choice(["clm", "spans"]), help="What the model learns from the texts. "
                "clm: next-token prediction (a language model). spans: a retriever from documents alone: a random "
@@ -187,7 +188,6 @@ def _training_options(fn):
 @_pretrain_opt("--temperature", type=float, help="spans: temperature of the InfoNCE logits.", show=0.05)
 @_pretrain_opt("--span-min", type=int, help="spans: fewest tokens of a span (at most half of its document).", show=8)
 @_pretrain_opt("--span-max", type=int, help="spans: most tokens of a span.", show=24)
-@_training_options
 @run_options
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="JSON file of options (names as the flags, e.g. {\"d_model\": 256}); flags override it.")
