@@ -131,6 +131,35 @@ def _pretrain_model_options(fn):
     return model_options_for(ModelConfig, TrainConfig().model)(fn)
 
 
+def _training_options(fn):
+    """The options of a text-only training run shared by pretrain and distill: schedule, optimiser, seed, output and
+    logging (None unless given, so saved or --config values are not overridden)."""
+    for option in reversed([
+        _pretrain_opt("--steps", type=int, help="Optimizer steps of the whole schedule (not of this invocation).",
+                      show=800),
+        _pretrain_opt("--epochs", type=float,
+                      help="Schedule length in passes over the training split (instead of --steps)."),
+        _pretrain_opt("--batch-size", type=int, help="Sequences per micro-batch on each process (spans, distill: 32).",
+                      show=16),
+        _pretrain_opt("--grad-accum", type=int, help="Micro-batches per optimizer step.", show=1),
+        _pretrain_opt("--lr", type=float, help="Peak learning rate (AdamW; cosine decay to a tenth of it; spans, "
+                      "distill: 0.001).", show=4e-3),
+        _pretrain_opt("--warmup", type=int, help="Linear warmup steps.", show="5% of the steps"),
+        _pretrain_opt("--weight-decay", type=float, help="AdamW weight decay, on the weights of Linear layers and "
+                      "mixing matrices (not on biases, norms or embeddings).", show=0.1),
+        _pretrain_opt("--grad-clip", type=float, help="Gradient norm clipping.", show=1.0),
+        _pretrain_opt("--seed", type=int, help="Seed for initialisation, data order and the validation split.", show=0),
+        _pretrain_opt("--out", help="Output directory.", show="runs/ARCH-DATE-TIME"),
+        _pretrain_opt("--log-every", type=int, help="Steps between metrics.jsonl lines.", show=10),
+        _pretrain_opt("--eval-every", type=int, help="Steps between validations.", show=200),
+        _pretrain_opt("--checkpoint-every", type=int, help="Steps between checkpoints.", show=500),
+        _pretrain_opt("--compile/--no-compile", help="Run the model through torch.compile.", show="no"),
+        _pretrain_opt("--num-workers", type=int, help="Processes for tokenization.", show=0),
+    ]):
+        fn = option(fn)
+    return fn
+
+
 @main.command("pretrain")
 @_pretrain_opt("--data", multiple=True, help="Corpus: .txt (one document a line, or separated by <|endoftext|>), "
                ".jsonl/.jsonl.gz, .parquet, a folder of these, or a Hugging Face dataset name. Repeat for several. "
@@ -147,16 +176,7 @@ def _pretrain_model_options(fn):
                "or the path of a tokenizer.json (spans: bpe-lower).", show="bpe")
 @_pretrain_opt("--vocab-size", type=int, help="BPE vocabulary size.", show=4096)
 @_pretrain_model_options
-@_pretrain_opt("--steps", type=int, help="Optimizer steps of the whole schedule (not of this invocation).", show=800)
-@_pretrain_opt("--epochs", type=float, help="Schedule length in passes over the training split (instead of --steps).")
-@_pretrain_opt("--batch-size", type=int, help="Sequences per micro-batch on each process (spans: 32).", show=16)
-@_pretrain_opt("--grad-accum", type=int, help="Micro-batches per optimizer step.", show=1)
-@_pretrain_opt("--lr", type=float, help="Peak learning rate (AdamW; cosine decay to a tenth of it; spans: 0.001).",
-               show=4e-3)
-@_pretrain_opt("--warmup", type=int, help="Linear warmup steps.", show="5% of the steps")
-@_pretrain_opt("--weight-decay", type=float, help="AdamW weight decay, on the weights of Linear layers and mixing "
-               "matrices (not on biases, norms or embeddings).", show=0.1)
-@_pretrain_opt("--grad-clip", type=float, help="Gradient norm clipping.", show=1.0)
+@_training_options
 @_pretrain_opt("--label-smoothing", type=float, help="clm: label smoothing of the training loss.", show=0.0)
 @_pretrain_opt("--objective", type=click.Choice(["clm", "spans"]), help="What the model learns from the texts. "
                "clm: next-token prediction (a language model). spans: a retriever from documents alone: a random "
@@ -169,13 +189,6 @@ def _pretrain_model_options(fn):
 @_pretrain_opt("--temperature", type=float, help="spans: temperature of the InfoNCE logits.", show=0.05)
 @_pretrain_opt("--span-min", type=int, help="spans: fewest tokens of a span (at most half of its document).", show=8)
 @_pretrain_opt("--span-max", type=int, help="spans: most tokens of a span.", show=24)
-@_pretrain_opt("--seed", type=int, help="Seed for initialisation, data order and the validation split.", show=0)
-@_pretrain_opt("--out", help="Output directory.", show="runs/ARCH-DATE-TIME")
-@_pretrain_opt("--log-every", type=int, help="Steps between metrics.jsonl lines.", show=10)
-@_pretrain_opt("--eval-every", type=int, help="Steps between validation losses.", show=200)
-@_pretrain_opt("--checkpoint-every", type=int, help="Steps between checkpoints.", show=500)
-@_pretrain_opt("--compile/--no-compile", help="Run the model through torch.compile.", show="no")
-@_pretrain_opt("--num-workers", type=int, help="Processes for tokenization.", show=0)
 @run_options
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="JSON file of options (names as the flags, e.g. {\"d_model\": 256}); flags override it.")
@@ -189,21 +202,94 @@ def pretrain_cmd(config_file, **options):
     under torchrun (DistributedDataParallel). Ctrl-C or SIGTERM writes a checkpoint before stopping;
     --resume continues from the newest one.
     """
+    given = {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()
+             if v is not None and v != ()}
+    _run_text_task(given, config_file, "mixret pretrain")
+
+
+
+def _distill_model_options(fn):
+    from mixret.models import ModelConfig
+    from mixret.train import TrainConfig
+    return model_options_for(ModelConfig, TrainConfig(objective="distill").model, exclude=("arch",))(fn)
+
+
+@main.command("distill")
+@_pretrain_opt("--teacher", help="The teacher: a sentence-transformers model name (Hugging Face hub) or folder. Its "
+               "embeddings of the texts are computed once, before training (a --budget-minutes counts the student's "
+               "training only), and cached under $MIXRET_CACHE/teacher by the teacher's identity (name or path and "
+               "a hash of its weights) and a hash of the texts.  [required]")
+@_pretrain_opt("--texts", "data", multiple=True, help="Texts the student learns from, in any form pretrain --data "
+               "reads (.txt, .jsonl, .parquet, a folder, a dataset name); repeat for several. Default: the training "
+               "split of the bundled pairs (summaries and documents).")
+@_pretrain_opt("--field", "text_field", multiple=True, help="Field / column holding the texts; repeat to read "
+               "several fields of each record as separate texts.", show="text")
+@_pretrain_opt("--pairs", help="Optional pairs file: its training split (split_pairs' test split, a tenth by a hash "
+               "of the id, is never read) adds in-batch InfoNCE to the distillation loss.")
+@_pretrain_opt("--query-field", help="Pairs field with the queries.", show="summary")
+@_pretrain_opt("--target-field", help="Pairs field with the documents.", show="document")
+@click.option("--model", "student", default=None, help="The student: an architecture (a new model of the size the "
+              "model options give) or a mixret model folder to start from (its size and tokenizer; a language model "
+              "gets the embedding head, as in finetune).  [default: masked-mixer]")
+@_pretrain_opt("--loss", "distill_loss", type=click.Choice(["cosine", "mse"]), help="Distance to the teacher's "
+               "embedding, through a learned isometry between the two widths (it keeps angles, so the student's "
+               "own embedding, the one saved, has the geometry the loss trained).", show="cosine")
+@_pretrain_opt("--pooling", type=click.Choice(["last", "eos", "mean"]), help="The student's embedding.", show="last")
+@_pretrain_opt("--temperature", type=float, help="With --pairs: temperature of the InfoNCE logits.", show=0.05)
+@_pretrain_opt("--val-fraction", type=float, help="Fraction of texts held out for validation (drawn with the seed).",
+               show=0.05)
+@_pretrain_opt("--val-max-docs", type=int, help="Most texts held out for validation.", show=5000)
+@_pretrain_opt("--tokenizer", help="A new student: bpe-lower (trained on the training split, case folded), bpe, "
+               "bytes, or the path of a tokenizer.json.", show="bpe-lower")
+@_pretrain_opt("--vocab-size", type=int, help="BPE vocabulary size.", show=4096)
+@_distill_model_options
+@_training_options
+@run_options
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="JSON file of options (names as in train_config.json); flags override it.")
+@friendly
+def distill_cmd(config_file, student, **options):
+    """Distil a sentence-transformers teacher into a mixret model: the student learns to reproduce the teacher's
+    embedding of each text (no pairs needed), optionally with in-batch InfoNCE on --pairs.
+
+    The third objective of pretrain (pretrain's corpus, tokenizer, batches, budget, resume and torchrun):
+    validation reports the held-out texts' mean cosine with the teacher (val_cos) and how often the student's own
+    nearest neighbour among them is the teacher's (val_nn_agree). The output is an ordinary model folder that
+    records its pooling and what it was trained on, for embed, index, search, evaluate, serve and finetune.
+    Ctrl-C or SIGTERM writes a checkpoint before stopping; --resume continues from the newest one.
+
+    \b
+    Example:
+      mixret distill --teacher sentence-transformers/all-MiniLM-L6-v2 --texts pairs.jsonl \\
+          --field summary --field document --model masked-mixer --d-model 256 --layers 4 \\
+          --budget-minutes 30 --out runs/mm-distilled
+    """
+    from pathlib import Path
+
+    from mixret import io
+
+    given = {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()
+             if v is not None and v != ()}
+    given["objective"] = "distill"
+    if student is not None:
+        given["init" if (Path(student) / io.CONFIG_NAME).is_file() else "arch"] = student
+    _run_text_task(given, config_file, "mixret distill")
+
+def _run_text_task(given: dict, config_file, command: str) -> None:
+    """Resolve the options of a text-only run (given flags over --config over a resumed run's), train, report."""
     import os
 
     from mixret.train import Interrupted, pretrain, resolve_options
 
-    given = {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()
-             if v is not None and v != ()}
     cfg = resolve_options(given, config_file)
     try:
         path = pretrain(cfg)
     except Interrupted as e:
-        report_interrupted(e, "mixret pretrain")
+        report_interrupted(e, command)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, one process reports
         return
     if path.parent.name == "checkpoints":
-        click.echo(f"checkpoint written to {path}\ncontinue with: mixret pretrain --out {path.parent.parent} --resume")
+        click.echo(f"checkpoint written to {path}\ncontinue with: {command} --out {path.parent.parent} --resume")
     else:
         click.echo(f"model written to {path}")
 
@@ -810,11 +896,17 @@ def serve_cmd(emb_dir, model_dir, matcher_dir, host, port, threads, max_batch, m
 @click.option("--tree-queries", default=100, show_default=True, help="Queries evaluated in tree mode.")
 @click.option("--matcher-pairs", default=3000, show_default=True, help="Training pairs the matchers see.")
 @click.option("--matcher-epochs", default=10, show_default=True, help="Matcher training epochs.")
+@click.option("--baseline", default=None, metavar="NAME_OR_PATH",
+              help="A sentence-transformers model (hub name or folder) to compare with: after the mixret models, it "
+                   "is fine-tuned with MultipleNegativesRankingLoss on the same training pairs for the same minutes "
+                   "and threads each of them had (outside the budget), its fusion weight fitted on the same "
+                   "validation slice, and scored in the same table (vector and fusion, won/lost against the same "
+                   "fitted BM25, documents embedded per second). Needs pip install 'mixret[st]'.")
 @click.option("--seed", default=0, show_default=True)
 @friendly
 def quickstart_cmd(out, budget_minutes, pairs_path, test_pairs_path, query_field, target_field, pretrain_share,
                    d_model, layers, context, batch_size, hard_negatives, max_pairs, tree_queries, matcher_pairs,
-                   matcher_epochs, seed):
+                   matcher_epochs, baseline, seed):
     """Run the whole pipeline: train a masked mixer and a llama baseline of the same size for the same wall-clock
     time (contrastive fine-tuning, after optional CLM pretraining), train a matcher for each, index, evaluate
     vector, fusion, hybrid, tree and BM25 on the held-out pairs, print one comparison table (also saved as
@@ -825,7 +917,7 @@ def quickstart_cmd(out, budget_minutes, pairs_path, test_pairs_path, query_field
                            query_field=query_field, target_field=target_field, pretrain_share=pretrain_share,
                            d_model=d_model, layers=layers, context=context, batch_size=batch_size,
                            hard_negatives=hard_negatives, max_pairs=max_pairs, tree_queries=tree_queries,
-                           matcher_pairs=matcher_pairs, matcher_epochs=matcher_epochs, seed=seed)
+                           matcher_pairs=matcher_pairs, matcher_epochs=matcher_epochs, baseline=baseline, seed=seed)
     report = run(cfg, echo=click.echo)
     args = example_search(report, cfg)
     click.echo("\n$ mixret " + " ".join(_shell_quote(a) for a in args))

@@ -240,6 +240,20 @@ def rank_metrics(q: torch.Tensor, d: torch.Tensor) -> dict:
     return {"val_r1": round(float((ranks == 1).mean()), 5), "val_mrr10": round(mrr_at(ranks, 10), 5)}
 
 
+def fit_fusion(q: np.ndarray, d: np.ndarray, val: list, bm25_params: BM25Params, method: str,
+               source: str) -> tuple[Fusion, float]:
+    """The fusion weight fitted on the validation pairs `val` (their query and document embeddings q, d [N, E],
+    unit norm) with the fitted BM25 -> (the Fusion, its validation R@1)."""
+    from mixret.search import Retriever
+    depth = Fusion(method=method).depth
+    retriever = Retriever(d, [p.target for p in val], bm25_params=bm25_params)
+    cands, dense, lexical = retriever.fusion_candidates(q, [p.query for p in val], depth)
+    weight, record = fit_weight(dense, lexical, cands, np.arange(len(val)), method)
+    fusion = Fusion(weight=weight, method=method, depth=depth,
+                    fitted={"on": f"{len(val)} validation pairs of {source} (not test pairs)", **record})
+    return fusion, record["r@1"][record["grid"].index(weight)]
+
+
 # --- the task -----------------------------------------------------------------------------------
 
 def finetune(cfg: FinetuneConfig) -> Path:
@@ -442,19 +456,14 @@ class FinetuneTask:
     def evaluate(self) -> dict:
         """Validation R@1 / MRR@10 (each validation query against all validation documents), then the fusion
         weight fitted on the same pairs, with the fitted BM25, and the fused R@1 it reaches there."""
-        from mixret.search import Retriever
         B, device, pad = 64, self.dist.device, self.tokenizer.pad_id
         q = F.normalize(embed_sequences(self.lm, self.val_q, B, self.objective.pooling, pad, device), dim=-1)
         d = F.normalize(embed_sequences(self.lm, self.val_d, B, self.objective.pooling, pad, device), dim=-1)
         metrics = rank_metrics(q, d)
         metrics["val_mean_cos"] = round(mean_pairwise_cosine(torch.cat([q, d])), 4)
-        retriever = Retriever(d.numpy(), [p.target for p in self.val], bm25_params=self.bm25_params)
-        cands, dense, lexical = retriever.fusion_candidates(q.numpy(), [p.query for p in self.val], self.fusion.depth)
-        weight, record = fit_weight(dense, lexical, cands, np.arange(len(self.val)), self.fusion.method)
-        self.fusion = Fusion(weight=weight, method=self.fusion.method, depth=self.fusion.depth,
-                             fitted={"on": f"{len(self.val)} validation pairs of {self.source} (not test pairs)",
-                                     **record})
-        metrics.update(val_fusion_r1=record["r@1"][record["grid"].index(weight)], fusion_weight=weight)
+        self.fusion, fused_r1 = fit_fusion(q.numpy(), d.numpy(), self.val, self.bm25_params, self.fusion.method,
+                                           self.source)
+        metrics.update(val_fusion_r1=fused_r1, fusion_weight=self.fusion.weight)
         if self.cfg.learn_temperature:
             metrics["temperature"] = round(self.objective.temperature, 5)
         self.last_metrics = metrics

@@ -51,6 +51,8 @@ class QuickstartConfig:
     matcher_epochs: int = 10
     matcher_d_model: int = 128
     matcher_layers: int = 2
+    baseline: str | None = None      # a sentence-transformers model name or folder: fine-tuned on the same pairs for
+                                     # the minutes and threads each mixret model had, after them, and scored beside
     seed: int = 0
 
     def validate(self) -> None:
@@ -163,10 +165,19 @@ def side_by_side_threads() -> int:
     return torch.get_num_threads() // len(ARCHS)
 
 
+def training_slot(cfg: QuickstartConfig) -> tuple[float, int]:
+    """(minutes, threads) of each architecture's training: side by side, the whole training time on a share of
+    the threads; otherwise one after the other, a share of the time on every thread."""
+    threads = side_by_side_threads()
+    if threads:
+        return cfg.train_minutes, threads
+    return cfg.train_minutes / len(ARCHS), torch.get_num_threads()
+
+
 def train_all(cfg: QuickstartConfig, data_dir: Path, out: Path, echo) -> dict[str, dict]:
     """Train every architecture on the same wall-clock budget -> {arch: facts}."""
     threads = side_by_side_threads()
-    minutes = cfg.train_minutes if threads else cfg.train_minutes / len(ARCHS)
+    minutes = training_slot(cfg)[0]
     share = f"{cfg.pretrain_share:.0%} CLM pretraining, then " if cfg.pretrain_share else ""
     echo(f"== training {', '.join(ARCHS)}: {minutes:.1f} min each ({share}contrastive fine-tuning; "
          f"d_model {cfg.d_model}, {cfg.layers} layers, context {cfg.context})")
@@ -294,11 +305,15 @@ def _run(cfg: QuickstartConfig, echo: Callable[[str], None]) -> dict:
         rep["modes"]["tree"] = tree["modes"]["tree"]
         rep["tree_queries"] = tree["n_queries"]
         report["models"][arch] = {**facts, "params": model.num_params(), "pooling": spec.pooling,
+                                  "docs_per_s": _docs_per_s(rep),
                                   "pool_head": model.pool_head is not None,
                                   "fusion": {"weight": fusion.weight, "method": fusion.method},
                                   "bm25": bm25.to_dict() if bm25 is not None else None,
                                   "matcher_dir": str(out / "matchers" / arch), "emb_dir": str(emb_dir),
                                   "matcher": _matcher_summary(mmetrics), "eval": rep}
+    if cfg.baseline is not None:
+        key, entry = run_baseline(cfg, data_dir, out, Path(trained[ARCHS[0]]["dir"]), test, echo)
+        report["models"][key] = entry
     report["chance"] = rep["chance"]
     report["seconds"] = time.perf_counter() - t0
     report["machine"] = machine_description()
@@ -308,6 +323,46 @@ def _run(cfg: QuickstartConfig, echo: Callable[[str], None]) -> dict:
     echo(format_report(report))
     echo(f"\n(results written to {out / 'results.md'} and {out / 'results.json'}; {report['seconds'] / 60:.1f} min)")
     return report
+
+
+def baseline_key(name: str) -> str:
+    """The baseline's name in the report: "st:" + the model's name (never an architecture's)."""
+    return "st:" + Path(name.rstrip("/")).name
+
+
+def run_baseline(cfg: QuickstartConfig, data_dir: Path, out: Path, fitted_dir: Path, test: list,
+                 echo) -> tuple[str, dict]:
+    """Fine-tune the baseline on the training pairs with the minutes and threads each mixret model had, fit its
+    fusion weight on their validation slice with their fitted BM25 (read from `fitted_dir`, a fine-tuned mixret
+    model), and evaluate vector and fusion like theirs -> (its key, its report entry)."""
+    from mixret.baseline import BaselineConfig, STEncoder, train_baseline
+    from mixret.bm25 import load_bm25
+    from mixret.evaluate import evaluate_pairs
+
+    minutes, threads = training_slot(cfg)
+    echo(f"== baseline {cfg.baseline}: {minutes:.1f} min of MultipleNegativesRankingLoss fine-tuning on "
+         f"{threads} thread(s), as each mixret model had")
+    bm25 = load_bm25(fitted_dir)
+    facts = train_baseline(BaselineConfig(model=cfg.baseline, pairs=str(data_dir / "train.jsonl.gz"),
+                                          out=str(out / "runs" / "baseline"), minutes=minutes, threads=threads,
+                                          batch_size=cfg.batch_size, query_field="summary", target_field="document",
+                                          seed=cfg.seed), bm25, echo)
+    fusion = facts.pop("fusion_object")
+    encoder = STEncoder.load(facts["dir"])
+    echo(f"== baseline: evaluating vector, fusion, bm25 on {len(test)} test pairs")
+    rep = evaluate_pairs(test, encoder, None, modes=["vector", "fusion", "bm25"], fusion=fusion, bm25_params=bm25)
+    if "bm25_default" not in rep:
+        rep["bm25_default"] = {**rep["modes"]["bm25"], "vs_bm25": {"wins": 0, "losses": 0, "p": 1.0}}
+    return baseline_key(cfg.baseline), {
+        **facts, "params": encoder.num_params(), "pooling": "sentence-transformers", "pool_head": False,
+        "docs_per_s": _docs_per_s(rep), "fusion": {"weight": fusion.weight, "method": fusion.method},
+        "bm25": bm25.to_dict() if bm25 is not None else None, "matcher": None, "eval": rep}
+
+
+def _docs_per_s(rep: dict) -> float | None:
+    """Embedding throughput of an evaluation: its corpus's documents per second."""
+    seconds = rep.get("corpus_embed_seconds")
+    return rep["corpus_size"] / seconds if seconds else None
 
 
 def example_search(report: dict, cfg: QuickstartConfig) -> list[str]:
@@ -366,6 +421,7 @@ def format_report(report: dict) -> str:
     cols = ("R@1", "R@10", "MRR@10", "nDCG@10")
     cfg = report["config"]
     any_eval = next(iter(report["models"].values()))["eval"]
+    baseline = next((key for key in report["models"] if key not in ARCHS), None)
     share = f"{cfg['pretrain_share']:.0%} CLM pretraining then " if cfg["pretrain_share"] else ""
     lines = [f"Retrieval of {any_eval['n_queries']} held-out queries among their {any_eval['corpus_size']} "
              f"documents ({report['source']}; tree: first {any_eval.get('tree_queries')} queries, compared with BM25 "
@@ -374,13 +430,19 @@ def format_report(report: dict) -> str:
              f"the reverse; p: exact McNemar test. Each model: "
              f"{next(iter(report['models'].values()))['train_minutes']:.1f} min of training ({share}contrastive "
              f"fine-tuning) on {report['n_train']} training pairs; matchers trained on {report['n_matcher_train']} "
-             f"of them; machine: {report['machine']}.", "",
+             f"of them; machine: {report['machine']}."
+             + (f" Baseline {baseline}: a pretrained sentence-transformers model fine-tuned with "
+                f"MultipleNegativesRankingLoss on the same training pairs for the same minutes on the same threads as "
+                f"each mixret model (after them), its fusion weight fitted on the same validation slice with the same "
+                f"fitted BM25; it has no matcher." if baseline else "")
+             + " Documents embedded/s: the test corpus embedded by each model on the same threads.", "",
              "| model | mode | " + " | ".join(cols) + " | queries/s | matcher passes/query | "
              "top-1 vs fitted bm25: won/lost (p) |",
              "|---|---|" + "---:|" * (len(cols) + 3)]
     for arch, m in report["models"].items():
         for mode in ("vector", "fusion", "hybrid", "tree"):
-            lines.append(_table_row(arch, mode, m["eval"]["modes"][mode], cols))
+            if mode in m["eval"]["modes"]:          # a baseline has no matcher: vector and fusion only
+                lines.append(_table_row(arch, mode, m["eval"]["modes"][mode], cols))
     fitted = {arch: _bm25_values(m.get("bm25")) for arch, m in report["models"].items()}
     shown = set()
     for arch, m in report["models"].items():      # one fitted BM25 and the defaults beside it, per distinct fit
@@ -394,15 +456,16 @@ def format_report(report: dict) -> str:
     lines.append("| - | chance | " + " | ".join(f"{ch[c]:.3f}" if c in ch else "-" for c in cols) + " | - | - | - |")
     lines += ["", "Models:", "",
               "| model | parameters | pooling | pretrain steps (s) | fine-tune steps (s) | validation R@1 | "
-              "fusion weight | matcher top-1 of 31 (chance) |",
-              "|---|---:|---|---:|---:|---:|---:|---:|"]
+              "fusion weight | matcher top-1 of 31 (chance) | documents embedded/s |",
+              "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for arch, m in report["models"].items():
-        mm = m["matcher"]
+        mm = m["matcher"] or {}
         pre = f"{m['pretrain_steps']} ({m['pretrain_seconds']:.0f})" if m.get("pretrain_steps") else "-"
-        top1 = f"{mm['test_top1']:.3f} ({1 / 31:.3f})" if mm["test_top1"] is not None else "-"
+        top1 = f"{mm['test_top1']:.3f} ({1 / 31:.3f})" if mm.get("test_top1") is not None else "-"
+        rate = f"{m['docs_per_s']:.0f}" if m.get("docs_per_s") else "-"
         val = f"{m['val_r1']:.3f}" if m.get("val_r1") is not None else "-"
         pooling = m["pooling"] + (" (head)" if m.get("pool_head") else "")
         lines.append(f"| {arch} | {m['params']:,} | {pooling} | {pre} | {m['finetune_steps']} "
                      f"({m['finetune_seconds']:.0f}) | {val} | {m['fusion']['weight']:.2f} ({m['fusion']['method']}) "
-                     f"| {top1} |")
+                     f"| {top1} | {rate} |")
     return "\n".join(lines)

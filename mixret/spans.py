@@ -54,13 +54,17 @@ class SpanTask(TextTask):
 
     def load_data(self) -> None:
         super().load_data()
-        self.tail = [self.tokenizer.eos_id] if self.cfg.pooling == "eos" else []
-        self.room = self.cfg.context - 1 - len(self.tail)  # content tokens that fit
+        self.set_inputs()
         self.train_seqs, self.val_seqs = self.with_content(self.train_seqs), self.with_content(self.val_seqs)
         for name, seqs in (("training", self.train_seqs), ("validation", self.val_seqs)):
             if len(seqs) < 2:
                 raise MixretError(f"{len(seqs)} {name} document(s) with text; spans need at least 2 (a span's "
                                   f"document against another)")
+
+    def set_inputs(self) -> None:
+        """The room for content tokens in the model inputs that encode makes: [bos] + content (+ [eos])."""
+        self.tail = [self.tokenizer.eos_id] if self.cfg.pooling == "eos" else []
+        self.room = self.cfg.context - 1 - len(self.tail)
 
     def with_content(self, seqs: Sequences) -> Sequences:
         """The sequences that hold a token besides bos and eos."""

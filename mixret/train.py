@@ -8,7 +8,8 @@ names (d_model=..., layers=...), as the command line and train_config.json give 
 text-only objective gives `mixret.loop`: the corpus, tokenizer and model, the documents of each step, the run
 folder and the saved model; its subclasses add an objective: `PretrainTask` next-token prediction (objective
 "clm", the default), `mixret.spans.SpanTask` spans of each document as queries against the batch's documents
-(objective "spans").
+(objective "spans"), `mixret.distill.DistillTask` a sentence-transformers teacher's embedding of each text
+(objective "distill", the command `mixret distill`).
 
 Each document is one training sequence, [bos] + tokens + [eos], truncated to the context (a truncated document
 has no eos); with `pack` the documents are concatenated and cut into full-context rows instead. Batches are
@@ -101,6 +102,14 @@ class TrainConfig:
     temperature: float = 0.05             # spans only: of the InfoNCE logits
     span_min: int = 8                     # spans only: tokens per span, drawn uniformly from [span_min, span_max]
     span_max: int = 24
+    teacher: str | None = None            # distill only: a sentence-transformers model name or folder whose
+                                          # embeddings of the texts the model learns (mixret.distill)
+    init: str | None = None               # distill only: a model folder to start from (default: a new model of
+                                          # the options' size)
+    distill_loss: str = "cosine"          # distill only: "cosine" or "mse" to the teacher's embedding
+    pairs: str | None = None              # distill only: a pairs file whose training split adds in-batch InfoNCE
+    query_field: str = "summary"          # distill only: the pairs' fields
+    target_field: str = "document"
     # run
     out: str | None = None                # default: runs/<arch>-<date>-<time>
     log_every: int = 10
@@ -188,11 +197,16 @@ class TrainConfig:
 
         if self.objective not in OBJECTIVES:
             raise MixretError(f"unknown objective {self.objective!r}; expected one of {', '.join(OBJECTIVES)} "
-                              f"(clm: next-token prediction, spans: spans of the documents as queries)")
+                              f"(clm: next-token prediction, spans: spans of the documents as queries, "
+                              f"distill: a teacher's embeddings of the texts)")
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        for name, owner in OBJECTIVE_OPTIONS.items():
-            if owner != self.objective and getattr(self, name) != defaults[name]:
-                raise MixretError(f"option {name} applies to objective {owner!r}, not {self.objective!r}")
+        for name, owners in OBJECTIVE_OPTIONS.items():
+            if self.objective not in owners and getattr(self, name) != defaults[name]:
+                raise MixretError(f"option {name} applies to objective {' or '.join(map(repr, owners))}, "
+                                  f"not {self.objective!r}")
+        if self.objective == "distill":
+            from mixret.distill import check_distill_options
+            check_distill_options(self)
         if self.pooling not in POOLINGS:
             raise MixretError(f"unknown pooling {self.pooling!r}; expected one of {', '.join(POOLINGS)}")
         if not (_is_number(self.temperature) and self.temperature > 0):
@@ -240,20 +254,24 @@ def _check_int(cfg: TrainConfig, name: str, minimum: int) -> None:
         raise MixretError(f"{name} must be an integer >= {minimum}, got {v!r}")
 
 
-OBJECTIVES = ("clm", "spans")
-# Options that only one objective reads: given (not left at the default) with another, they are an error.
-OBJECTIVE_OPTIONS = {"pack": "clm", "label_smoothing": "clm", "pooling": "spans", "temperature": "spans",
-                     "span_min": "spans", "span_max": "spans"}
+OBJECTIVES = ("clm", "spans", "distill")
+# Options that only some objectives read: given (not left at the default) with another, they are an error.
+OBJECTIVE_OPTIONS = {"pack": ("clm",), "label_smoothing": ("clm",), "pooling": ("spans", "distill"),
+                     "temperature": ("spans", "distill"), "span_min": ("spans",), "span_max": ("spans",),
+                     **{name: ("distill",) for name in ("teacher", "init", "distill_loss", "pairs", "query_field",
+                                                        "target_field")}}
 # Defaults that differ by objective, for options not given. Spans train a retriever: a case-folded tokenizer (as
 # finetune's), more in-batch negatives, a contrastive learning rate, and the running-mean mixing init, whose last
 # position starts as the mean of the text, so that last-token pooling learns from the first step.
-OBJECTIVE_DEFAULTS = {"clm": {}, "spans": {"tokenizer": "bpe-lower", "batch_size": 32, "lr": 1e-3,
-                                           "mixing_init": "mean"}}
+# Distillation trains an embedding too, with the same defaults.
+RETRIEVER_DEFAULTS = {"tokenizer": "bpe-lower", "batch_size": 32, "lr": 1e-3, "mixing_init": "mean"}
+OBJECTIVE_DEFAULTS = {"clm": {}, "spans": RETRIEVER_DEFAULTS, "distill": RETRIEVER_DEFAULTS}
 # Options of one invocation, never saved with the run.
 PER_INVOCATION = ("stop_after", "resume", "overwrite")
 # Options that define the model and its data: a resumed run must keep them.
 RUN_IDENTITY = ("data", "text_field", "val_fraction", "val_max_docs", "pack", "tokenizer", "vocab_size",
-                *MODEL_OPTIONS, "seed", "objective", "pooling", "temperature", "span_min", "span_max")
+                *MODEL_OPTIONS, "seed", "objective", "pooling", "temperature", "span_min", "span_max", "teacher",
+                "init", "distill_loss", "pairs", "query_field", "target_field")
 SCHEDULE_LENGTH = ("steps", "epochs", "budget_minutes")  # one of them sets the schedule's length
 
 
@@ -283,6 +301,10 @@ def _normalize_data(data: list[str] | None) -> list[str] | None:
     if data is None:
         return None
     return [str(Path(d).expanduser().resolve()) if Path(d).expanduser().exists() else str(d) for d in data]
+
+
+def _normalize_path(source: str | None) -> str | None:
+    return None if source is None else _normalize_data([source])[0]
 
 
 # --- the objective ----------------------------------------------------------------------------
@@ -325,7 +347,8 @@ def pretrain(cfg: TrainConfig) -> Path:
     SIGTERM stopped training (after writing a checkpoint).
     """
     cfg = dataclasses.replace(cfg, data=_normalize_data(cfg.data),
-                              text_field=[cfg.text_field] if isinstance(cfg.text_field, str) else list(cfg.text_field))
+                              text_field=[cfg.text_field] if isinstance(cfg.text_field, str) else list(cfg.text_field),
+                              **{name: _normalize_path(getattr(cfg, name)) for name in ("teacher", "init", "pairs")})
     cfg.validate()
     with Distributed.from_env() as dist:
         task = make_task(cfg, dist)
@@ -341,6 +364,9 @@ def make_task(cfg: TrainConfig, dist: Distributed) -> "TextTask":
     if cfg.objective == "spans":
         from mixret.spans import SpanTask
         return SpanTask(cfg, dist)
+    if cfg.objective == "distill":
+        from mixret.distill import DistillTask
+        return DistillTask(cfg, dist)
     return PretrainTask(cfg, dist)
 
 
@@ -368,14 +394,18 @@ class TextTask:
         if cfg.budget_minutes is None:
             cfg.steps = cfg.steps or DEFAULT_STEPS
         torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg.model_config(self.tokenizer.vocab_size)).to(dist.device)
-        self.model.tokenizer = self.tokenizer
-        self.model.trained_on = self.trained_on
+        self.model = self.build_model().to(dist.device)
         self.objective = self.make_objective()
         self.describe()
 
     def say(self, message: str) -> None:
         loop.say(self.dist, message)
+
+    def build_model(self):
+        """A new model of the options' size, with the run's tokenizer and the record of its data."""
+        model = build_model(self.cfg.model_config(self.tokenizer.vocab_size))
+        model.tokenizer, model.trained_on = self.tokenizer, self.trained_on
+        return model
 
     # -- data ----------------------------------------------------------------------------------
     def load_data(self) -> None:
@@ -409,6 +439,7 @@ class TextTask:
                 raise MixretError(f"no {name} sequences of at least 2 tokens; expected a larger corpus")
         self.val_order = np.argsort(self.val_seqs.lengths(np.arange(len(self.val_seqs))), kind="stable")
         self.train_docs, self.val_docs = len(train_docs), len(val_docs)
+        self.column, self.train_doc_ids, self.val_doc_ids = column, train_docs, val_docs
 
     def make_tokenizer(self, column, train_docs: np.ndarray):
         """The tokenizer the options ask for (the run's own one when resuming)."""
@@ -455,13 +486,14 @@ class TextTask:
         else:
             length = f"{cfg.budget_minutes:g} minutes of steps of {self.global_batch} sequences"
         source = "the bundled corpus's training split" if cfg.data is None else ", ".join(cfg.data)
+        model = self.model.config
         self.say(
             f"data: {self.n_docs:,} documents from {source}: {self.train_docs:,} for training "
             f"({len(self.train_seqs):,} sequences{', packed' if cfg.pack else ''}, "
             f"{self.train_seqs.n_tokens:,} tokens), {self.val_docs:,} for validation\n"
             f"tokenizer: {self.tokenizer.kind}, {self.tokenizer.vocab_size:,} tokens\n"
-            f"model: {cfg.arch}, {self.model.num_params():,} parameters (d_model {cfg.d_model}, "
-            f"{cfg.layers} layers, context {cfg.context})\n"
+            f"model: {model.arch}, {self.model.num_params():,} parameters (d_model {model.d_model}, "
+            f"{model.n_layers} layers, context {model.context})\n"
             f"training: {length} on {dist.world_size} x {dist.device.type}; {self.describe_objective()}\n"
             f"output: {self.out}")
 

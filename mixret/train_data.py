@@ -166,8 +166,13 @@ def tokenizer_from_text(text: str):
         return load_tokenizer(Path(d) / io.TOKENIZER_NAME)
 
 
+def cache_root() -> Path:
+    """Where mixret caches what it derives from data (tokens, teacher embeddings): $MIXRET_CACHE or ~/.cache/mixret."""
+    return Path(os.environ.get("MIXRET_CACHE", "~/.cache/mixret")).expanduser()
+
+
 def cache_dir() -> Path:
-    return Path(os.environ.get("MIXRET_CACHE", "~/.cache/mixret")).expanduser() / "tokens"
+    return cache_root() / "tokens"
 
 
 def encode_documents(texts: list[str], tokenizer) -> list[list[int]]:

@@ -235,3 +235,17 @@ def test_bench_serve_mixed(tmp_path):
     assert [r["write_rate"] for r in data["rows"]] == [0.0, 2.0, 10.0]
     assert data["rows"][0]["docs_written"] == 0 and all(r["docs_written"] > 0 for r in data["rows"][1:])
     assert data["adds_docs_s"] > 0 and data["rebuild_s"] > 0 and data["log_lines"] > 0
+
+
+@pytest.mark.slow
+def test_bench_distill(tmp_path, monkeypatch):
+    pytest.importorskip("sentence_transformers")
+    from planted import planted_documents
+    from st_models import tiny_st_model
+    teacher = tiny_st_model(tmp_path / "teacher", planted_documents())
+    monkeypatch.setenv("MIXRET_CACHE", str(tmp_path / "cache"))
+    data = run_script("distill", tmp_path / "out", "--teacher", str(teacher))
+    assert [(r["student"], r["loss"]) for r in data["rows"]] == [
+        ("masked-mixer d32 x 1", "cosine"), ("llama d32 x 1", "cosine"), ("masked-mixer d32 x 1", "mse")]
+    assert all(r["steps"] >= 1 and r["docs_per_s"] > 0 and 0 <= r["vector_r1"] <= 1 for r in data["rows"])
+    assert data["teacher"]["texts"] == 300 and data["teacher"]["seconds"] is not None

@@ -30,9 +30,24 @@ def run_quickstart(tmp_path, monkeypatch, n_train: int, n_test: int, *options: s
 
 
 def test_quickstart_runs_end_to_end_on_a_users_pairs(tmp_path, monkeypatch):
+    pytest.importorskip("sentence_transformers")
+    from st_models import tiny_st_model
+    baseline = tiny_st_model(tmp_path / "st-tiny", [t for p in planted_pairs(320, n_words=30) for t in (p.query, p.target)])
     res, out, report = run_quickstart(tmp_path, monkeypatch, 260, 60, "--budget-minutes", "0.6", "--layers", "2",
-                                      "--matcher-pairs", "200", "--matcher-epochs", "2", "--tree-queries", "5")
-    assert set(report["models"]) == {"masked-mixer", "llama"} and report["n_test"] == 60
+                                      "--matcher-pairs", "200", "--matcher-epochs", "2", "--tree-queries", "5",
+                                      "--baseline", str(baseline))
+    assert set(report["models"]) == {"masked-mixer", "llama", "st:st-tiny"} and report["n_test"] == 60
+    # the baseline: trained after the mixret models for the minutes and threads each had, scored like them
+    st = report["models"].pop("st:st-tiny")
+    mm = report["models"]["masked-mixer"]
+    assert st["train_minutes"] == mm["train_minutes"] and st["finetune_steps"] >= 1
+    assert st["finetune_seconds"] >= 60 * st["train_minutes"]
+    assert set(st["eval"]["modes"]) == {"vector", "fusion", "bm25"} and st["eval"]["n_queries"] == 60
+    assert st["bm25"] == mm["bm25"] and st["docs_per_s"] > 0 and mm["docs_per_s"] > 0
+    assert "vs_bm25" in st["eval"]["modes"]["fusion"] and st["matcher"] is None
+    assert 0.0 <= st["fusion"]["weight"] <= 1.0 and (Path(st["dir"]) / "modules.json").is_file()
+    assert "| st:st-tiny | vector |" in (out / "results.md").read_text()
+    assert "| st:st-tiny | fusion |" in res.output and "| st:st-tiny | tree |" not in res.output
     for arch, m in report["models"].items():
         assert set(m["eval"]["modes"]) == MODES
         assert m["eval"]["modes"]["tree"]["passes_per_query"] >= 1

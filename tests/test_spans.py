@@ -136,9 +136,9 @@ def test_the_spans_folder_records_its_pooling_and_finetune_starts_from_it(tmp_pa
 
 
 def test_objective_options_are_checked():
-    with pytest.raises(MixretError, match="unknown objective 'span'; expected one of clm, spans"):
+    with pytest.raises(MixretError, match="unknown objective 'span'; expected one of clm, spans, distill"):
         TrainConfig(objective="span").validate()
-    with pytest.raises(MixretError, match="option temperature applies to objective 'spans', not 'clm'"):
+    with pytest.raises(MixretError, match="option temperature applies to objective 'spans' or 'distill', not 'clm'"):
         TrainConfig(temperature=0.1).validate()
     with pytest.raises(MixretError, match="option label_smoothing applies to objective 'clm'"):
         TrainConfig(objective="spans", label_smoothing=0.1).validate()

@@ -116,3 +116,38 @@ def test_torchrun_finetune_matches_one_process(tmp_path, monkeypatch):
     assert one[-1]["loss"] < one[0]["loss"]
     ids = torch.randint(0, 256, (2, 30))
     assert_close(mixret.load(tmp_path / "ddp").embed(ids), mixret.load(single).embed(ids), rtol=1e-4)
+
+
+def test_torchrun_distill_matches_one_process(tmp_path, monkeypatch):
+    """Distillation under DDP (with pairs): one process computes the teacher's embeddings, the other reads them
+    from the cache; every trained parameter (the isometry included) gets a gradient; micro-batch j draws the pairs
+    it would draw in one process."""
+    pytest.importorskip("sentence_transformers")
+    from mixret.data import Pair, write_pairs_jsonl
+    from st_models import tiny_st_model
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    teacher = tiny_st_model(tmp_path / "teacher", corpus.read_text().splitlines())
+    rng = np.random.default_rng(0)
+    pairs = [Pair(f"p{i}", " ".join(w[:2]), " ".join(w)) for i in range(60)
+             for w in [list(rng.choice(WORDS, size=5, replace=False))]]
+    write_pairs_jsonl(pairs, tmp_path / "pairs.jsonl")
+    options = {**OPTIONS, "teacher": str(teacher), "pairs": str(tmp_path / "pairs.jsonl")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MIXRET_CACHE": str(tmp_path / "cache")}
+    flags = [x for k, v in options.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "mixret.cli", "distill", "--texts", str(corpus), *flags, "--batch-size", "4",
+           "--out", str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stderr.count("teacher: embedding 200 texts") == 1
+    assert len(list((tmp_path / "cache" / "teacher").glob("*.npy"))) == 1
+
+    monkeypatch.setenv("MIXRET_CACHE", str(tmp_path / "cache"))
+    single = pretrain(TrainConfig(objective="distill", data=[str(corpus)], batch_size=4, out=str(tmp_path / "one"),
+                                  **{**options, "grad_accum": 4}))
+    ddp, one = metrics(tmp_path / "ddp"), metrics(single)
+    assert [r["loss"] for r in ddp] == pytest.approx([r["loss"] for r in one], rel=1e-4)
+    assert [r["val_cos"] for r in ddp] == pytest.approx([r["val_cos"] for r in one], rel=1e-4)
+    assert one[-1]["loss"] < one[0]["loss"]
+    ids = torch.randint(0, 256, (2, 40))
+    assert_close(mixret.load(tmp_path / "ddp").hidden(ids), mixret.load(single).hidden(ids), rtol=1e-4)
