@@ -146,8 +146,10 @@ def test_torchrun_distill_matches_one_process(tmp_path, monkeypatch):
     single = pretrain(TrainConfig(objective="distill", data=[str(corpus)], batch_size=4, out=str(tmp_path / "one"),
                                   **{**options, "grad_accum": 4}))
     ddp, one = metrics(tmp_path / "ddp"), metrics(single)
-    assert [r["loss"] for r in ddp] == pytest.approx([r["loss"] for r in one], rel=1e-4)
-    assert [r["val_cos"] for r in ddp] == pytest.approx([r["val_cos"] for r in one], rel=1e-4)
+    assert [r["step"] for r in ddp] == [r["step"] for r in one]
+    for key in ("loss", "val_cos"):  # steps without an evaluation record val_cos as null
+        values = [[r[key] for r in run if r.get(key) is not None] for run in (ddp, one)]
+        assert len(values[0]) >= 2 and values[0] == pytest.approx(values[1], rel=1e-4), key
     assert one[-1]["loss"] < one[0]["loss"]
     ids = torch.randint(0, 256, (2, 40))
     assert_close(mixret.load(tmp_path / "ddp").hidden(ids), mixret.load(single).hidden(ids), rtol=1e-4)
