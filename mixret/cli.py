@@ -6,7 +6,44 @@ from pathlib import Path
 
 import click
 
+
+from mixret import io
+from mixret.data import drop_repeated_queries, file_hash, load_pairs, sources_record, split_pairs
 from mixret.errors import MixretError
+from mixret.models.config import ARCHS, ModelConfig, model_options
+from mixret.models.encode import EmbeddingSpec, resolve_spec
+from mixret.models.generate import generate_text
+from mixret.models.matcher import MatcherConfig
+from mixret.models.zoo import model_table
+from mixret.quickstart import QuickstartConfig, example_search, run
+from mixret.retrieval.bm25 import BM25_NAME, copy_to_emb_dir, load_bm25, model_bm25
+from mixret.retrieval.corpus import WriteLock, clear_log, load_snapshot, update_folder, write_version
+from mixret.retrieval.embeddings import (
+    default_model_dir,
+    default_out_dir,
+    embed_corpus,
+    load_matcher_checked,
+    load_model_checked,
+    matcher_spec,
+)
+from mixret.retrieval.evaluate import (
+    MATCHER_MODES,
+    evaluate_pairs,
+    format_table,
+    held_out_split,
+    resolve_modes,
+    uses_bm25,
+)
+from mixret.retrieval.fusion import load_fusion
+from mixret.retrieval.index import VectorIndex
+from mixret.retrieval.milvus import MilvusIndex, check_uri, default_collection
+from mixret.retrieval.search import format_hits, load_corpus
+from mixret.serve import read_token, serve
+from mixret.training.finetune import FinetuneConfig, finetune
+from mixret.training.loop import Interrupted
+from mixret.training.matcher import check_split_sizes, dedupe_queries, embed_pairs, format_summary, train_matcher
+from mixret.training.pretrain import TrainConfig, pretrain, resolve_options
+from mixret.models.zoo import load
 
 
 def friendly(fn):
@@ -70,7 +107,6 @@ def report_interrupted(e, command: str) -> None:
 @friendly
 def models_cmd(d_model, n_layers, context, vocab_size):
     """List the registered architectures with their parameter counts for one config."""
-    from mixret.models import model_table
     click.echo(model_table(d_model=d_model, n_layers=n_layers, context=context, vocab_size=vocab_size))
 
 
@@ -86,7 +122,7 @@ def _pretrain_opt(*names, **kw):
 
 
 def run_options(fn):
-    """The options of a run that every trainer shares (mixret.loop): its length as a time budget, stopping
+    """The options of a run that every trainer shares (mixret.training.loop): its length as a time budget, stopping
     early, resuming and replacing. None unless given, so saved or --config values are not overridden."""
     for option in reversed([
         click.option("--budget-minutes", type=float, default=None,
@@ -108,7 +144,6 @@ def model_options_for(config_class, defaults=None, exclude: tuple[str, ...] = ()
     a field added to ModelConfig is an option here without another line."""
     import typing
 
-    from mixret.models.config import model_options
 
     def decorate(fn):
         types = typing.get_type_hints(config_class)
@@ -126,8 +161,6 @@ def model_options_for(config_class, defaults=None, exclude: tuple[str, ...] = ()
 
 
 def _pretrain_model_options(fn):
-    from mixret.models import ModelConfig
-    from mixret.train import TrainConfig
     return model_options_for(ModelConfig, TrainConfig().model)(fn)
 
 
@@ -209,8 +242,6 @@ def pretrain_cmd(config_file, **options):
 
 
 def _distill_model_options(fn):
-    from mixret.models import ModelConfig
-    from mixret.train import TrainConfig
     return model_options_for(ModelConfig, TrainConfig(objective="distill").model, exclude=("arch",))(fn)
 
 
@@ -266,7 +297,6 @@ def distill_cmd(config_file, student, **options):
     """
     from pathlib import Path
 
-    from mixret import io
 
     given = {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()
              if v is not None and v != ()}
@@ -279,7 +309,6 @@ def _run_text_task(given: dict, config_file, command: str) -> None:
     """Resolve the options of a text-only run (given flags over --config over a resumed run's), train, report."""
     import os
 
-    from mixret.train import Interrupted, pretrain, resolve_options
 
     cfg = resolve_options(given, config_file)
     try:
@@ -297,8 +326,6 @@ def _run_text_task(given: dict, config_file, command: str) -> None:
 # --- finetune --------------------------------------------------------------------------------
 
 def _finetune_model_options(fn):
-    from mixret.finetune import FinetuneConfig
-    from mixret.models import ModelConfig
     return model_options_for(ModelConfig, FinetuneConfig().model, exclude=("arch",))(fn)
 
 
@@ -371,10 +398,6 @@ def finetune_cmd(pairs_path, query_field, target_field, test_fraction, val_pairs
     import dataclasses
     import os
 
-    from mixret.finetune import FinetuneConfig, finetune
-    from mixret.loop import Interrupted
-    from mixret.models import ARCHS
-    from mixret.models.config import model_options
 
     given = {f.name: model_kw[name] for name, f in model_options().items() if model_kw.get(name) is not None}
     if init not in ARCHS and given:
@@ -426,9 +449,7 @@ def generate_cmd(prompt, model_dir, max_new_tokens, temperature, top_k, top_p, s
 
     Stops at the end-of-text token, after --max-new-tokens, or when the model's context is full.
     """
-    import mixret
-    from mixret.generate import generate_text
-    model = mixret.load(model_dir)
+    model = load(model_dir)
     if model.tokenizer is None:
         raise MixretError(f"{model_dir}: no tokenizer.json; generate needs the tokenizer saved with the model")
     text, out = generate_text(model, prompt, max_new_tokens=max_new_tokens, temperature=0.0 if greedy else temperature,
@@ -466,7 +487,6 @@ def embed_cmd(corpus, model_dir, field, id_field, out_dir, batch_size, dtype, ma
     """Embed CORPUS (.jsonl, .jsonl.gz, .parquet, .txt or a Hugging Face dataset name) into an EMB_DIR:
     embeddings.safetensors [N, D], ids.jsonl and meta.json. Run under torchrun to split the corpus
     across processes."""
-    from mixret.embed import default_model_dir, default_out_dir, embed_corpus
 
     model_dir = model_dir or default_model_dir()
     out_dir = out_dir or default_out_dir(model_dir, corpus, field)
@@ -523,14 +543,8 @@ def train_matcher_cmd(pairs_path, model_dir, query_emb, target_emb, query_field,
     stopping; --resume continues from the newest one."""
     from pathlib import Path
 
-    from mixret import io
-    from mixret.data import drop_repeated_queries, load_pairs, sources_record, split_pairs
-    from mixret.loop import Interrupted
-    from mixret.matcher import (MatcherConfig, check_split_sizes, dedupe_queries, embed_pairs, format_summary,
-                                train_matcher)
 
     if query_emb is None and target_emb is None and model_dir is None:
-        from mixret.embed import default_model_dir
         model_dir = default_model_dir()
     if out_dir is None:
         name = Path(model_dir).resolve().name if model_dir else Path(query_emb or target_emb).resolve().parent.name
@@ -618,17 +632,12 @@ def index_cmd(emb_dir, factory, metric, backend, uri, collection, add_file, dele
     by more than about a tenth (the IVF centroids and the HNSW graph were fitted to the old one)."""
     if add_file is not None or delete_file is not None:
         return _update_index(emb_dir, add_file, delete_file, field, id_field, model_dir, batch_size, device)
-    from mixret.bm25 import copy_to_emb_dir
-    from mixret.corpus import WriteLock, clear_log, load_snapshot, write_version
-    from mixret.embed import EmbeddingSpec
-    from mixret.search import VectorIndex
 
     with Warnings(), WriteLock(emb_dir):
         snap, replayed = load_snapshot(emb_dir, with_index=False)
         meta = snap.meta
         record = {**EmbeddingSpec.of(meta).to_dict(), "model_path": meta.get("model_path")}
         if backend == "milvus":
-            from mixret.milvus import MilvusIndex, check_uri, default_collection
             if factory != "Flat":
                 raise MixretError(f"--backend milvus indexes FLAT (exact search); --factory {factory} is for faiss")
             index = MilvusIndex.build(snap.emb, check_uri(uri), collection or default_collection(emb_dir), metric,
@@ -655,7 +664,6 @@ def index_cmd(emb_dir, factory, metric, backend, uri, collection, add_file, dele
 
 
 def _update_index(emb_dir, add_file, delete_file, field, id_field, model_dir, batch_size, device):
-    from mixret.corpus import update_folder
     with Warnings():
         done = update_folder(emb_dir, add_file, delete_file, field, id_field, model_dir, batch_size, device)
     index = "no vector index" if done["index"] is None else f"{done['index']} index"
@@ -709,7 +717,6 @@ def search_cmd(query, emb_dir, mode, k, model_dir, matcher_dir, fusion_weight, s
     (--json: one JSON object a line). The model defaults to the one that embedded the corpus."""
     import json
 
-    from mixret.search import format_hits, load_corpus
 
     if not query.strip():
         raise MixretError("empty query; expected some text to search for")
@@ -773,14 +780,6 @@ def evaluate_cmd(pairs_path, mode, limit, query_field, target_field, test_fracti
     import warnings
     from pathlib import Path
 
-    from mixret import io
-    from mixret.bm25 import BM25_NAME, load_bm25, model_bm25
-    from mixret.data import drop_repeated_queries, file_hash, load_pairs, split_pairs
-    from mixret.embed import default_model_dir, resolve_spec
-    from mixret.evaluate import (MATCHER_MODES, evaluate_pairs, format_table, held_out_split, resolve_modes,
-                                 uses_bm25)
-    from mixret.fusion import load_fusion
-    from mixret.search import load_matcher_checked, load_model_checked, matcher_spec
 
     if mode != "bm25" and model_dir is None:
         model_dir = default_model_dir()
@@ -864,7 +863,6 @@ def serve_cmd(emb_dir, model_dir, matcher_dir, host, port, threads, max_batch, m
     /documents/ID reads. A write is acknowledged once it is in EMB_DIR/writes.wal on the disk and searchable; a
     restart (after a crash too) replays the log and folds it into EMB_DIR, so every acknowledged write is kept
     and no half of an unacknowledged one. The server then holds EMB_DIR's write lock: one writer at a time."""
-    from mixret.serve import read_token, serve
     serve(emb_dir, model_dir, matcher_dir, host=host, port=port, threads=threads, max_batch=max_batch,
           max_wait_ms=max_wait_ms, echo=lambda line: click.echo(line, err=True), token=read_token(token_file),
           **options)
@@ -912,7 +910,6 @@ def quickstart_cmd(out, budget_minutes, pairs_path, test_pairs_path, query_field
     vector, fusion, hybrid, tree and BM25 on the held-out pairs, print one comparison table (also saved as
     OUT/results.md and OUT/results.json), then one example search. On the bundled corpus unless --pairs (and
     --test-pairs) name your own."""
-    from mixret.quickstart import QuickstartConfig, example_search, run
     cfg = QuickstartConfig(out=out, budget_minutes=budget_minutes, pairs=pairs_path, test_pairs=test_pairs_path,
                            query_field=query_field, target_field=target_field, pretrain_share=pretrain_share,
                            d_model=d_model, layers=layers, context=context, batch_size=batch_size,

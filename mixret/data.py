@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mixret import io
 from mixret.errors import MixretError, where
 from mixret.io import atomic_path
 
@@ -338,7 +339,6 @@ def bundled_training_texts():
 
 def file_hash(path: str | os.PathLike) -> str:
     """The content hash recorded for a data file (the first 16 hex digits of its sha256)."""
-    from mixret import io
     return io.file_hash(path)
 
 

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mixret.errors import MixretError
+from mixret.version import __version__
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -137,7 +138,6 @@ def read_json(path: str | os.PathLike, what: str = "file") -> dict:
 
 def write_config(directory: str | os.PathLike, kind: str, config: dict) -> None:
     """config.json of a saved object: its kind, the mixret version and its options."""
-    from mixret import __version__
     write_json(Path(directory) / CONFIG_NAME, {"kind": kind, "mixret_version": __version__, **config})
 
 
@@ -236,3 +236,13 @@ def file_hash(path: str | os.PathLike, n: int = 16) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:n]
+
+
+def versioned(name: str, version: int) -> str:
+    """The name of an EMB_DIR file in its version `version` (see mixret.retrieval.corpus): "embeddings.safetensors"
+    for 0
+    (as `mixret embed` and `mixret index` write it), "embeddings.3.safetensors" for 3."""
+    if not version:
+        return name
+    stem, _, rest = name.partition(".")
+    return f"{stem}.{version}.{rest}"

@@ -21,7 +21,23 @@ from typing import Callable
 import torch
 
 from mixret import io
+from mixret.data import bundled_splits, drop_repeated_queries, load_pairs, split_pairs, write_pairs_jsonl
 from mixret.errors import MixretError
+from mixret.models.config import ModelConfig
+from mixret.models.encode import EmbeddingSpec, encode
+from mixret.models.matcher import MatcherConfig
+from mixret.models.zoo import load
+from mixret.retrieval.bm25 import BM25Params, copy_to_emb_dir, load_bm25
+from mixret.retrieval.embeddings import embed_corpus, load_emb_dir
+from mixret.retrieval.evaluate import evaluate_pairs, format_paired
+from mixret.retrieval.fusion import FUSION_NAME, Fusion
+from mixret.retrieval.index import VectorIndex
+from mixret.tokenizer import make_tokenizer
+from mixret.training.baseline import BaselineConfig, STEncoder, train_baseline
+from mixret.training.finetune import FINETUNE_LOOP, FinetuneConfig, finetune
+from mixret.training.loop import TRAIN_CONFIG_NAME, LoopConfig, last_metric
+from mixret.training.matcher import dedupe_queries, train_matcher
+from mixret.training.pretrain import TrainConfig, pretrain
 
 ARCHS = ("masked-mixer", "llama")
 TRAIN_SHARE = 0.7        # of the budget, for training the architectures (side by side, or half each); the rest: the
@@ -82,8 +98,6 @@ def run(cfg: QuickstartConfig, echo: Callable[[str], None] = print) -> dict:
 
 def load_split(cfg: QuickstartConfig) -> tuple[list, list, str]:
     """(train pairs, test pairs, where they come from), repeated queries dropped from each."""
-    from mixret.data import bundled_splits, load_pairs, split_pairs
-    from mixret.data import drop_repeated_queries
     if cfg.pairs is None:
         train, test = bundled_splits()
         source = "bundled Debian descriptions, hash split"
@@ -105,10 +119,6 @@ def load_split(cfg: QuickstartConfig) -> tuple[list, list, str]:
 
 def train_model(arch: str, cfg: QuickstartConfig, data_dir: Path, out: Path, echo, minutes: float) -> dict:
     """Pretrain (its share of `minutes`) then fine-tune one architecture -> facts for the report."""
-    from mixret.finetune import FINETUNE_LOOP, FinetuneConfig, finetune
-    from mixret.loop import TRAIN_CONFIG_NAME, LoopConfig, last_metric
-    from mixret.models import ModelConfig
-    from mixret.train import TrainConfig, pretrain
 
     facts = {"train_minutes": minutes, "pretrain_minutes": cfg.pretrain_share * minutes}
     init = arch
@@ -143,8 +153,6 @@ def train_tokenizer(train: list, data_dir: Path, echo) -> Path:
     written to data_dir/tokenizer.json. Trained once, here, rather than in each training run: side by side, one
     run's tokenizer training would otherwise compete with the other run's timing of its steps, and the budgets
     would come out short."""
-    from mixret.finetune import FinetuneConfig
-    from mixret.tokenizer import make_tokenizer
     default = FinetuneConfig()
     path = data_dir / io.TOKENIZER_NAME
     make_tokenizer(default.tokenizer, default.vocab_size, lambda: [t for p in train for t in (p.query, p.target)],
@@ -236,14 +244,6 @@ def _trained_line(arch: str, facts: dict) -> str:
 
 
 def _run(cfg: QuickstartConfig, echo: Callable[[str], None]) -> dict:
-    from mixret.data import write_pairs_jsonl
-    from mixret.embed import EmbeddingSpec, embed_corpus, encode
-    from mixret.bm25 import copy_to_emb_dir, load_bm25
-    from mixret.evaluate import evaluate_pairs
-    from mixret.fusion import FUSION_NAME, Fusion
-    from mixret.matcher import MatcherConfig, dedupe_queries, train_matcher
-    from mixret.models import load
-    from mixret.search import VectorIndex
 
     t0 = time.perf_counter()
     out = Path(cfg.out)
@@ -335,9 +335,6 @@ def run_baseline(cfg: QuickstartConfig, data_dir: Path, out: Path, fitted_dir: P
     """Fine-tune the baseline on the training pairs with the minutes and threads each mixret model had, fit its
     fusion weight on their validation slice with their fitted BM25 (read from `fitted_dir`, a fine-tuned mixret
     model), and evaluate vector and fusion like theirs -> (its key, its report entry)."""
-    from mixret.baseline import BaselineConfig, STEncoder, train_baseline
-    from mixret.bm25 import load_bm25
-    from mixret.evaluate import evaluate_pairs
 
     minutes, threads = training_slot(cfg)
     echo(f"== baseline {cfg.baseline}: {minutes:.1f} min of MultipleNegativesRankingLoss fine-tuning on "
@@ -367,7 +364,6 @@ def _docs_per_s(rep: dict) -> float | None:
 
 def example_search(report: dict, cfg: QuickstartConfig) -> list[str]:
     """Arguments of one `mixret search` call on the masked mixer's index: fusion mode, the first test query."""
-    from mixret.data import load_pairs
     out = Path(cfg.out)
     query = load_pairs(out / "data" / "test.jsonl.gz")[0].query
     return ["search", query, "--index", str(out / "emb" / ARCHS[0]), "--model", report["models"][ARCHS[0]]["dir"],
@@ -375,7 +371,6 @@ def example_search(report: dict, cfg: QuickstartConfig) -> list[str]:
 
 
 def _load_emb(emb_dir: Path):
-    from mixret.embed import load_emb_dir
     return load_emb_dir(emb_dir)
 
 
@@ -402,7 +397,6 @@ def machine_description() -> str:
 
 def _table_row(model: str, mode: str, r: dict, cols: tuple[str, ...]) -> str:
     """One row of the comparison table: a mode's metrics, speed, matcher passes and won/lost against BM25."""
-    from mixret.evaluate import format_paired
     passes = f"{r['passes_per_query']:.1f}" if r.get("passes_per_query") is not None else "-"
     qps = f"{r['queries_per_s']:.1f}" if r.get("queries_per_s") else "-"
     versus = format_paired(r["vs_bm25"]) if r.get("vs_bm25") else "-"
@@ -411,7 +405,6 @@ def _table_row(model: str, mode: str, r: dict, cols: tuple[str, ...]) -> str:
 
 def _bm25_values(params: dict | None) -> str:
     """"k1 0.9, b 0.5, stemmer on" of a model's fitted BM25 record (the defaults without one)."""
-    from mixret.bm25 import BM25Params
     p = BM25Params.from_dict(params) if params is not None else BM25Params()
     return f"k1 {p.k1:g}, b {p.b:g}, stemmer {'on' if p.stemmer else 'off'}"
 

@@ -13,7 +13,8 @@ Endpoints (FastAPI on uvicorn, bound to 127.0.0.1 unless told otherwise):
 Writes are off unless the server was started with a token (--token-file FILE or MIXRET_TOKEN); they then need
 `Authorization: Bearer TOKEN` (compared in constant time), and answer 401 without it or with another; with no
 token configured they answer 403 and say how to turn them on. A write is embedded as the folder's texts were, then
-appended to EMB_DIR/writes.wal and flushed to the disk (mixret.corpus), then swapped in: it is acknowledged (200,
+appended to EMB_DIR/writes.wal and flushed to the disk (mixret.retrieval.corpus), then swapped in: it is acknowledged
+(200,
 with the ids written or removed, its seq and the corpus size) only once it is durable and searchable. Writes run
 one at a time on their own thread. Each corpus state (texts, embeddings, FAISS index, BM25) is built whole and
 never changed: a search batch takes the current one at its start and keeps it to the end, so it sees the corpus
@@ -22,7 +23,7 @@ statistics it keeps (only new texts are tokenised; the scores of a fresh index; 
 the log's writes are replayed and folded into a new version of the folder, and the log emptied; the server holds
 the folder's write lock while it runs.
 
-Modes are those of `mixret.search.MODES`, searched by the same `Retriever.search` as `mixret search`, with
+Modes are those of `mixret.retrieval.search.MODES`, searched by the same `Retriever.search` as `mixret search`, with
 query embeddings from the same `model.encode`. At start-up every mode runs once on a probe query: a mode
 that fails (tree and hybrid without a matcher) is reported off with the Retriever's reason, and a mode that
 answers without query embeddings (bm25) never has its queries encoded.
@@ -53,8 +54,13 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+
 from mixret.errors import MixretError
-from mixret.search import BM25Index, load_corpus
+from mixret.models.encode import DTYPES
+from mixret.retrieval.bm25 import BM25Index
+from mixret.retrieval.corpus import Change, WriteLock, WriteLog, apply_change, fold_log
+from mixret.retrieval.search import MODES, Retriever, load_corpus
+from mixret.version import __version__
 
 MAX_BODY_BYTES = 1 << 20    # a request body larger than this is refused (413)
 MAX_QUERIES = 256           # queries in one batch-form request
@@ -90,8 +96,8 @@ class Outcome:
 class State:
     """One corpus state, never changed once built: searches take the current one and keep it to the end (a write
     builds the next and swaps it in). seq: the last write it holds (write-ahead log numbering)."""
-    snapshot: object          # mixret.corpus.Snapshot
-    retriever: object         # mixret.search.Retriever over it
+    snapshot: object          # mixret.retrieval.corpus.Snapshot
+    retriever: object         # mixret.retrieval.search.Retriever over it
     rows: dict
     seq: int
 
@@ -120,8 +126,6 @@ class Searcher:
 
     def __init__(self, emb_dir, model_dir=None, matcher_dir=None, fusion_weight=None, writes: bool = False,
                  **options):
-        from mixret.corpus import WriteLock
-        from mixret.search import MODES
 
         self.emb_dir, self.writes, self.log = Path(emb_dir), writes, None
         self.lock = WriteLock(emb_dir).__enter__() if writes else None
@@ -148,7 +152,6 @@ class Searcher:
     def _first_state(self) -> State:
         """The loaded corpus as a State; with writes on, the log's writes folded into a new version first and BM25
         built to follow writes."""
-        from mixret.corpus import WriteLog, fold_log
         snap, retriever = self.corpus.snapshot, self.corpus.retriever
         if self.writes and snap.index is not None and snap.index.backend != "faiss":
             raise MixretError(f"{self.emb_dir}: writes need the FAISS backend for now; this folder's vectors are in "
@@ -195,7 +198,6 @@ class Searcher:
     def _probe(self) -> tuple[list[str], dict[str, str], dict[str, bool]]:
         """Run every mode of search.MODES once: (modes that answer, {mode: why not} for the others,
         {mode: whether it needs query embeddings})."""
-        from mixret.search import MODES
         probe = [" ".join(self.texts[0].split()[:8]) or "probe"]
         emb = self._encode(probe)
         modes, off, needs = [], {}, {}
@@ -220,7 +222,6 @@ class Searcher:
     def write(self, put: list[tuple[str, str]] = (), delete: list[str] = ()) -> dict:
         """Delete ids, then add or replace texts: embedded, logged and flushed to the disk, then swapped in as the
         new state -> {"seq", "corpus_size"}. A WriteRefused changes nothing. Writes run one at a time."""
-        from mixret.corpus import Change, apply_change
         with self._write_lock:
             state = self.state
             missing = [doc_id for doc_id in delete if doc_id not in state.rows]
@@ -242,14 +243,12 @@ class Searcher:
 
     def _embed_documents(self, texts: list[str]) -> np.ndarray:
         """Texts embedded as the folder's were (model, pooling, max length), rounded to the folder's dtype."""
-        from mixret.embed import DTYPES
         spec = self.corpus.spec
         E = self.model.encode(texts, batch_size=64, pooling=spec.pooling or "last", max_length=spec.max_length,
                               show_progress_bar=False, convert_to_numpy=False)
         return E.to(DTYPES[self.corpus.snapshot.meta.get("dtype", "float32")]).float().numpy()
 
     def _next_state(self, state: State, applied, seq: int) -> State:
-        from mixret.search import Retriever
         old, snap = state.retriever, applied.snapshot
         retriever = Retriever(snap.emb, snap.texts, index=snap.index, matcher=old.matcher, fusion=old.fusion,
                               bm25_params=old.bm25_params, query_chunk_bytes=old.query_chunk_bytes)
@@ -638,7 +637,6 @@ def _check_queries(req: SearchRequest) -> list[str]:
 def _check_mode(mode: str, searcher: Searcher) -> str:
     from fastapi import HTTPException
 
-    from mixret.search import MODES
     if mode not in MODES:
         raise HTTPException(422, f"unknown mode {mode!r}; expected one of {', '.join(searcher.modes)}")
     if mode not in searcher.modes:
@@ -648,8 +646,7 @@ def _check_mode(mode: str, searcher: Searcher) -> str:
 
 
 def _version() -> str:
-    import mixret
-    return mixret.__version__
+    return __version__
 
 
 # -- entry point ------------------------------------------------------------------------------

@@ -22,11 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import bench_common as bc
 import numpy as np
 from packaging.requirements import Requirement
 
-import bench_common as bc
-from mixret.search import VectorIndex
+from mixret.retrieval.index import VectorIndex
 
 K = 10
 CLIENTS = {"milvus": ["pymilvus", "milvus-lite"], "qdrant": ["qdrant-client"]}
@@ -84,7 +84,7 @@ def faiss_backend(x: np.ndarray, _folder: Path):
 
 
 def milvus_backend(x: np.ndarray, folder: Path):
-    from mixret.milvus import MilvusIndex
+    from mixret.retrieval.milvus import MilvusIndex
     index = MilvusIndex.build(x, str(folder / "bench.db"), "bench", "ip")
     return lambda q: index.search(q[None], K)[1][0], index.close
 

@@ -5,9 +5,10 @@
                                    [--d-model 256] [--layers 4] [--context 256] [--work DIR] [--quick]
 
 For each arch, budget B (minutes), pretraining recipe and share s, one run (a child process) does:
-- s = 0 (fine-tuning alone, whatever the recipe): `mixret.finetune` from random init (mixing_init mean, a BPE
+- s = 0 (fine-tuning alone, whatever the recipe): `mixret.training.finetune` from random init (mixing_init mean, a BPE
   tokenizer trained on the training pairs) with budget_minutes = B;
-- s > 0: `mixret.train.pretrain` with the recipe's objective (budget_minutes = s * B) on texts of the TRAINING
+- s > 0: `mixret.training.pretrain.pretrain` with the recipe's objective (budget_minutes = s * B) on texts of the
+TRAINING
   split of the pairs only, then `finetune` from that folder with budget_minutes = (1 - s) * B. Recipe `clm`:
   next-token prediction on the summary and the document of each pair, as separate documents; recipe `spans`:
   the span objective (`pretrain --objective spans`: a span of each document against the batch's documents) on
@@ -56,17 +57,18 @@ QUICK_PAIRS = 800  # pairs of the bundled corpus a --quick run uses
 
 def child(spec: dict) -> dict:
     """Pretrain (share > 0) then fine-tune within the budget, and score the result on the test split."""
-    import mixret.train
+    import mixret.training.pretrain
+
     from mixret import io
     from mixret.data import load_pairs, split_pairs, write_pairs_jsonl
-    from mixret.evaluate import evaluate_pairs
-    from mixret.finetune import FINETUNE_LOOP, FinetuneConfig, finetune
-    from mixret.fusion import FUSION_NAME, Fusion
-    from mixret.loop import TRAIN_CONFIG_NAME, LoopConfig, last_metric
     from mixret.models import ModelConfig, load
-    from mixret.train import TrainConfig, pretrain
+    from mixret.retrieval.evaluate import evaluate_pairs
+    from mixret.retrieval.fusion import FUSION_NAME, Fusion
+    from mixret.training.finetune import FINETUNE_LOOP, FinetuneConfig, finetune
+    from mixret.training.loop import TRAIN_CONFIG_NAME, LoopConfig, last_metric
+    from mixret.training.pretrain import TrainConfig, pretrain
 
-    mixret.train.sample_hook = None  # no text samples at each evaluation: time the study does not need
+    mixret.training.pretrain.sample_hook = None  # no text samples at each evaluation: time the study does not need
     work = Path(spec["work"])
     work.mkdir(parents=True, exist_ok=True)
     arch, budget, share, recipe = spec["arch"], spec["budget"], spec["share"] / 100, spec.get("recipe", "clm")

@@ -44,12 +44,13 @@ def pretrain_texts(work: Path, pairs) -> Path:
 
 def run(args, work: Path) -> list[dict]:
     import torch
+
     from mixret.data import bundled_splits, write_pairs_jsonl
-    from mixret.evaluate import evaluate_pairs
-    from mixret.finetune import FINETUNE_LOOP, FinetuneConfig, finetune
-    from mixret.loop import METRICS_NAME, LoopConfig
     from mixret.models import ModelConfig, load
-    from mixret.train import TrainConfig, pretrain
+    from mixret.retrieval.evaluate import evaluate_pairs
+    from mixret.training.finetune import FINETUNE_LOOP, FinetuneConfig, finetune
+    from mixret.training.loop import METRICS_NAME, LoopConfig
+    from mixret.training.pretrain import TrainConfig, pretrain
 
     torch.set_num_threads(args.threads)
     train, test = bundled_splits()

@@ -23,8 +23,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from mixret.autocast import autocast  # noqa: F401  (bc.autocast: bf16 on CUDA, as in training)
 from mixret.io import atomic_write_text, write_json
-from mixret.loop import autocast  # noqa: F401  (bc.autocast: bf16 on CUDA, as in training)
 
 RESULT_PREFIX = "BENCH_RESULT "
 REPO_ROOT = Path(__file__).resolve().parent.parent

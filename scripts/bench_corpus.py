@@ -20,10 +20,10 @@ import argparse
 import time
 from pathlib import Path
 
+import bench_common as bc
 import numpy as np
 
-import bench_common as bc
-from mixret.search import BM25Index
+from mixret.retrieval.bm25 import BM25Index
 
 VOCAB = 50_000
 

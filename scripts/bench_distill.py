@@ -33,8 +33,8 @@ def write_texts(path: Path, pairs) -> Path:
 def teacher_pass(args, texts: Path) -> dict:
     """The teacher's embeddings of the training texts, computed (and cached) once, timed."""
     from mixret.data import load_texts
-    from mixret.distill import load_teacher, teacher_embeddings
-    from mixret.train_data import corpus_fingerprint
+    from mixret.training.distill import load_teacher, teacher_embeddings
+    from mixret.training.train_data import corpus_fingerprint
 
     column = load_texts([str(texts)], "text").data.column("text")
     teacher = load_teacher(args.teacher)
@@ -48,9 +48,9 @@ def teacher_pass(args, texts: Path) -> dict:
 
 def score(model, test, fusion_pairs) -> dict:
     """Vector, fusion (weight fitted on fusion_pairs) and BM25 R@1 on the test pairs, and documents embedded/s."""
-    from mixret.bm25 import BM25Params
-    from mixret.evaluate import evaluate_pairs
-    from mixret.finetune import fit_fusion
+    from mixret.retrieval.bm25 import BM25Params
+    from mixret.retrieval.evaluate import evaluate_pairs
+    from mixret.training.finetune import fit_fusion
 
     q = model.encode([p.query for p in fusion_pairs])
     d = model.encode([p.target for p in fusion_pairs])
@@ -64,11 +64,12 @@ def score(model, test, fusion_pairs) -> dict:
 
 def run(args, work: Path) -> tuple[dict, list[dict]]:
     import torch
+
     import mixret
-    from mixret.baseline import STEncoder
     from mixret.data import bundled_splits
-    from mixret.loop import TRAIN_CONFIG_NAME, last_metric
-    from mixret.train import TrainConfig, pretrain
+    from mixret.training.baseline import STEncoder
+    from mixret.training.loop import TRAIN_CONFIG_NAME, last_metric
+    from mixret.training.pretrain import TrainConfig, pretrain
 
     torch.set_num_threads(args.threads)
     train, test = bundled_splits()

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 
+import bench_common as bc
 import torch
 
-import bench_common as bc
-from mixret.generate import generate
 from mixret.models import VARIANTS, ModelConfig, build_model
+from mixret.models.generate import generate
 
 
 def cache_bytes(model, batch_size: int) -> int:

@@ -18,11 +18,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
-import torch
-
 import bench_common as bc
 import bench_train
+import numpy as np
+import torch
 
 ARCHS = ("hypermixer", "flat")
 TRAIN_SCRIPT = Path(bench_train.__file__)

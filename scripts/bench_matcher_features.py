@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mixret.data import bundled_pairs_path, load_pairs, split_pairs
-from mixret.evaluate import evaluate_pairs
-from mixret.fusion import FUSION_NAME, Fusion
-from mixret.matcher import MatcherConfig, dedupe_queries, drop_repeated_queries, train_matcher
+from mixret.data import bundled_pairs_path, drop_repeated_queries, load_pairs, split_pairs
 from mixret.models import load
+from mixret.models.matcher import MatcherConfig
+from mixret.retrieval.evaluate import evaluate_pairs
+from mixret.retrieval.fusion import FUSION_NAME, Fusion
+from mixret.training.matcher import dedupe_queries, train_matcher
 
 VARIANTS = {  # name: (features, hard negatives of the 30 negatives per set)
     "plain": ([], 0),

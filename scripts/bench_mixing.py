@@ -24,9 +24,9 @@ import argparse
 import time
 from pathlib import Path
 
+import bench_common as bc
 import torch
 
-import bench_common as bc
 from mixret.models.masked_mixer import BLOCK, BLOCKED_MIN_LEN, tril_matmul
 
 METHODS = ("einsum", "dense", "blocked", "compiled")

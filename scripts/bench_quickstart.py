@@ -15,9 +15,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import bench_common as bc
 import torch
 
-import bench_common as bc
 from mixret.io import atomic_write_text, write_json
 
 

@@ -51,13 +51,13 @@ def selection_pairs(path: str, size: int):
 
 
 def child(spec: dict) -> dict:
-    from mixret.data import bundled_splits, write_pairs_jsonl
-    from mixret.evaluate import evaluate_pairs
-    from mixret.finetune import FINETUNE_LOOP, FINETUNE_MODEL, FinetuneConfig, finetune
     from mixret import io
-    from mixret.fusion import load_fusion
-    from mixret.loop import TRAIN_CONFIG_NAME, LoopConfig
+    from mixret.data import bundled_splits, write_pairs_jsonl
     from mixret.models import ModelConfig, load
+    from mixret.retrieval.evaluate import evaluate_pairs
+    from mixret.retrieval.fusion import load_fusion
+    from mixret.training.finetune import FINETUNE_LOOP, FINETUNE_MODEL, FinetuneConfig, finetune
+    from mixret.training.loop import TRAIN_CONFIG_NAME, LoopConfig
 
     work = Path(spec["work"])
     work.mkdir(parents=True, exist_ok=True)

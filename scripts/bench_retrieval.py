@@ -4,15 +4,16 @@ matcher's tree search against corpus size.
     python scripts/bench_retrieval.py [--out docs/bench/] [--threads N] [--repeats 3] [--parts embed,faiss,tree]
                                       [--sizes 10000,100000] [--tree-sizes 1000,10000] [--quick]
 
-- embed: `mixret.embed.encode` of --texts synthetic texts (64 to 480 bytes, random words) with randomly
+- embed: `mixret.models.encode.encode` of --texts synthetic texts (64 to 480 bytes, random words) with randomly
   initialised models (d_model 256, 4 layers, context 512) and a ByteTokenizer; texts/s per batch size.
 - faiss: --sizes clustered synthetic vectors of dim 256 (1000 Gaussian clusters, L2-normalised, inner product)
-  and 1000 queries from the same clusters, indexed by `mixret.search.VectorIndex` as Flat, HNSW32 and
+  and 1000 queries from the same clusters, indexed by `mixret.retrieval.index.VectorIndex` as Flat, HNSW32 and
   IVF{nlist},PQ32np (nlist = the power of two nearest sqrt(N), trained on at most max(64 nlist, 9984) vectors;
   "np": without FAISS's polysemous training, which search never uses and which dominates the build time;
   nprobe and efSearch are mixret's defaults). Recall@10 against the exact Flat results; ms/query with all
   queries in one call and with one query per call; build time.
-- tree: `mixret.search.tree_search` of one query at a time over --tree-sizes corpus vectors with a randomly
+- tree: `mixret.retrieval.tournament.tree_search` of one query at a time over --tree-sizes corpus vectors with a
+randomly
   initialised Matcher (context 32, d_model 256, 4 layers), k=10: matcher forward passes and ms per query.
 
 Writes OUT/retrieval.md, OUT/retrieval.json and OUT/retrieval.png (FAISS latency against recall).
@@ -24,14 +25,15 @@ import math
 import time
 from pathlib import Path
 
+import bench_common as bc
 import numpy as np
 import torch
 
-import bench_common as bc
-from mixret.embed import encode
-from mixret.matcher import Matcher, MatcherConfig
 from mixret.models import VARIANTS, ModelConfig, build_model
-from mixret.search import HNSW_EF_SEARCH, IVF_NPROBE, VectorIndex, matcher_score_fn, tournament_passes, tree_search
+from mixret.models.encode import encode
+from mixret.models.matcher import Matcher, MatcherConfig
+from mixret.retrieval.index import HNSW_EF_SEARCH, IVF_NPROBE, VectorIndex
+from mixret.retrieval.tournament import matcher_score_fn, tournament_passes, tree_search
 from mixret.tokenizer import ByteTokenizer
 
 EMBED_ARCHS = {"flat": "masked-mixer (flat)", "expanded": "masked-mixer (expanded)",

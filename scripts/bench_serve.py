@@ -37,11 +37,11 @@ import time
 import warnings
 from pathlib import Path
 
+import bench_common as bc
 import httpx
 import numpy as np
 import torch
 
-import bench_common as bc
 from mixret import io
 from mixret.data import bundled_pairs_path, load_pairs, write_pairs_jsonl
 
@@ -52,10 +52,10 @@ K = 10
 
 def build_setup(root: Path, docs: int) -> tuple[Path, Path, list[str]]:
     """(EMB_DIR, matcher folder, queries) for the first `docs` bundled pairs, with untrained models."""
-    from mixret.embed import embed_corpus
-    from mixret.matcher import Matcher, MatcherConfig
     from mixret.models import ModelConfig, build_model
-    from mixret.search import VectorIndex
+    from mixret.models.matcher import Matcher, MatcherConfig
+    from mixret.retrieval.embeddings import embed_corpus
+    from mixret.retrieval.index import VectorIndex
     from mixret.tokenizer import BPETokenizer
 
     pairs = load_pairs(bundled_pairs_path())[:docs]
@@ -69,7 +69,7 @@ def build_setup(root: Path, docs: int) -> tuple[Path, Path, list[str]]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # documents longer than the context are truncated
         embed_corpus(root / "lm", root / "pairs.jsonl", root / "emb", field="document", show_progress_bar=False)
-    from mixret.embed import load_emb_dir
+    from mixret.retrieval.embeddings import load_emb_dir
     emb, _, _, meta = load_emb_dir(root / "emb")
     VectorIndex.build(emb, "Flat", meta={"model_hash": meta["model_hash"], "model_path": meta["model_path"]}).save(
         root / "emb")
@@ -80,7 +80,7 @@ def build_setup(root: Path, docs: int) -> tuple[Path, Path, list[str]]:
 
 def queries_of(emb_dir: Path) -> list[str]:
     """Queries for a given EMB_DIR: the first words of its texts."""
-    from mixret.embed import load_emb_dir
+    from mixret.retrieval.embeddings import load_emb_dir
     _, _, texts, _ = load_emb_dir(emb_dir)
     return [" ".join(t.split()[:8]) for t in texts if t.strip()]
 
@@ -203,8 +203,9 @@ async def burst(url: str, queries: list[str], token: str, requests: int, batch: 
 def rebuild_seconds(emb_dir: Path, threads: int) -> float:
     """Embedding and indexing the folder's whole corpus from scratch (mixret embed + mixret index, one process)."""
     import json
-    from mixret.embed import embed_corpus, load_emb_dir
-    from mixret.search import VectorIndex
+
+    from mixret.retrieval.embeddings import embed_corpus, load_emb_dir
+    from mixret.retrieval.index import VectorIndex
     _, ids, texts, meta = load_emb_dir(emb_dir)
     with tempfile.TemporaryDirectory(prefix="bench-rebuild-") as tmp:
         corpus = Path(tmp) / "corpus.jsonl"

@@ -27,10 +27,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import bench_common as bc
 import torch
 import torch.nn as nn
 
-import bench_common as bc
 from mixret.models import VARIANTS, ModelConfig, build_model
 
 ARCHS = {"flat": "masked-mixer (flat)", "expanded": "masked-mixer (expanded)", "heads": "masked-mixer (4 heads)",

@@ -3,15 +3,15 @@ its threads, its fusion weight fitted on finetune's validation slice, a row like
 import numpy as np
 import pytest
 import torch
+from planted import planted_pairs
 
-from mixret.baseline import BaselineConfig, STEncoder, split, train_baseline
-from mixret.bm25 import BM25Params
 from mixret.data import write_pairs_jsonl
-from mixret.finetune import FinetuneConfig, FinetuneTask
-from mixret.loop import LoopConfig
 from mixret.distributed import Distributed
 from mixret.quickstart import baseline_key, format_report
-from planted import planted_pairs
+from mixret.retrieval.bm25 import BM25Params
+from mixret.training.baseline import BaselineConfig, STEncoder, split, train_baseline
+from mixret.training.finetune import FinetuneConfig, FinetuneTask
+from mixret.training.loop import LoopConfig
 
 pytest.importorskip("sentence_transformers")
 from st_models import tiny_st_model  # noqa: E402

@@ -16,9 +16,9 @@ sys.path.insert(0, str(SCRIPTS))
 
 import bench_budget  # noqa: E402
 import bench_common  # noqa: E402
-from close import assert_close  # noqa: E402
 import bench_hypermixer  # noqa: E402
 import bench_train  # noqa: E402
+from close import assert_close  # noqa: E402
 
 
 def run_script(name: str, out: Path, *extra: str) -> dict:
@@ -197,8 +197,9 @@ def test_budget_comparisons_pair_archs_at_equal_budget():
 
 
 def test_bench_recipe(tmp_path):
-    from mixret.data import write_pairs_jsonl
     from planted import planted_pairs
+
+    from mixret.data import write_pairs_jsonl
     write_pairs_jsonl(planted_pairs(120), tmp_path / "select.jsonl")
     data = run_script("recipe", tmp_path, "--select-pairs", str(tmp_path / "select.jsonl"),
                       "--recipes", "bpe 4k,bpe-lower 2k + dropout 0.1")

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from mixret.bm25 import BM25_NAME, BM25Params, best_point, fit_bm25, load_bm25
 from mixret.cli import main
 from mixret.data import Pair, bundled_pairs_path, split_pairs, write_pairs_jsonl
 from mixret.errors import MixretError
-from mixret.finetune import FinetuneConfig, distinct_pairs, finetune, validation_slice
-from mixret.loop import LoopConfig
 from mixret.models import ModelConfig
-from mixret.search import BM25Index, Retriever
+from mixret.retrieval.bm25 import BM25_NAME, BM25Index, BM25Params, best_point, fit_bm25, load_bm25
+from mixret.retrieval.search import Retriever
+from mixret.training.finetune import FinetuneConfig, distinct_pairs, finetune, validation_slice
+from mixret.training.loop import LoopConfig
 
 
 @pytest.fixture(autouse=True)
@@ -191,7 +191,7 @@ def test_fitted_on_validation_pairs_only_saved_and_read_by_index_search_serve_an
         model_dir.resolve())
 
     # serve and fusion read them from the EMB_DIR
-    from mixret.search import load_corpus
+    from mixret.retrieval.search import load_corpus
     from mixret.serve import Searcher
     assert Searcher(emb_dir).info["bm25"]["stemmer"] is False
     assert load_corpus(emb_dir, ["fusion"], fusion_weight=0.0).retriever.bm25_params.values == saved.values
@@ -254,7 +254,7 @@ def test_bad_bm25_json_is_refused_with_its_file(tmp_path):
     (tmp_path / BM25_NAME).write_text(json.dumps({"k1": 1.2, "b": 0.5, "stem": True}))
     with pytest.raises(MixretError, match=r"unknown BM25 option\(s\) \['stem'\]"):
         load_bm25(tmp_path)
-    from mixret.bm25 import emb_dir_bm25
+    from mixret.retrieval.bm25 import emb_dir_bm25
     (tmp_path / BM25_NAME).write_text(json.dumps({"k1": 1.2, "b": 0.5, "stemmer": True,
                                                   "model": {"path": "elsewhere", "hash": "abc"}}))
     with pytest.raises(MixretError, match="came from a model of weights hash abc, the embeddings from one of hash"):

@@ -13,10 +13,10 @@ import pytest
 from close import assert_close
 from test_search import invoke, tiny_lm
 
-from mixret import corpus as corpus_mod
-from mixret.embed import load_emb_dir
 from mixret.errors import MixretError
-from mixret.search import load_corpus
+from mixret.retrieval import corpus as corpus_mod
+from mixret.retrieval.embeddings import load_emb_dir
+from mixret.retrieval.search import load_corpus
 
 QUERIES = ["Perl bindings for OpenLDAP", "a puzzle game", "library for parsing XML", "music player", "Python"]
 
@@ -277,7 +277,7 @@ def test_bm25_from_kept_term_statistics_equals_a_fresh_index(k1, b, stemmer):
     """The BM25 serve keeps (term statistics, updated after each write) scores every text exactly as a BM25
     built from the texts of that moment."""
     from mixret.data import bundled_pairs_path, load_pairs
-    from mixret.search import BM25Index
+    from mixret.retrieval.bm25 import BM25Index
     texts = [p.target for p in load_pairs(bundled_pairs_path())[:300]] + ["the of and", "zebra"]
     kept = BM25Index(texts, k1, b, stemmer, keep_terms=True)
     queries = [" ".join(t.split()[:4]) for t in texts[::25]] + ["zebra", "the", "zebra perl library"]
@@ -305,7 +305,7 @@ def dying(real):
         return real(*args)
     return call
 os.fsync, os.replace = dying(os.fsync), dying(os.replace)
-from mixret.corpus import update_folder
+from mixret.retrieval.corpus import update_folder
 update_folder(sys.argv[2], add=sys.argv[3])
 """
 

@@ -10,18 +10,18 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from close import assert_close
+from interrupt import python_script, sigterm_after
+from planted import FILLER, planted_documents, planted_pairs
 from safetensors.torch import load_file
 
 import mixret
-from close import assert_close
-from interrupt import python_script, sigterm_after
 from mixret.cli import main
 from mixret.data import write_pairs_jsonl
-from mixret.distill import PROJECTION_NAME, load_teacher, teacher_embeddings, teacher_space
-from mixret.embed import encode
 from mixret.errors import MixretError
-from mixret.train import TrainConfig, pretrain
-from planted import FILLER, planted_documents, planted_pairs
+from mixret.models.encode import encode
+from mixret.training.distill import PROJECTION_NAME, load_teacher, teacher_embeddings, teacher_space
+from mixret.training.pretrain import TrainConfig, pretrain
 
 pytest.importorskip("sentence_transformers")
 from st_models import tiny_st_model  # noqa: E402
@@ -147,7 +147,7 @@ def test_distill_resumed_after_sigterm_gives_the_weights_of_an_uninterrupted_run
     script = textwrap.dedent(f"""
         import json, time
         from mixret import distill
-        from mixret.train import TrainConfig, pretrain
+        from mixret.training.pretrain import TrainConfig, pretrain
         slow = distill.DistillTask.micro_batch
         distill.DistillTask.micro_batch = lambda self, *a: (time.sleep(0.05), slow(self, *a))[1]
         pretrain(TrainConfig.from_dict(json.loads({json.dumps(tiny(tmp_path, teacher_dir, out=str(run), **opts).to_dict())!r})))

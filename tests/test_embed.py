@@ -5,21 +5,22 @@ import sys
 import warnings
 from pathlib import Path
 
+import mixret.retrieval.embeddings as embed
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
+from close import assert_close
 
 import mixret
-import mixret.embed as embed
-from close import assert_close
 from mixret.cli import main
 from mixret.data import load_pairs
-from mixret.embed import embed_corpus, encode, load_emb_dir
 from mixret.errors import MixretError
 from mixret.models import VARIANTS, ModelConfig, build_model
+from mixret.models.encode import encode
+from mixret.retrieval.embeddings import embed_corpus, load_emb_dir
 from mixret.tokenizer import ByteTokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -404,7 +405,8 @@ def test_torchrun_a_failing_rank_fails_every_rank_with_its_message(model_dir, tm
     script = tmp_path / "fail_on_rank1.py"
     script.write_text(
         "import os, sys\n"
-        "from mixret import cli, embed\n"
+        "from mixret import cli\n"
+        "from mixret.retrieval import embeddings as embed\n"
         "from mixret.errors import MixretError\n"
         "real = embed.encode_texts\n"
         "def encode_texts(*args, **kwargs):\n"

@@ -8,10 +8,17 @@ import torch
 
 from mixret.data import Pair
 from mixret.errors import MixretError
-from mixret.evaluate import (corpus_and_qrels, evaluate_pairs, format_table, ir_metrics, paired_top1, resolve_modes,
-                             run_from)
-from mixret.fusion import Fusion
-from mixret.matcher import Matcher, MatcherConfig
+from mixret.models.matcher import Matcher, MatcherConfig
+from mixret.retrieval.evaluate import (
+    corpus_and_qrels,
+    evaluate_pairs,
+    format_table,
+    ir_metrics,
+    paired_top1,
+    resolve_modes,
+    run_from,
+)
+from mixret.retrieval.fusion import Fusion
 
 
 class BagOfWords:
@@ -53,7 +60,7 @@ def test_run_from_keeps_our_order_despite_ties():
 
 
 def test_pessimistic_cut_puts_the_relevant_document_after_its_ties():
-    from mixret.search import pessimistic_cut
+    from mixret.retrieval.tournament import pessimistic_cut
     idx = np.array([[7, 3, 5, 1],      # gold 3 ties with 5: goes after it
                     [3, 5, 1, 2],      # gold 3 ties with all, down to the one beyond the cut
                     [4, 3, 5, 1],      # gold 3 strictly between 4 and 5: stays
@@ -378,7 +385,7 @@ def test_whole_pipeline_through_the_cli(tmp_path):
 
 def test_held_out_split_follows_what_trained_the_models(tmp_path):
     from mixret.data import file_hash
-    from mixret.evaluate import held_out_split
+    from mixret.retrieval.evaluate import held_out_split
     pairs, other = tmp_path / "pairs.jsonl", tmp_path / "other.jsonl"
     pairs.write_text('{"id": 1, "summary": "a", "document": "b"}\n')
     other.write_text('{"id": 2, "summary": "c", "document": "d"}\n')

@@ -10,18 +10,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from interrupt import python_script, sigterm_after
+from planted import planted_pairs
 from safetensors.torch import load_file
 
 import mixret
 from mixret.cli import main
 from mixret.data import Pair, load_pairs, split_pairs, write_pairs_jsonl
 from mixret.errors import MixretError
-from mixret.evaluate import evaluate_pairs
-from mixret.finetune import FinetuneConfig, drop_tokens, epoch_batches, finetune, validation_slice
-from mixret.loop import LoopConfig
 from mixret.models import ModelConfig, build_model
-from interrupt import python_script, sigterm_after
-from planted import planted_pairs
+from mixret.retrieval.evaluate import evaluate_pairs
+from mixret.training.finetune import FinetuneConfig, drop_tokens, epoch_batches, finetune, validation_slice
+from mixret.training.loop import LoopConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,8 +69,8 @@ def test_finetune_sigterm_then_resume_gives_the_weights_of_an_uninterrupted_run(
     script = textwrap.dedent(f"""
         import time
         from mixret import finetune as ft
-        from mixret.finetune import FinetuneConfig, finetune
-        from mixret.loop import LoopConfig
+        from mixret.training.finetune import FinetuneConfig, finetune
+        from mixret.training.loop import LoopConfig
         from mixret.models import ModelConfig
         slow = ft.FinetuneTask.micro_batch
         ft.FinetuneTask.micro_batch = lambda self, *a: (time.sleep(0.05), slow(self, *a))[1]
@@ -208,7 +208,7 @@ def test_finetune_with_bm25_hard_negatives_solves_a_planted_corpus(tmp_path):
 def clm_checkpoint(tmp_path, pairs, arch="masked-mixer") -> Path:
     """A small model pretrained on the pairs' texts with `pretrain`'s defaults (next-token prediction): its last
     position predicts the next token, which is what made contrastive fine-tuning collapse."""
-    from mixret.train import TrainConfig, pretrain
+    from mixret.training.pretrain import TrainConfig, pretrain
     texts = tmp_path / "texts.jsonl"
     texts.write_text("".join(json.dumps({"text": t}) + "\n" for p in pairs for t in (p.query, p.target)))
     return pretrain(TrainConfig(data=[str(texts)], arch=arch, tokenizer="bytes", d_model=64, layers=2, context=64,

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from mixret.errors import MixretError
-from mixret.fusion import Fusion, candidate_union, fit_weight, fused_order, gold_ranks, mrr_at
-from mixret.search import Retriever
+from mixret.retrieval.fusion import Fusion, candidate_union, fit_weight, fused_order, gold_ranks, mrr_at
+from mixret.retrieval.search import Retriever
 
 WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo",
          "lima", "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango"]

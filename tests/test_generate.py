@@ -1,15 +1,14 @@
 import pytest
 import torch
 from click.testing import CliRunner
+from close import assert_close
+from zoo import CONFIGS, TINY, make
 
 import mixret
 from mixret.cli import main
 from mixret.errors import MixretError
-from mixret.generate import filter_logits, generate, generate_text, sample_next, sample_text
+from mixret.models.generate import filter_logits, generate, generate_text, sample_next, sample_text
 from mixret.tokenizer import ByteTokenizer
-
-from close import assert_close
-from zoo import CONFIGS, TINY, make
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

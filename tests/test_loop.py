@@ -10,14 +10,16 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from interrupt import python_script, sigterm_after
 from safetensors.torch import load_file
 
-from mixret import checkpoint, cli
+from mixret import cli
 from mixret.cli import main
-from mixret.matcher import MatcherConfig, train_matcher
 from mixret.models.config import ModelConfig, model_options
-from mixret.train import TrainConfig, pretrain
-from interrupt import python_script, sigterm_after
+from mixret.models.matcher import MatcherConfig
+from mixret.training import checkpoint
+from mixret.training.matcher import train_matcher
+from mixret.training.pretrain import TrainConfig, pretrain
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,7 +57,7 @@ def test_matcher_sigterm_and_resume_give_the_weights_of_an_uninterrupted_run(tmp
     script = textwrap.dedent(f"""
         import time, numpy as np
         from mixret import matcher
-        from mixret.matcher import MatcherConfig, train_matcher
+        from mixret.training.matcher import MatcherConfig, train_matcher
         slow = matcher.MatcherTask.on_step
         matcher.MatcherTask.on_step = lambda self, step, loss: (time.sleep(0.05), slow(self, step, loss))
         q, t = np.load({str(tmp_path / 'q.npy')!r}), np.load({str(tmp_path / 't.npy')!r})
@@ -137,7 +139,7 @@ class SleepyTask:
             self.relative_cost = self.cost
 
     def cost(self, step: int) -> float:
-        from mixret.loop import BUDGET_TIMED_STEPS, BUDGET_WARMUP_STEPS
+        from mixret.training.loop import BUDGET_TIMED_STEPS, BUDGET_WARMUP_STEPS
         return 3.0 if BUDGET_WARMUP_STEPS <= step < BUDGET_WARMUP_STEPS + BUDGET_TIMED_STEPS else 1.0
 
     def batches(self, start, dist, grad_accum):
@@ -171,7 +173,7 @@ class Sleepy(torch.nn.Module):
 
 def test_budget_timing_divides_by_the_cost_of_the_steps_it_timed():
     from mixret.distributed import Distributed
-    from mixret.loop import LoopConfig, _Loop
+    from mixret.training.loop import LoopConfig, _Loop
     seconds = 1.2          # 60 steps of cost 1, or 20 if the timed steps (cost 3) were taken as typical
     planned = {}
     for declare in (True, False):
@@ -185,7 +187,7 @@ def test_budget_timing_leaves_out_a_fresh_process_first_steps():
     """Four slow first steps (as a fresh process runs them; a number of this machine, not of the loop's
     constants) do not shorten the planned run: with them timed it would be 20 steps instead of 60."""
     from mixret.distributed import Distributed
-    from mixret.loop import LoopConfig, _Loop
+    from mixret.training.loop import LoopConfig, _Loop
     seconds = 1.2          # 60 steps of cost 1; far fewer if the slow first steps were timed
     cfg = LoopConfig(budget_minutes=seconds / 60, eval_every=10**9, progress=False)
     planned = _Loop(SleepyTask(True, slow_start=4), cfg, Distributed(), None, "fresh", 0).cfg.steps
@@ -193,12 +195,13 @@ def test_budget_timing_leaves_out_a_fresh_process_first_steps():
 
 
 def test_finetune_step_costs_average_one_and_follow_the_padded_tokens(tmp_path):
-    from mixret.finetune import FinetuneConfig, FinetuneTask
-    from mixret.loop import LoopConfig
     from planted import planted_pairs
+
     from mixret.data import write_pairs_jsonl
     from mixret.distributed import Distributed
     from mixret.models import ModelConfig
+    from mixret.training.finetune import FinetuneConfig, FinetuneTask
+    from mixret.training.loop import LoopConfig
     pairs = planted_pairs(200, n_words=30)
     pairs = [dataclasses.replace(p, target=p.target + " filler" * (i % 7) * 5) for i, p in enumerate(pairs)]
     write_pairs_jsonl(pairs, tmp_path / "pairs.jsonl")
@@ -263,7 +266,7 @@ def test_a_new_model_field_appears_in_pretrain_help():
 
 
 def test_last_metric_reads_the_last_logged_value(tmp_path):
-    from mixret.loop import last_metric
+    from mixret.training.loop import last_metric
     assert last_metric(tmp_path, "val_r1") is None                     # no metrics.jsonl yet
     lines = [{"step": 1, "val_r1": None}, {"step": 2, "val_r1": 0.4}, {"step": 3, "val_r1": 0.6},
              {"step": 4, "val_r1": None, "loss": 1.0}]

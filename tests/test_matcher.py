@@ -5,12 +5,22 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from close import assert_close
+
 from mixret.errors import MixretError
-from mixret.matcher import (
-    PADDED_SHARE, Matcher, MatcherConfig, SetLoss, as_pair_set, build_eval_sets, dedupe_queries, evaluate,
-    hard_negative_pool, pad_sets, sample_candidates, score_candidates, set_metrics, train_matcher,
+from mixret.models.matcher import Matcher, MatcherConfig, score_candidates
+from mixret.training.matcher import (
+    PADDED_SHARE,
+    SetLoss,
+    as_pair_set,
+    build_eval_sets,
+    dedupe_queries,
+    evaluate,
+    hard_negative_pool,
+    pad_sets,
+    sample_candidates,
+    set_metrics,
+    train_matcher,
 )
 
 E = 32
@@ -351,6 +361,7 @@ def tiny_lm(tmp_path_factory):
 
 def test_cli_train_matcher(tiny_lm, tmp_path):
     from click.testing import CliRunner
+
     from mixret.cli import main
     out = tmp_path / "m"
     args = ["train-matcher", "--pairs", str(tiny_lm / "pairs.jsonl"), "--context", "8", "--epochs", "1",
@@ -365,7 +376,7 @@ def test_cli_train_matcher(tiny_lm, tmp_path):
     assert json.loads((out / "metrics.json").read_text())["n_candidates"] == 7
 
     # the same from embedding folders, matched to the pairs by id; the wrong field is refused
-    from mixret.embed import embed_corpus
+    from mixret.retrieval.embeddings import embed_corpus
     for field in ("summary", "document"):
         embed_corpus(tiny_lm / "lm", tiny_lm / "pairs.jsonl", tmp_path / field, field=field, show_progress_bar=False)
     res = CliRunner().invoke(main, args + ["--query-emb", str(tmp_path / "summary"),
@@ -380,6 +391,7 @@ def test_cli_train_matcher(tiny_lm, tmp_path):
 
 def test_cli_train_matcher_stop_after_and_resume(tiny_lm, tmp_path):
     from click.testing import CliRunner
+
     from mixret.cli import main
     out = tmp_path / "m"
     args = ["train-matcher", "--pairs", str(tiny_lm / "pairs.jsonl"), "--model", str(tiny_lm / "lm"), "--context", "8",

@@ -4,12 +4,14 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from close import assert_close
+
 from mixret import io
 from mixret.errors import MixretError
-from mixret.matcher import Matcher, MatcherConfig, as_pair_set, lexical_pool, score_candidates, train_matcher
-from mixret.search import BM25Index, Retriever
+from mixret.models.matcher import Matcher, MatcherConfig, score_candidates
+from mixret.retrieval.bm25 import BM25Index
+from mixret.retrieval.search import Retriever
+from mixret.training.matcher import as_pair_set, lexical_pool, train_matcher
 
 E = 16
 WORDS = [f"w{i:04d}" for i in range(4000)]

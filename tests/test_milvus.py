@@ -10,7 +10,8 @@ from test_corpus import embed, update, write_jsonl
 from test_search import tiny_lm
 from test_serve import Server
 
-from mixret.search import VectorIndex, load_corpus
+from mixret.retrieval.index import VectorIndex
+from mixret.retrieval.search import load_corpus
 
 pytest.importorskip("pymilvus", reason="the milvus backend needs pymilvus and milvus-lite (mixret's dev extra)")
 

@@ -1,10 +1,9 @@
 """The blocked triangular product gives the masked mixer's results and gradients."""
 import pytest
 import torch
-
 from close import assert_close
-from mixret.models import ModelConfig, build_model
-from mixret.models import masked_mixer
+
+from mixret.models import ModelConfig, build_model, masked_mixer
 from mixret.models.masked_mixer import BLOCKED_MIN_LEN, tril_matmul, use_blocked
 
 

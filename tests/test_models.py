@@ -4,17 +4,16 @@ import pickle
 import pytest
 import torch
 from click.testing import CliRunner
+from close import assert_close
+from reference import hypermix_naive, hypermix_recurrent
+from zoo import CONFIGS, TINY, make
 
 import mixret
-from close import assert_close
 from mixret.cli import main
 from mixret.errors import MixretError
 from mixret.models import VARIANTS, ModelConfig, build_model, load
 from mixret.models.hypermixer import hypermix
-from reference import hypermix_naive, hypermix_recurrent
 from mixret.tokenizer import ByteTokenizer
-
-from zoo import CONFIGS, TINY, make
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from mixret.data import Pair, split_pairs
-from mixret.evaluate import evaluate_pairs
-from mixret.matcher import MatcherConfig, train_matcher
+from mixret.models.matcher import MatcherConfig
+from mixret.retrieval.evaluate import evaluate_pairs
+from mixret.training.matcher import train_matcher
 
 DIM, N = 32, 1000
 

@@ -12,9 +12,10 @@ from click.testing import CliRunner
 
 from mixret import io
 from mixret.cli import main
-from mixret.embed import EmbeddingSpec, encode, load_emb_dir, resolve_spec
 from mixret.errors import MixretError
 from mixret.models import ModelConfig, build_model
+from mixret.models.encode import EmbeddingSpec, encode, resolve_spec
+from mixret.retrieval.embeddings import load_emb_dir
 from mixret.tokenizer import ByteTokenizer
 
 

@@ -3,11 +3,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from planted import planted_pairs
 
 from mixret.cli import main
 from mixret.data import write_pairs_jsonl
 from mixret.quickstart import side_by_side_threads
-from planted import planted_pairs
 
 pytestmark = pytest.mark.slow
 

@@ -5,13 +5,15 @@ import warnings
 import numpy as np
 import pytest
 import torch
-
 from close import assert_close
-from mixret.embed import EmbeddingSpec
+
 from mixret.errors import MixretError
-from mixret.matcher import Matcher, MatcherConfig, score_candidates
-from mixret.search import (BM25Index, Retriever, VectorIndex, matcher_score_fn, tournament, tournament_passes,
-                           tree_search)
+from mixret.models.encode import EmbeddingSpec
+from mixret.models.matcher import Matcher, MatcherConfig, score_candidates
+from mixret.retrieval.bm25 import BM25Index
+from mixret.retrieval.index import VectorIndex
+from mixret.retrieval.search import Retriever
+from mixret.retrieval.tournament import matcher_score_fn, tournament, tournament_passes, tree_search
 
 
 def dot_score(calls=None):
@@ -320,7 +322,7 @@ def corpus(tmp_path_factory):
 
 
 def test_cli_search_modes(corpus):
-    from mixret.embed import load_emb_dir
+    from mixret.retrieval.embeddings import load_emb_dir
     _, ids, texts, _ = load_emb_dir(corpus / "emb")
     res = invoke("search", "Perl bindings for OpenLDAP", "--index", corpus / "emb", "-k", 5)
     assert res.exit_code == 0, res.output

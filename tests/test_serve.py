@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from test_search import corpus, invoke  # noqa: F401  (corpus is a fixture)
 
-from mixret.search import MODES
+from mixret.retrieval.search import MODES
 
 ROOT = Path(__file__).resolve().parent.parent
 QUERIES = ["Perl bindings for OpenLDAP", "a puzzle game", "library for parsing XML", "music player",
@@ -130,7 +130,7 @@ def test_health_binds_loopback_and_lists_modes(servers, corpus):  # noqa: F811
 
 @pytest.mark.parametrize("mode", MODES)
 def test_results_equal_cli_search(server, corpus, mode):  # noqa: F811
-    from mixret.embed import load_emb_dir
+    from mixret.retrieval.embeddings import load_emb_dir
     _, ids, texts, _ = load_emb_dir(corpus / "emb")
     for query in QUERIES[:3] + [texts[7]]:
         res = server.post({"query": query, "mode": mode, "k": K})

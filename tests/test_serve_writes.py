@@ -18,10 +18,12 @@ from test_corpus import embed, update  # noqa: F401
 from test_search import invoke, tiny_lm
 from test_serve import Server
 
-from mixret.corpus import WAL_NAME
-from mixret.embed import load_emb_dir
 from mixret.errors import MixretError
-from mixret.search import BM25Index, VectorIndex, load_corpus
+from mixret.retrieval.bm25 import BM25Index
+from mixret.retrieval.corpus import WAL_NAME
+from mixret.retrieval.embeddings import load_emb_dir
+from mixret.retrieval.index import VectorIndex
+from mixret.retrieval.search import load_corpus
 from mixret.serve import read_token
 
 TOKEN = "s3cret-token"
@@ -205,7 +207,7 @@ def test_searches_during_writes_each_see_one_corpus_state(emb, tmp_path, base):
     """200 searches (bm25 and vector) while 100 writes add one document each: none fails, and each answer is exactly
     the answer of the corpus after the number of writes it reports, BM25 with the k1, b and stemmer of the
     folder's bm25.json."""
-    from mixret.bm25 import BM25Params, save_bm25
+    from mixret.retrieval.bm25 import BM25Params, save_bm25
     meta = json.loads((emb / "meta.json").read_text())
     save_bm25(emb, BM25Params(0.9, 0.3, False, model={"path": meta["model_path"], "hash": meta["model_hash"]}))
     server = start(emb, tmp_path, "--token-file", base / "token")

@@ -8,18 +8,18 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from close import assert_close
+from planted import planted_documents, planted_pairs
 from safetensors.torch import load_file
 
 import mixret
-from close import assert_close
 from mixret.cli import main
 from mixret.data import write_pairs_jsonl
-from mixret.embed import encode
-from mixret.errors import MixretError
-from mixret.spans import draw_span
-from mixret.train import TrainConfig, make_task, pretrain
 from mixret.distributed import Distributed
-from planted import planted_documents, planted_pairs
+from mixret.errors import MixretError
+from mixret.models.encode import encode
+from mixret.training.pretrain import TrainConfig, make_task, pretrain
+from mixret.training.spans import draw_span
 
 N_TRAIN = 200  # of the 276 planted documents; the other 76 are never seen in training
 

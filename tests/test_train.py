@@ -9,20 +9,21 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from close import assert_close
+from interrupt import sigterm_after
 from safetensors.torch import load_file
 
-from close import assert_close
 import mixret
-from mixret import loop, train, train_data
-from mixret.checkpoint import latest_checkpoint, list_checkpoints, optimizer_from_flat, optimizer_to_flat
 from mixret.cli import main
 from mixret.data import bundled_pairs_path, load_texts
 from mixret.errors import MixretError
 from mixret.tokenizer import ByteTokenizer
-from mixret.loop import LoopConfig, lr_factor
-from mixret.train import NextTokenLoss, TrainConfig, pretrain, resolve_options
-from mixret.train_data import Stream, document_sequences, micro_batches, packed_sequences
-from interrupt import sigterm_after
+from mixret.training import loop, train_data
+from mixret.training import pretrain as train
+from mixret.training.checkpoint import latest_checkpoint, list_checkpoints, optimizer_from_flat, optimizer_to_flat
+from mixret.training.loop import LoopConfig, lr_factor
+from mixret.training.pretrain import NextTokenLoss, TrainConfig, pretrain, resolve_options
+from mixret.training.train_data import Stream, document_sequences, micro_batches, packed_sequences
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = ("the a small package tool library for with and of data files network server client python "

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from close import assert_close
+
 import mixret
-from mixret.train import TrainConfig, pretrain
+from mixret.training.pretrain import TrainConfig, pretrain
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
@@ -84,9 +84,9 @@ def test_torchrun_finetune_matches_one_process(tmp_path, monkeypatch):
     """Contrastive fine-tuning under DDP (the LM head, which no embedding uses, is frozen): 2 processes of one
     micro-batch each make the updates of one process with 2 micro-batches."""
     from mixret.data import Pair, write_pairs_jsonl
-    from mixret.finetune import FinetuneConfig, finetune
-    from mixret.loop import LoopConfig
     from mixret.models import ModelConfig
+    from mixret.training.finetune import FinetuneConfig, finetune
+    from mixret.training.loop import LoopConfig
     rng = np.random.default_rng(0)
     pairs = []
     for i in range(120):
@@ -123,8 +123,9 @@ def test_torchrun_distill_matches_one_process(tmp_path, monkeypatch):
     from the cache; every trained parameter (the isometry included) gets a gradient; micro-batch j draws the pairs
     it would draw in one process."""
     pytest.importorskip("sentence_transformers")
-    from mixret.data import Pair, write_pairs_jsonl
     from st_models import tiny_st_model
+
+    from mixret.data import Pair, write_pairs_jsonl
     corpus = write_corpus(tmp_path / "corpus.txt")
     teacher = tiny_st_model(tmp_path / "teacher", corpus.read_text().splitlines())
     rng = np.random.default_rng(0)

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from mixret import io
 from mixret.errors import MixretError
 from mixret.models.config import ModelConfig
+from mixret.models.encode import encode
+from mixret.models.generate import generate
 from mixret.models.layers import Block, FeedForward, PoolHead, drop_path_rates
 
 
@@ -106,8 +108,7 @@ class CausalLM(nn.Module):
         self.pool_head = PoolHead(self.config.context).to(self.wte.weight.device)
 
     def encode(self, texts, **kwargs):
-        """Texts -> [N, D] embeddings in input order (needs `self.tokenizer`); see `mixret.embed.encode`."""
-        from mixret.embed import encode
+        """Texts -> [N, D] embeddings in input order (needs `self.tokenizer`); see `mixret.models.encode.encode`."""
         return encode(self, texts, **kwargs)
 
     def num_params(self) -> int:
@@ -142,9 +143,8 @@ class CausalLM(nn.Module):
                  eos_id: int | None = None) -> torch.Tensor:
         """[B, P] prompt ids -> [B, P + n]: the prompt followed by the new tokens (temperature 0 = greedy).
 
-        See `mixret.generate.generate`; warns when the context filled up before max_new_tokens.
+        See `mixret.models.generate.generate`; warns when the context filled up before max_new_tokens.
         """
-        from mixret.generate import generate
         out = generate(self, input_ids, max_new_tokens, temperature, top_k, top_p, generator=generator,
                        eos_id=eos_id)
         if out.context_full:
@@ -167,10 +167,6 @@ class CausalLM(nn.Module):
         extra = {**self.embedding_defaults, **({} if self.trained_on is None else {"trained_on": self.trained_on})}
         io.write_config(directory, "clm", {**extra, **self.config.to_dict()})
 
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> "CausalLM":
-        from mixret.models import load
-        return load(directory)
 
 
 def last_index(attention_mask: torch.Tensor) -> torch.Tensor:

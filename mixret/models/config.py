@@ -9,6 +9,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 
+from mixret import io
 from mixret.errors import MixretError
 
 ARCHS = ("masked-mixer", "hypermixer", "llama")
@@ -91,7 +92,6 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> "ModelConfig":
-        from mixret import io
         return io.options_from_dict(cls, d, source, "model")
 
 

@@ -23,7 +23,6 @@ from mixret.models.base import CausalLM
 from mixret.models.config import ModelConfig
 from mixret.models.layers import near_identity_
 
-
 BLOCK = 256             # rows (and columns) per block of `tril_matmul`
 BLOCKED_MIN_LEN = 512   # sequence length from which FlatMix uses `tril_matmul` on the CPU
 

@@ -19,6 +19,7 @@ import torch
 
 from mixret import io
 from mixret.errors import MixretError
+from mixret.tokenizer import load_tokenizer
 
 CACHE_FORMAT = "mixret-tokens-v1"
 BPE_SAMPLE_CHARS = 100_000_000  # BPE is trained on at most this many characters of the training split
@@ -160,7 +161,6 @@ def tokenizer_text(tokenizer) -> str:
 
 
 def tokenizer_from_text(text: str):
-    from mixret.tokenizer import load_tokenizer
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / io.TOKENIZER_NAME).write_text(text, encoding="utf-8")
         return load_tokenizer(Path(d) / io.TOKENIZER_NAME)

@@ -13,9 +13,9 @@ Ranking is by the fused score, then by the raw score of the side with the larger
 index, so weight 0 reproduces BM25's ranking exactly and weight 1 the dense ranking (ties broken by index on
 both sides, as the bm25 and vector modes do).
 
-Ties are pessimistic when the weight is fitted, as in evaluation (see mixret.evaluate): each validation query's
-gold candidate ranks after every candidate with the same fused score, compared as the float32 scores a search
-returns, so constant scores find no gold.
+Ties are pessimistic when the weight is fitted, as in evaluation (see mixret.retrieval.evaluate): each
+validation query's gold candidate ranks after every candidate with the same fused score, compared as the float32
+scores a search returns, so constant scores find no gold.
 
 The weight is fitted on pairs the model was not trained on and that are not test pairs (a validation slice of
 the training pairs): the grid value with the best MRR@10, the smallest such weight on a tie.
@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from mixret import io
 from mixret.errors import MixretError
 
 FUSION_METHODS = ("convex", "rrf")
@@ -67,7 +68,6 @@ def load_fusion(model_dir, weight: float | None = None) -> Fusion | None:
     given; with no file, a convex fusion of that weight (None when no weight is given either)."""
     from pathlib import Path
 
-    from mixret import io
     path = Path(model_dir) / FUSION_NAME if model_dir is not None else None
     saved = Fusion.from_dict(io.read_json(path, "fusion weight"), str(path)) if path and path.is_file() else None
     if weight is None:

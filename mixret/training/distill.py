@@ -1,17 +1,18 @@
 """Distillation: a mixret model trained to reproduce a sentence-transformers teacher's embeddings of texts.
 
-    from mixret.train import TrainConfig, pretrain
+    from mixret.training.pretrain import TrainConfig, pretrain
     out = pretrain(TrainConfig(objective="distill", teacher="all-MiniLM-L6-v2", data=["texts.jsonl"],
                                budget_minutes=4))          # `mixret distill` on the command line
 
-The third objective of the text-only task (`mixret.train.TextTask`): the corpus, tokenizer, model, batches by
+The third objective of the text-only task (`mixret.training.text_task.TextTask`): the corpus, tokenizer, model,
+batches by
 (seed, step), run folder, resume and torchrun are those of `pretrain`. Before training (and before a time budget
 is sized) the teacher embeds every text of the corpus once; the embeddings are cached on disk under
 $MIXRET_CACHE/teacher (npy + JSON, no pickle), keyed by the teacher's identity (its name or resolved path and a
 hash of its weights and module stack) and a hash of the texts, so the next run on the same texts with the same
 teacher reuses them and a cache entry of another teacher or other texts is never read.
 
-The student's embedding is the one `encode` computes (`mixret.embed.pool` of the model inputs that encode
+The student's embedding is the one `encode` computes (`mixret.models.encode.pool` of the model inputs that encode
 builds, with the run's pooling). Student and teacher widths differ, so the loss compares them through a learned
 isometry: a linear map with orthonormal columns (torch's orthogonal parametrization) from the narrower space into
 the wider one. An isometry keeps lengths and angles, so the student's cosines between its own embeddings are
@@ -50,27 +51,21 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from mixret import io
-from mixret.embed import embed_sequences, pad_sequences, pool, token_sequences
+from mixret.data import BUNDLED_TEST_FRACTION, load_pairs, sources_record, split_pairs
 from mixret.errors import MixretError
-from mixret.spans import SpanTask
-from mixret.train import TextTask
-from mixret.train_data import cache_root
+from mixret.models.encode import embed_sequences, pad_sequences, pool, token_sequences
+from mixret.models.zoo import load
+from mixret.training.finetune import distinct_pairs
+from mixret.training.spans import SpanTask
+from mixret.training.text_task import TextTask
+from mixret.training.train_data import cache_root
 
-DISTILL_LOSSES = ("cosine", "mse")
 PROJECTION_NAME = "distill_projection.safetensors"
 CACHE_FORMAT = 1          # bump when what a cache entry holds changes
 PAIRS_KEY = 2**61         # the generator key of the pairs of a micro-batch: apart from every other draw
 TEACHER_BATCH = 64        # texts per teacher forward pass
 
 
-def check_distill_options(cfg) -> None:
-    """The options only distillation reads (called by TrainConfig.validate)."""
-    if not cfg.teacher or not isinstance(cfg.teacher, str):
-        raise MixretError("distill needs a teacher: a sentence-transformers model name or folder (--teacher)")
-    if cfg.distill_loss not in DISTILL_LOSSES:
-        raise MixretError(f"unknown distill loss {cfg.distill_loss!r}; expected one of {', '.join(DISTILL_LOSSES)}")
-    if cfg.init is not None and not (Path(cfg.init) / io.CONFIG_NAME).is_file():
-        raise MixretError(f"{cfg.init}: no {io.CONFIG_NAME} there; expected a mixret model folder to start from")
 
 
 # --- the teacher ------------------------------------------------------------------------------
@@ -247,7 +242,6 @@ class DistillTask(SpanTask):
     def __init__(self, cfg, dist):
         self.start = None
         if cfg.init is not None:                  # the folder's model, size and tokenizer
-            from mixret.models import load
             self.start = load(cfg.init)
             if self.start.tokenizer is None:
                 raise MixretError(f"{cfg.init}: the model folder has no {io.TOKENIZER_NAME}")
@@ -268,7 +262,6 @@ class DistillTask(SpanTask):
         return lm
 
     def load_data(self) -> None:
-        from mixret.data import BUNDLED_TEST_FRACTION, sources_record
 
         TextTask.load_data(self)                  # every document keeps its index: the teacher's rows follow it
         self.set_inputs()
@@ -297,8 +290,6 @@ class DistillTask(SpanTask):
         del teacher
 
     def load_pairs(self) -> None:
-        from mixret.data import BUNDLED_TEST_FRACTION, load_pairs, split_pairs
-        from mixret.finetune import distinct_pairs
 
         cfg = self.cfg
         train, _ = split_pairs(load_pairs(cfg.pairs, cfg.query_field, cfg.target_field), BUNDLED_TEST_FRACTION)

@@ -1,13 +1,13 @@
 """Spans as queries: a retriever trained on documents alone (`mixret pretrain --objective spans`).
 
-    from mixret.train import TrainConfig, pretrain
+    from mixret.training.pretrain import TrainConfig, pretrain
     out = pretrain(TrainConfig(data=["docs.jsonl"], objective="spans", budget_minutes=5))   # a model folder
 
-Each step takes a batch of B training documents (the stream of mixret.train, a function of the seed and the
+Each step takes a batch of B training documents (the stream of mixret.training.pretrain, a function of the seed and the
 step) and cuts from each a random span of span_min..span_max tokens (at most half of the document): span i is a
 query whose positive is document i and whose negatives are the batch's other documents. The loss is symmetric
-InfoNCE at a fixed temperature on L2-normalised pooled embeddings: `mixret.finetune.BiEncoder` with
-`mixret.embed.pool`, so the embedding trained is the one that `finetune` trains and `encode` computes. A copy of
+InfoNCE at a fixed temperature on L2-normalised pooled embeddings: `mixret.training.finetune.BiEncoder` with
+`mixret.models.encode.pool`, so the embedding trained is the one that `finetune` trains and `encode` computes. A copy of
 a document elsewhere in the batch is not a negative of its span. The spans of micro-batch j of step s come from
 a generator seeded by (seed, s, j), so a resumed run draws the spans of an uninterrupted one.
 
@@ -17,7 +17,7 @@ of tests/planted.py (a masked mixer d64 x 2, 150 and 300 steps of 16) the whole 
 documents from 4-word spans better: R@1 0.49 and 0.55 against 0.38 and 0.33 with the span cut out. And a search
 matches queries against whole documents, as training then does.
 
-Texts are model inputs as `mixret.embed.token_sequences` builds them: [bos] + tokens (+ [eos] for pooling eos),
+Texts are model inputs as `mixret.models.encode.token_sequences` builds them: [bos] + tokens (+ [eos] for pooling eos),
 at most the model's context. Validation: one span of each held-out document, drawn once with the seed, against
 all held-out documents: R@1 and MRR@10 (chance R@1 is 1 / documents). The LM head plays no part and is frozen
 (unless tied to the input embeddings), so every trained parameter gets a gradient, as DDP requires. The saved
@@ -30,11 +30,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mixret.embed import embed_sequences, pad_sequences
 from mixret.errors import MixretError
-from mixret.finetune import BiEncoder, rank_metrics
-from mixret.train import TextTask
-from mixret.train_data import Sequences
+from mixret.models.encode import embed_sequences, pad_sequences
+from mixret.training.finetune import BiEncoder, rank_metrics
+from mixret.training.text_task import TextTask
+from mixret.training.train_data import Sequences
 
 VALIDATION_KEY = 2**62  # the generator key of the validation spans: past every step's
 

@@ -1,25 +1,5 @@
-"""Pretraining: any architecture of the model zoo trained on texts alone, run by the shared loop.
-
-    from mixret.train import TrainConfig, pretrain
-    out_dir = pretrain(TrainConfig(data=["corpus.jsonl"], steps=2000))   # mixret.load(out_dir) reads the model
-
-`TrainConfig` holds the run's options and a `ModelConfig`; model options are also accepted by their flat
-names (d_model=..., layers=...), as the command line and train_config.json give them. `TextTask` is what every
-text-only objective gives `mixret.loop`: the corpus, tokenizer and model, the documents of each step, the run
-folder and the saved model; its subclasses add an objective: `PretrainTask` next-token prediction (objective
-"clm", the default), `mixret.spans.SpanTask` spans of each document as queries against the batch's documents
-(objective "spans"), `mixret.distill.DistillTask` a sentence-transformers teacher's embedding of each text
-(objective "distill", the command `mixret distill`).
-
-Each document is one training sequence, [bos] + tokens + [eos], truncated to the context (a truncated document
-has no eos); with `pack` the documents are concatenated and cut into full-context rows instead. Batches are
-right-padded to their longest member. The next-token loss of an optimizer step is the sum of the cross-entropy of
-every predicted token of the step (every micro-batch, every rank) divided by their number.
-
-The order of the training sequences is a function of the seed and the step alone (an endless stream of
-seeded permutations, one per epoch), so a run resumed from a checkpoint sees the same batches as a run that
-never stopped.
-"""
+"""The text-only objectives' shared half: `TrainConfig` (the options of `mixret pretrain`, every objective's) and
+`TextTask` (the corpus, tokenizer, model and run folder that clm, spans and distill train on)."""
 from __future__ import annotations
 
 import dataclasses
@@ -28,46 +8,48 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from mixret import io, loop
+from mixret import io
+from mixret.data import BUNDLED_TEST_FRACTION, bundled_pairs_path, bundled_training_texts, load_texts, sources_record
 from mixret.distributed import Distributed
 from mixret.errors import MixretError
-from mixret.loop import Interrupted, LoopConfig
-from mixret.models import ModelConfig, build_model
-from mixret.models.config import model_options
-from mixret.tokenizer import BPE_KINDS
-from mixret.train_data import (BPE_SAMPLE_CHARS, Stream, corpus_fingerprint, document_sequences,
-                               micro_batches, packed_sequences, sample_texts, split_documents, tokenize_corpus,
-                               tokenizer_from_text, tokenizer_text, unigram_loss)
-
-__all__ = ["Interrupted", "NextTokenLoss", "PretrainTask", "TextTask", "TrainConfig", "pretrain", "resolve_options"]
+from mixret.models.config import ModelConfig, model_options
+from mixret.models.encode import POOLINGS
+from mixret.models.zoo import build_model
+from mixret.tokenizer import BPE_KINDS, load_tokenizer, make_tokenizer
+from mixret.training import loop
+from mixret.training.loop import LoopConfig
+from mixret.training.train_data import (
+    BPE_SAMPLE_CHARS,
+    Stream,
+    corpus_fingerprint,
+    document_sequences,
+    micro_batches,
+    packed_sequences,
+    sample_texts,
+    split_documents,
+    tokenize_corpus,
+    tokenizer_from_text,
+    tokenizer_text,
+)
 
 DEFAULT_STEPS = 800
+
+
 # Longest context the trainer accepts per arch: a masked mixer holds context x context mixing matrices per
 # layer, so its parameters and activations grow with context^2.
 MAX_CONTEXT = {"masked-mixer": 16384, "hypermixer": 65536, "llama": 65536}
+
+
 MODEL_OPTIONS = model_options()           # option name (d_model, layers, ...) -> ModelConfig field
+
+
 PRETRAIN_MODEL = {"d_model": 128, "n_layers": 4, "context": 256}  # smaller than ModelConfig's defaults
 
-
-def sample_line(model, tokenizer) -> str:
-    """A short seeded sample from the model being trained, on one line."""
-    from mixret.generate import sample_text
-    text = " ".join(sample_text(model, tokenizer, max_new_tokens=32).split())
-    return f"sample: {text[:200]}"
-
-
-sample_hook: Callable | None = sample_line
-"""Called as sample_hook(model, tokenizer) at each evaluation on rank 0, with the model in eval mode;
-a returned string is printed under the evaluation line. Set to None for no samples."""
-
-
-# --- options ----------------------------------------------------------------------------------
 
 @dataclass(init=False)
 class TrainConfig:
@@ -97,13 +79,13 @@ class TrainConfig:
     seed: int = 0
     # objective
     objective: str = "clm"                # "clm": next-token prediction; "spans": a span of each document against
-                                          # the batch's documents, InfoNCE (mixret.spans)
+                                          # the batch's documents, InfoNCE (mixret.training.spans)
     pooling: str = "last"                 # spans only: the embedding trained, recorded in the saved model
     temperature: float = 0.05             # spans only: of the InfoNCE logits
     span_min: int = 8                     # spans only: tokens per span, drawn uniformly from [span_min, span_max]
     span_max: int = 24
     teacher: str | None = None            # distill only: a sentence-transformers model name or folder whose
-                                          # embeddings of the texts the model learns (mixret.distill)
+                                          # embeddings of the texts the model learns (mixret.training.distill)
     init: str | None = None               # distill only: a model folder to start from (default: a new model of
                                           # the options' size)
     distill_loss: str = "cosine"          # distill only: "cosine" or "mse" to the teacher's embedding
@@ -193,7 +175,6 @@ class TrainConfig:
         self.validate_objective()
 
     def validate_objective(self) -> None:
-        from mixret.embed import POOLINGS
 
         if self.objective not in OBJECTIVES:
             raise MixretError(f"unknown objective {self.objective!r}; expected one of {', '.join(OBJECTIVES)} "
@@ -205,7 +186,6 @@ class TrainConfig:
                 raise MixretError(f"option {name} applies to objective {' or '.join(map(repr, owners))}, "
                                   f"not {self.objective!r}")
         if self.objective == "distill":
-            from mixret.distill import check_distill_options
             check_distill_options(self)
         if self.pooling not in POOLINGS:
             raise MixretError(f"unknown pooling {self.pooling!r}; expected one of {', '.join(POOLINGS)}")
@@ -255,23 +235,35 @@ def _check_int(cfg: TrainConfig, name: str, minimum: int) -> None:
 
 
 OBJECTIVES = ("clm", "spans", "distill")
+
+
 # Options that only some objectives read: given (not left at the default) with another, they are an error.
 OBJECTIVE_OPTIONS = {"pack": ("clm",), "label_smoothing": ("clm",), "pooling": ("spans", "distill"),
                      "temperature": ("spans", "distill"), "span_min": ("spans",), "span_max": ("spans",),
                      **{name: ("distill",) for name in ("teacher", "init", "distill_loss", "pairs", "query_field",
                                                         "target_field")}}
+
+
 # Defaults that differ by objective, for options not given. Spans train a retriever: a case-folded tokenizer (as
 # finetune's), more in-batch negatives, a contrastive learning rate, and the running-mean mixing init, whose last
 # position starts as the mean of the text, so that last-token pooling learns from the first step.
 # Distillation trains an embedding too, with the same defaults.
 RETRIEVER_DEFAULTS = {"tokenizer": "bpe-lower", "batch_size": 32, "lr": 1e-3, "mixing_init": "mean"}
+
+
 OBJECTIVE_DEFAULTS = {"clm": {}, "spans": RETRIEVER_DEFAULTS, "distill": RETRIEVER_DEFAULTS}
+
+
 # Options of one invocation, never saved with the run.
 PER_INVOCATION = ("stop_after", "resume", "overwrite")
+
+
 # Options that define the model and its data: a resumed run must keep them.
 RUN_IDENTITY = ("data", "text_field", "val_fraction", "val_max_docs", "pack", "tokenizer", "vocab_size",
                 *MODEL_OPTIONS, "seed", "objective", "pooling", "temperature", "span_min", "span_max", "teacher",
                 "init", "distill_loss", "pairs", "query_field", "target_field")
+
+
 SCHEDULE_LENGTH = ("steps", "epochs", "budget_minutes")  # one of them sets the schedule's length
 
 
@@ -307,67 +299,17 @@ def _normalize_path(source: str | None) -> str | None:
     return None if source is None else _normalize_data([source])[0]
 
 
-# --- the objective ----------------------------------------------------------------------------
-
-class NextTokenLoss(torch.nn.Module):
-    """The training objective around a causal LM: a batch's summed next-token cross-entropy.
-
-    The LM head runs only at the positions that predict a real token, so padding costs no head compute.
-    Called with a Batch it returns (summed loss, number of predicted tokens), as the loop expects.
-    """
-
-    def __init__(self, model: torch.nn.Module, label_smoothing: float = 0.0):
-        super().__init__()
-        self.model = model
-        self.label_smoothing = label_smoothing
-
-    def forward(self, input_ids, positions: torch.Tensor | None = None, targets: torch.Tensor | None = None,
-                label_smoothing: float | None = None):
-        if positions is None:  # a Batch: the loop's call
-            batch = input_ids
-            loss = self.summed(batch.input_ids, batch.positions, batch.targets, self.label_smoothing)
-            return loss, batch.positions.numel()
-        return self.summed(input_ids, positions, targets, label_smoothing or 0.0)
-
-    def summed(self, input_ids: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
-               label_smoothing: float) -> torch.Tensor:
-        h = self.model.hidden(input_ids).flatten(0, 1)                # [B*L, D]
-        logits = self.model.lm_head(h.index_select(0, positions))     # [N, V]
-        return F.cross_entropy(logits.float(), targets, reduction="sum", label_smoothing=label_smoothing)
+DISTILL_LOSSES = ("cosine", "mse")
 
 
-# --- the task -------------------------------------------------------------------------------------
-
-def pretrain(cfg: TrainConfig) -> Path:
-    """Train a model as `cfg` says (next-token prediction, or spans as queries with cfg.objective "spans");
-    returns a directory mixret.load reads: the output directory when the schedule is complete, or the
-    checkpoint written when `stop_after` ended the run early.
-
-    Raises MixretError for bad options or input (before anything is written) and Interrupted when SIGINT or
-    SIGTERM stopped training (after writing a checkpoint).
-    """
-    cfg = dataclasses.replace(cfg, data=_normalize_data(cfg.data),
-                              text_field=[cfg.text_field] if isinstance(cfg.text_field, str) else list(cfg.text_field),
-                              **{name: _normalize_path(getattr(cfg, name)) for name in ("teacher", "init", "pairs")})
-    cfg.validate()
-    with Distributed.from_env() as dist:
-        task = make_task(cfg, dist)
-        schedule = cfg.loop_config()
-        out = loop.train(task, schedule, dist, task.out, task.mode, seed=cfg.seed)
-        if out == task.out:
-            task.say(f"done: {schedule.steps} steps; {task.result()}")
-        return out
-
-
-def make_task(cfg: TrainConfig, dist: Distributed) -> "TextTask":
-    """The task of cfg.objective."""
-    if cfg.objective == "spans":
-        from mixret.spans import SpanTask
-        return SpanTask(cfg, dist)
-    if cfg.objective == "distill":
-        from mixret.distill import DistillTask
-        return DistillTask(cfg, dist)
-    return PretrainTask(cfg, dist)
+def check_distill_options(cfg) -> None:
+    """The options only distillation reads (called by TrainConfig.validate)."""
+    if not cfg.teacher or not isinstance(cfg.teacher, str):
+        raise MixretError("distill needs a teacher: a sentence-transformers model name or folder (--teacher)")
+    if cfg.distill_loss not in DISTILL_LOSSES:
+        raise MixretError(f"unknown distill loss {cfg.distill_loss!r}; expected one of {', '.join(DISTILL_LOSSES)}")
+    if cfg.init is not None and not (Path(cfg.init) / io.CONFIG_NAME).is_file():
+        raise MixretError(f"{cfg.init}: no {io.CONFIG_NAME} there; expected a mixret model folder to start from")
 
 
 class TextTask:
@@ -409,8 +351,6 @@ class TextTask:
 
     # -- data ----------------------------------------------------------------------------------
     def load_data(self) -> None:
-        from mixret.data import (BUNDLED_TEST_FRACTION, bundled_pairs_path, bundled_training_texts, load_texts,
-                                 sources_record)
 
         cfg, dist = self.cfg, self.dist
         if cfg.data is None:  # the bundled pairs' training split only: their test split stays unseen
@@ -443,7 +383,6 @@ class TextTask:
 
     def make_tokenizer(self, column, train_docs: np.ndarray):
         """The tokenizer the options ask for (the run's own one when resuming)."""
-        from mixret.tokenizer import load_tokenizer, make_tokenizer
 
         saved = self.out / io.TOKENIZER_NAME
         if self.mode == "resume" and saved.is_file():
@@ -496,42 +435,3 @@ class TextTask:
             f"{model.n_layers} layers, context {model.context})\n"
             f"training: {length} on {dist.world_size} x {dist.device.type}; {self.describe_objective()}\n"
             f"output: {self.out}")
-
-
-class PretrainTask(TextTask):
-    """Next-token prediction (the objective "clm"), with the validation loss against a unigram model's."""
-    name = "pretrain"
-    unit = "tokens"
-    metric_keys = ("val_loss",)
-
-    def make_objective(self) -> NextTokenLoss:
-        self.unigram = unigram_loss(self.train_seqs, self.val_seqs, self.tokenizer.vocab_size)
-        self.curve_reference = (self.unigram, "unigram (validation)")
-        self.val_loss = float("nan")
-        return NextTokenLoss(self.model, self.cfg.label_smoothing)
-
-    def micro_batch(self, idx: np.ndarray, step: int, j: int):
-        return self.train_seqs.batch(idx, self.tokenizer.pad_id).to(self.dist.device)
-
-    def evaluate(self) -> dict:
-        """Mean cross-entropy (no label smoothing) over every predicted token of the validation split."""
-        B, dist = self.cfg.batch_size, self.dist
-        total = torch.zeros(2, dtype=torch.float64, device=dist.device)  # [loss sum, predicted tokens]
-        for b in range(dist.rank, math.ceil(len(self.val_seqs) / B), dist.world_size):
-            batch = self.val_seqs.batch(self.val_order[b * B:(b + 1) * B], self.tokenizer.pad_id).to(dist.device)
-            with loop.autocast(dist.device):
-                total[0] += self.objective.summed(batch.input_ids, batch.positions, batch.targets, 0.0).double()
-            total[1] += batch.targets.numel()
-        dist.sum(total)
-        self.val_loss = float(total[0] / total[1])
-        if sample_hook is not None and dist.main:
-            text = sample_hook(self.model, self.tokenizer)
-            if text:
-                self.say(text)
-        return {"val_loss": round(self.val_loss, 5)}
-
-    def describe_objective(self) -> str:
-        return f"next-token prediction; a unigram model's validation loss is {self.unigram:.4f}"
-
-    def result(self) -> str:
-        return f"validation loss {self.val_loss:.4f} (unigram model: {self.unigram:.4f})"

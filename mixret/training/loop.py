@@ -69,10 +69,11 @@ from typing import Iterator, Protocol, Sequence
 import torch
 import torch.nn as nn
 
-from mixret import checkpoint as ckpt
 from mixret import io
+from mixret.autocast import autocast
 from mixret.distributed import Distributed
 from mixret.errors import MixretError
+from mixret.training import checkpoint as ckpt
 
 TRAIN_CONFIG_NAME = "train_config.json"
 METRICS_NAME = "metrics.jsonl"
@@ -170,11 +171,6 @@ def lr_factor(step: int, warmup: int, total: int, min_lr_ratio: float = 0.1) -> 
     return make_scheduler(optimizer, warmup, total, min_lr_ratio, step).get_last_lr()[0]
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; nothing elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -17,6 +17,7 @@ bm25.json: {"k1": 0.9, "b": 0.5, "stemmer": true, "fitted": {"on", "pairs", "sel
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +27,10 @@ import numpy as np
 
 from mixret import io
 from mixret.errors import MixretError
-from mixret.search import BM25_B, BM25_K1, BM25Index
+from mixret.retrieval.fusion import mrr_at
 
 BM25_NAME = "bm25.json"
+BM25_K1, BM25_B = 1.5, 0.75    # bm25s's own defaults: BM25 when nothing was fitted (then fit_bm25 below)
 GRID_K1 = (0.6, 0.9, 1.2, 1.5, 2.0)
 GRID_B = (0.3, 0.5, 0.75, 0.9)
 GRID_STEMMER = (True, False)
@@ -106,7 +108,6 @@ def fit_bm25(queries: Sequence[str], documents: Sequence[str], on: str, trained_
              stemmers: Sequence[bool] = GRID_STEMMER) -> BM25Params:
     """The grid point (k1 x b x stemmer) with the best R@1, then MRR@10, of query i against documents (document
     i is its relevant one), as `best_point` picks it. `on` says which pairs these are, for the record."""
-    from mixret.fusion import mrr_at
     if len(queries) != len(documents) or len(queries) < 2:
         raise MixretError(f"fitting BM25 needs at least 2 validation pairs, got {len(queries)} queries and "
                           f"{len(documents)} documents")
@@ -196,3 +197,129 @@ def copy_to_emb_dir(emb_dir: str | os.PathLike, meta: dict) -> BM25Params:
     params.model = {"path": str(model_dir), "hash": meta.get("model_hash")}
     save_bm25(emb_dir, params)
     return params
+
+
+
+
+class BM25Index:
+    """BM25 (bm25s, Lucene variant) over texts tokenised with bm25s.tokenize, English stopwords removed and, with
+    the stemmer on, every word reduced to its stem by the Snowball English stemmer (PyStemmer), so "queues"
+    matches "queueing". k1 (term frequency saturation) and b (length normalisation) default to bm25s's own;
+    mixret.retrieval.bm25 fits all three on validation pairs."""
+
+    def __init__(self, texts: Sequence[str], k1: float = BM25_K1, b: float = BM25_B, stemmer: bool = True,
+                 keep_terms: bool = False):
+        """keep_terms: keep each text's term statistics (its distinct term ids and their counts, and its length), so
+        that `updated` follows writes without tokenising the corpus again (memory of the order of the corpus's
+        distinct (text, term) pairs)."""
+        import bm25s
+        import Stemmer
+        if len(texts) == 0:
+            raise MixretError("cannot build a BM25 index over an empty corpus")
+        self.count = len(texts)
+        self.k1, self.b = k1, b
+        self.stemmer = Stemmer.Stemmer("english") if stemmer else None
+        self.retriever = bm25s.BM25(k1=k1, b=b)
+        self.vocab: dict[str, int] | None = None
+        self.doc_stats: list[tuple[np.ndarray, np.ndarray, int]] | None = None
+        if keep_terms:
+            self.vocab = {"": 0}   # bm25s's empty token, which no text holds
+            self._index_stats(self._term_stats(texts))
+        else:
+            tokens = bm25s.tokenize(list(texts), stopwords="en", stemmer=self.stemmer, show_progress=False)
+            self.retriever.index(tokens, show_progress=False)
+
+    def _term_stats(self, texts: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray, int]]:
+        """Each text's (distinct term ids int32, their counts float32, its number of terms), ids of self.vocab,
+        which grows by the terms it did not hold."""
+        vocab, out = self.vocab, []
+        for words in self.tokenize(texts):
+            ids = np.fromiter((vocab.setdefault(t, len(vocab)) for t in words), dtype=np.int64, count=len(words))
+            terms, counts = np.unique(ids, return_counts=True)
+            out.append((terms.astype(np.int32), counts.astype(np.float32), len(words)))
+        return out
+
+    def _index_stats(self, doc_stats: list[tuple[np.ndarray, np.ndarray, int]]) -> None:
+        """Score every (text, term) from the texts' term statistics, all at once: document frequencies, IDF, the mean
+        length and each score recomputed exactly as bm25s computes them text by text (the same float64 operations
+        in the same order, then float32), into the same sparse matrix, so that scores equal a fresh index's."""
+        import scipy.sparse as sp
+        self.doc_stats, self.count = doc_stats, len(doc_stats)
+        n, n_vocab = len(doc_stats), len(self.vocab)
+        lengths = np.array([length for _, _, length in doc_stats], dtype=np.int64)
+        sizes = np.array([len(terms) for terms, _, _ in doc_stats], dtype=np.int64)
+        terms = np.concatenate([t for t, _, _ in doc_stats]) if sizes.sum() else np.zeros(0, np.int32)
+        tf = np.concatenate([c for _, c, _ in doc_stats]).astype(np.float64) if sizes.sum() else np.zeros(0)
+        docs = np.repeat(np.arange(n, dtype=np.int32), sizes)
+        df = np.bincount(terms, minlength=n_vocab)
+        idf = np.zeros(n_vocab, dtype=np.float32)
+        held = np.flatnonzero(df)
+        ratio = 1 + (n - df[held] + 0.5) / (df[held] + 0.5)          # bm25s: math.log(1 + (N - df + 0.5) / (df + 0.5))
+        idf[held] = [math.log(r) for r in ratio.tolist()]
+        norm = self.k1 * ((1 - self.b) + self.b * lengths / lengths.mean())   # per text, float64
+        scores = (idf[terms].astype(np.float64) * (tf / (norm[docs] + tf))).astype(np.float32)
+        matrix = sp.csc_matrix((scores, (docs, terms)), shape=(n, n_vocab), dtype=np.float32)
+        r = self.retriever
+        r.scores = {"data": matrix.data, "indices": matrix.indices, "indptr": matrix.indptr, "num_docs": n}
+        r.vocab_dict, r.nonoccurrence_array = dict(self.vocab), None
+        r.unique_token_ids_set = set(r.vocab_dict.values())
+
+    def updated(self, keep: np.ndarray, texts: Sequence[str], added: np.ndarray) -> "BM25Index":
+        """The BM25 of the corpus after an update (see VectorIndex.updated for keep and added; texts: the new
+        corpus's), built from the kept term statistics: only the added texts are tokenised. Needs keep_terms."""
+        if self.doc_stats is None:
+            raise MixretError("this BM25 index was built without keep_terms; it cannot follow writes")
+        import bm25s
+        new = BM25Index.__new__(BM25Index)
+        new.k1, new.b, new.stemmer = self.k1, self.b, self.stemmer
+        new.retriever, new.vocab = bm25s.BM25(k1=self.k1, b=self.b), dict(self.vocab)
+        doc_stats: list = [None] * len(texts)
+        for old, row in enumerate(np.asarray(keep).tolist()):
+            if row >= 0:
+                doc_stats[row] = self.doc_stats[old]
+        added = np.asarray(added, dtype=np.int64).tolist()
+        for row, stats in zip(added, new._term_stats([texts[r] for r in added])):
+            doc_stats[row] = stats
+        if any(stats is None for stats in doc_stats):
+            raise MixretError("BM25 update: a row of the new corpus is neither kept nor added")
+        new._index_stats(doc_stats)
+        return new
+
+    def scores(self, query: str) -> np.ndarray:
+        """BM25 score of every corpus text for one query -> [M] float32 (0 when no query term is indexed)."""
+        return self.token_scores(self.tokenize([query])[0])
+
+    def tokenize(self, queries: Sequence[str]) -> list[list[str]]:
+        """Each query's words as the corpus's were tokenised (stopwords dropped, stemmed when the stemmer is on)."""
+        import bm25s
+        return bm25s.tokenize(list(queries), stopwords="en", stemmer=self.stemmer, return_ids=False,
+                              show_progress=False)
+
+    def token_scores(self, tokens: list[str]) -> np.ndarray:
+        """`scores` of a query already tokenised by `tokenize` -> [M] float32."""
+        known = [t for t in tokens if t in self.retriever.vocab_dict]
+        if not known:
+            return np.zeros(self.count, dtype=np.float32)
+        return self.retriever.get_scores(known).astype(np.float32)
+
+    def search(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """queries -> (scores [Q, k] float32, indices [Q, k] int64), best first, equal scores by corpus index."""
+        if not 1 <= k <= self.count:
+            raise MixretError(f"k must be between 1 and the corpus size {self.count}, got {k}")
+        out_scores = np.zeros((len(queries), k), dtype=np.float32)
+        out_indices = np.zeros((len(queries), k), dtype=np.int64)
+        for i, query in enumerate(queries):
+            s = self.scores(query)
+            top = np.argpartition(-s, k - 1)[:k] if k < self.count else np.arange(self.count)
+            cut = s[top].min()                                   # every text scoring above the cut is in top
+            tied = np.flatnonzero(s >= cut)                      # plus all texts tied at the cut
+            order = tied[np.lexsort((tied, -s[tied]))][:k]
+            out_scores[i], out_indices[i] = s[order], order
+        return out_scores, out_indices
+
+    def scores_of(self, queries: Sequence[str], cands: np.ndarray) -> np.ndarray:
+        """BM25 scores [Q, N] of corpus rows cands [Q, N] (-1 = none: 0)."""
+        out = np.zeros(cands.shape, dtype=np.float32)
+        for i, (q, c) in enumerate(zip(queries, cands)):
+            out[i] = np.where(c >= 0, self.scores(q)[np.where(c >= 0, c, 0)], 0.0)
+        return out

@@ -1,6 +1,6 @@
 """The baseline a user would pick instead: a sentence-transformers model fine-tuned on the same pairs.
 
-    from mixret.baseline import BaselineConfig, train_baseline
+    from mixret.training.baseline import BaselineConfig, train_baseline
     facts = train_baseline(BaselineConfig(model="all-MiniLM-L6-v2", pairs="train.jsonl.gz", out="runs/st",
                                           minutes=10, threads=1))
 
@@ -10,7 +10,7 @@ slice chosen by a hash of the id), so the baseline trains on exactly the pairs t
 its fusion weight is fitted on the same validation slice with the same fitted BM25. Training is what
 sentence-transformers documents for pairs: MultipleNegativesRankingLoss (in-batch negatives, scale 20) with
 AdamW at lr 2e-5 after a short linear warmup, batches of `batch_size` pairs drawn by (seed, epoch), until the
-minutes are spent. `STEncoder` gives the fine-tuned model the `encode` that mixret.evaluate calls.
+minutes are spent. `STEncoder` gives the fine-tuned model the `encode` that mixret.retrieval.evaluate calls.
 """
 from __future__ import annotations
 
@@ -22,7 +22,10 @@ from typing import Callable
 import numpy as np
 import torch
 
+from mixret.data import load_pairs
 from mixret.errors import MixretError
+from mixret.training.distill import load_teacher
+from mixret.training.finetune import distinct_pairs, fit_fusion, rank_metrics, validation_slice
 
 BASELINE_LR = 2e-5        # sentence-transformers' default learning rate for fine-tuning
 BASELINE_WARMUP = 10      # linear warmup steps (the length is set by the clock, so the warmup is in steps)
@@ -44,7 +47,8 @@ class BaselineConfig:
 
 
 class STEncoder:
-    """A SentenceTransformer with the `encode` mixret.evaluate calls (pooling and max_length are the model's own)."""
+    """A SentenceTransformer with the `encode` mixret.retrieval.evaluate calls (pooling and max_length are the
+    model's own)."""
 
     def __init__(self, model):
         self.model = model
@@ -56,7 +60,6 @@ class STEncoder:
 
     @classmethod
     def load(cls, directory: str) -> "STEncoder":
-        from mixret.distill import load_teacher
         return cls(load_teacher(directory, "cuda" if torch.cuda.is_available() else "cpu").model)
 
     def num_params(self) -> int:
@@ -64,9 +67,8 @@ class STEncoder:
 
 
 def split(cfg: BaselineConfig) -> tuple[list, list]:
-    """(training pairs, validation slice) exactly as mixret.finetune splits the same file with test_fraction 0."""
-    from mixret.data import load_pairs
-    from mixret.finetune import distinct_pairs, validation_slice
+    """(training pairs, validation slice) exactly as mixret.training.finetune splits the same file with test_fraction
+    0."""
     pairs, _ = distinct_pairs(load_pairs(cfg.pairs, cfg.query_field, cfg.target_field))
     return validation_slice(pairs, min(cfg.val_pairs, len(pairs) // 5))
 
@@ -75,8 +77,6 @@ def train_baseline(cfg: BaselineConfig, bm25_params, echo: Callable[[str], None]
     """Fine-tune cfg.model on the training pairs for cfg.minutes on cfg.threads threads, save it to cfg.out, fit
     the fusion weight on the validation slice with `bm25_params` -> facts for the quickstart report (with the
     Fusion under "fusion_object")."""
-    from mixret.distill import load_teacher
-    from mixret.finetune import fit_fusion, rank_metrics
 
     train, val = split(cfg)
     if len(train) < cfg.batch_size:

@@ -38,9 +38,13 @@ from typing import Sequence
 import numpy as np
 
 from mixret import io
-from mixret.embed import EMB_NAME, IDS_NAME, META_NAME, check_texts, load_emb_dir, versioned
+from mixret.data import read_corpus
 from mixret.errors import MixretError, where
-from mixret.search import INDEX_META_NAME, INDEX_NAME, VectorIndex
+from mixret.io import versioned
+from mixret.models.encode import DTYPES, EmbeddingSpec, check_texts, encode_texts, pick_device, truncation_message
+from mixret.retrieval.embeddings import EMB_NAME, IDS_NAME, META_NAME, load_emb_dir, load_model_checked
+import mixret.retrieval.milvus  # noqa: F401  (the milvus backend of VectorIndex.load)
+from mixret.retrieval.index import INDEX_META_NAME, INDEX_NAME, VectorIndex
 
 WAL_NAME = "writes.wal"
 LOCK_NAME = "write.lock"
@@ -169,7 +173,6 @@ def load_snapshot(emb_dir: str | os.PathLike, with_index: bool = True, loaded=No
     """The EMB_DIR as it is, with the writes of its log that its files do not hold yet applied
     -> (snapshot, how many log lines were applied). with_index: load its vector index (an error when it has
     none; refused when it was made from other embeddings); loaded: what load_emb_dir already read of it."""
-    from mixret.embed import EmbeddingSpec
     emb, ids, texts, meta = loaded if loaded is not None else load_emb_dir(emb_dir)
     index = None
     if with_index:
@@ -195,7 +198,6 @@ def write_version(emb_dir: str | os.PathLike, snap: Snapshot, update: dict | Non
     import torch
     from safetensors.torch import save_file
 
-    from mixret.embed import DTYPES
     directory = Path(emb_dir)
     version = snap.version + 1
     _remove_uncommitted(directory, snap.version)
@@ -394,8 +396,6 @@ def clear_log(emb_dir: str | os.PathLike) -> None:
 def folder_encoder(emb_dir: str | os.PathLike, meta: dict, model_dir=None, batch_size: int = 64, device=None):
     """A function texts -> embeddings [n, D] float32 made as the EMB_DIR's were: its model (meta.json's
     model_path unless model_dir; refused when its weights differ), pooling and max_length, rounded to its dtype."""
-    from mixret.embed import DTYPES, encode_texts, pick_device, truncation_message
-    from mixret.search import load_model_checked
 
     model_dir = model_dir or meta.get("model_path")
     if model_dir is None:
@@ -439,7 +439,6 @@ def update_folder(emb_dir: str | os.PathLike, add=None, delete=None, field_name:
     (replacing those whose id exists), embedding only them; write and commit the folder's next version
     -> {"added", "replaced", "deleted", "count", "version", "index": factory or None, "removed": vectors left in
     an approximate index}."""
-    from mixret.data import read_corpus
     if add is None and delete is None:
         raise MixretError("nothing to update: give --add FILE and/or --delete IDS_FILE")
     with WriteLock(emb_dir):

@@ -1,9 +1,9 @@
 """Contrastive fine-tuning: a language model trained as a bi-encoder on (query, document) pairs.
 
-    from mixret.finetune import FinetuneConfig, finetune
+    from mixret.training.finetune import FinetuneConfig, finetune
     out = finetune(FinetuneConfig(pairs="pairs.jsonl", init="runs/mm", out="runs/mm-ft", budget_minutes=5))
 
-Each step embeds a batch of B queries and their B documents with the same model (`mixret.embed.pool`, so the
+Each step embeds a batch of B queries and their B documents with the same model (`mixret.models.encode.pool`, so the
 pooling is exactly the one `encode` uses later) and scores every query against every document of the batch:
 logits = q_i . d_j / temperature on L2-normalised embeddings. The loss is InfoNCE with in-batch negatives:
 cross-entropy of each query over the batch's documents and (symmetric) of each document over the queries.
@@ -16,7 +16,8 @@ new model of the options' size starts from random init (`mixing_init` "mean" by 
 starts as the mean of the text, so last-token pooling learns from the first step), with a BPE tokenizer
 trained on the training pairs. The output is a model folder whose config records the pooling, so `embed`,
 `search` and `evaluate` use it without being told, plus fusion.json: the weight of `fusion` search, and
-bm25.json: BM25's k1, b and stemmer (mixret.bm25), both fitted on the validation slice (the fusion weight with the
+bm25.json: BM25's k1, b and stemmer (mixret.retrieval.bm25), both fitted on the validation slice (the fusion weight
+with the
 fitted BM25).
 
 Pairs: the held-out test split (by a hash of the id, as train-matcher and evaluate use) is never trained on;
@@ -41,14 +42,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mixret import io, loop
-from mixret.bm25 import BM25_NAME, BM25Params, fit_bm25, save_bm25
+from mixret import io
+from mixret.data import bundled_pairs_path, load_pairs, sources_record, split_pairs
 from mixret.distributed import Distributed
-from mixret.embed import POOLINGS, embed_sequences, pad_sequences, pool, token_sequences
 from mixret.errors import MixretError
-from mixret.fusion import FUSION_METHODS, FUSION_NAME, Fusion, fit_weight, mrr_at
-from mixret.loop import LoopConfig
-from mixret.models import ARCHS, ModelConfig, build_model
+from mixret.models.config import ARCHS, ModelConfig
+from mixret.models.encode import POOLINGS, embed_sequences, pad_sequences, pool, token_sequences
+from mixret.models.zoo import build_model, load
+from mixret.retrieval.bm25 import BM25_NAME, BM25Index, BM25Params, fit_bm25, save_bm25
+from mixret.retrieval.fusion import FUSION_METHODS, FUSION_NAME, Fusion, fit_weight, mrr_at
+from mixret.retrieval.search import Retriever
+from mixret.tokenizer import load_tokenizer, make_tokenizer
+from mixret.training import loop
+from mixret.training.loop import LoopConfig
 
 LENGTH_CHUNK = 50         # batches per length-sorted chunk
 HARD_NEGATIVES = ("none", "bm25")
@@ -181,7 +187,6 @@ def drop_tokens(seq: list[int], p: float, rng: np.random.Generator, keep_last: b
 def bm25_hard_negatives(documents: list[str], queries: list[str], depth: int = 10) -> np.ndarray:
     """For each query i, the document BM25 ranks highest among those that are not document i -> [N] indices
     (a random other document when BM25 finds none)."""
-    from mixret.search import BM25Index
     _, top = BM25Index(documents).search(queries, min(depth, len(documents)))
     rng = np.random.default_rng(0)
     out = np.empty(len(queries), dtype=np.int64)
@@ -244,7 +249,6 @@ def fit_fusion(q: np.ndarray, d: np.ndarray, val: list, bm25_params: BM25Params,
                source: str) -> tuple[Fusion, float]:
     """The fusion weight fitted on the validation pairs `val` (their query and document embeddings q, d [N, E],
     unit norm) with the fitted BM25 -> (the Fusion, its validation R@1)."""
-    from mixret.search import Retriever
     depth = Fusion(method=method).depth
     retriever = Retriever(d, [p.target for p in val], bm25_params=bm25_params)
     cands, dense, lexical = retriever.fusion_candidates(q, [p.query for p in val], depth)
@@ -259,7 +263,7 @@ def fit_fusion(q: np.ndarray, d: np.ndarray, val: list, bm25_params: BM25Params,
 def finetune(cfg: FinetuneConfig) -> Path:
     """Fine-tune as `cfg` says -> the output folder (mixret.load reads it), or the checkpoint written when
     `loop.stop_after` ended the run early. Raises MixretError for bad options or input (before anything is
-    written) and mixret.loop.Interrupted after SIGINT/SIGTERM (with a checkpoint)."""
+    written) and mixret.training.loop.Interrupted after SIGINT/SIGTERM (with a checkpoint)."""
     cfg.validate()
     with Distributed.from_env() as dist:
         task = FinetuneTask(cfg, dist)
@@ -334,7 +338,6 @@ class FinetuneTask:
         loop.say(self.dist, message)
 
     def load_pairs(self) -> None:
-        from mixret.data import bundled_pairs_path, load_pairs, split_pairs
         cfg = self.cfg
         path = Path(cfg.pairs) if cfg.pairs is not None else bundled_pairs_path()
         pairs = load_pairs(path, cfg.query_field, cfg.target_field)
@@ -350,8 +353,6 @@ class FinetuneTask:
         self.source = str(path)
 
     def build_model(self) -> None:
-        from mixret.models import load
-        from mixret.tokenizer import load_tokenizer, make_tokenizer
         cfg = self.cfg
         if self.from_folder:
             lm = load(cfg.init)
@@ -371,7 +372,6 @@ class FinetuneTask:
             lm.tokenizer = self.tokenizer
         if cfg.pool_head and cfg.pooling != "mean" and lm.pool_head is None and not self.is_embedder(lm):
             lm.add_pool_head()
-        from mixret.data import sources_record
         lm.trained_on = (lm.trained_on or []) + sources_record([self.source], self.cfg.test_fraction or None)
         if not lm.config.tie_embeddings:       # embeddings never use the LM head: frozen, as DDP needs every
             lm.lm_head.requires_grad_(False)   # trained parameter to get a gradient
@@ -448,7 +448,6 @@ class FinetuneTask:
     @functools.cached_property
     def bm25_params(self) -> BM25Params:
         """BM25's k1, b and stemmer fitted on the validation pairs (they do not depend on the model: fitted once)."""
-        from mixret.data import sources_record
         return fit_bm25([p.query for p in self.val], [p.target for p in self.val],
                         on=f"{len(self.val)} validation pairs of {self.source}",
                         trained_on=sources_record([self.source], self.cfg.test_fraction or None))

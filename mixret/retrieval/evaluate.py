@@ -12,11 +12,11 @@ When bm25 is among the modes, every other mode is compared with it query by quer
 first that BM25 does not (wins), the reverse (losses), and the exact two-sided McNemar p-value of that
 difference (a binomial test on the discordant queries, scipy.stats.binomtest). A mode is clearly better than
 BM25 only where p is small (below 0.05, say), not merely where its R@1 is higher. BM25 is the one fitted with
-the model when its k1, b and stemmer are given (mixret.bm25) and differ from the defaults; then the default
+the model when its k1, b and stemmer are given (mixret.retrieval.bm25) and differ from the defaults; then the default
 BM25 is reported beside it ("bm25_default"), compared with the fitted one the same way.
 
 Ties are pessimistic: the relevant document is ranked after every document that scores the same as it
-(see `mixret.search`: each search gets the relevant documents as `losers`). A model that gives every
+(see `mixret.retrieval.search`: each search gets the relevant documents as `losers`). A model that gives every
 document the same score therefore finds nothing (R@1 = 0), rather than whatever the search library's
 order of equal scores happens to favour.
 """
@@ -27,9 +27,10 @@ from typing import Sequence
 
 import numpy as np
 
-from mixret.data import drop_repeated_queries
+from mixret.data import BUNDLED_TEST_FRACTION, drop_repeated_queries, file_hash
 from mixret.errors import MixretError
-from mixret.search import MODES, SHORTLIST_SOURCES, Retriever
+from mixret.retrieval.bm25 import BM25Params
+from mixret.retrieval.search import MODES, SHORTLIST_SOURCES, Retriever
 
 METRICS = {"R@1": "recall@1", "R@10": "recall@10", "MRR@10": "mrr@10", "nDCG@10": "ndcg@10"}
 EVAL_MODES = MODES + ("all",)
@@ -59,7 +60,6 @@ def held_out_split(pairs_path, trainers: dict[str, list | None], test_fraction: 
     warning when it reaches into a training split. A model trained on every pair of the file is a warning:
     nothing in that file is held out from it.
     """
-    from mixret.data import BUNDLED_TEST_FRACTION, file_hash
 
     digest = file_hash(pairs_path)
     fractions, unknown, whole, warnings = {}, [], [], []
@@ -143,10 +143,11 @@ def evaluate_pairs(pairs: Sequence, model=None, matcher=None, modes: str | Seque
     """Search every query of `pairs` (the first `limit`) among all their distinct targets in each mode.
 
     model: anything with `encode(texts, batch_size=..., pooling=..., max_length=...) -> [N, E]` (a mixret
-    language model), needed by every mode but bm25; pooling, max_length: as for `mixret.embed.encode` (embed
-    the texts the way the matcher's training pairs were: see mixret.embed.resolve_spec); matcher: a mixret
-    Matcher, needed by tree and hybrid (and ignored by the other modes); fusion: a mixret.fusion.Fusion, needed
-    by fusion; bm25_params: a mixret.bm25.BM25Params for bm25, fusion and a bm25 shortlist (default: the
+    language model), needed by every mode but bm25; pooling, max_length: as for `mixret.models.encode.encode` (embed
+    the texts the way the matcher's training pairs were: see mixret.models.encode.resolve_spec); matcher: a mixret
+    Matcher, needed by tree and hybrid (and ignored by the other modes); fusion: a mixret.retrieval.fusion.Fusion,
+    needed
+    by fusion; bm25_params: a mixret.retrieval.bm25.BM25Params for bm25, fusion and a bm25 shortlist (default: the
     defaults; a matcher's bm25 feature always keeps them). Pairs repeating an earlier query are dropped
     (drop_repeated_queries). Returns a report dict with the corpus facts, chance levels, the BM25 parameters
     used and, per mode, the metrics, queries/s and matcher passes/query; with
@@ -244,7 +245,6 @@ def uses_bm25(modes: Sequence[str], shortlist_from: str = "vector") -> bool:
 
 def _bm25_record(params) -> dict:
     """k1, b and stemmer of a BM25Params (None: the defaults), and whether they were fitted."""
-    from mixret.bm25 import BM25Params
     params = params if params is not None else BM25Params()
     return {"k1": params.k1, "b": params.b, "stemmer": params.stemmer, "fitted": bool(params.fitted)}
 

@@ -20,7 +20,8 @@ import numpy as np
 
 from mixret import io
 from mixret.errors import MixretError
-from mixret.search import INDEX_META_NAME, VectorIndex, _as_matrix, _normalized
+from mixret.io import versioned
+from mixret.retrieval.index import INDEX_META_NAME, VectorIndex, _as_matrix, _normalized
 
 BACKENDS = ("faiss", "milvus")
 INSERT_BATCH = 5000         # entities sent in one insert call
@@ -148,7 +149,6 @@ class MilvusIndex(VectorIndex):
                           f"then put the result into Milvus again (`mixret index EMB_DIR --backend milvus --uri ...`)")
 
     def save(self, directory, version: int = 0) -> list[str]:
-        from mixret.embed import versioned
         name = versioned(INDEX_META_NAME, version)
         io.write_json(Path(directory) / name, {
             **self.meta, "backend": "milvus", "uri": self.uri, "collection": self.collection,
@@ -176,3 +176,6 @@ class MilvusIndex(VectorIndex):
         known = ("backend", "uri", "collection", "factory", "metric", "normalize", "dim", "count", "removed")
         return cls(client, meta["uri"], collection, meta["metric"], bool(meta["normalize"]), meta["dim"],
                    meta["count"], {k: v for k, v in meta.items() if k not in known})
+
+
+VectorIndex.backends["milvus"] = MilvusIndex
