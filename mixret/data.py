@@ -287,6 +287,22 @@ def split_pairs(pairs: Iterable[Pair], test_fraction: float = 0.1) -> tuple[list
     return train, test
 
 
+@dataclass
+class PairSplit:
+    train: list[Pair]
+    test: list[Pair]
+    repeated: int      # pairs dropped because they repeat an earlier query
+
+
+def load_split(path: str | os.PathLike, query_field: str = "summary", target_field: str = "document",
+               test_fraction: float = 0.1) -> PairSplit:
+    """A pairs file as every command that splits one reads it: its pairs, those repeating an earlier query
+    dropped (drop_repeated_queries), then split by a hash of the id (split_pairs)."""
+    pairs, repeated = drop_repeated_queries(load_pairs(path, query_field, target_field))
+    train, test = split_pairs(pairs, test_fraction)
+    return PairSplit(train, test, repeated)
+
+
 def write_pairs_jsonl(
     pairs: Iterable[Pair],
     path: str | os.PathLike,

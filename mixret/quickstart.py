@@ -23,6 +23,7 @@ import torch
 from mixret import io
 from mixret.data import bundled_splits, drop_repeated_queries, load_pairs, split_pairs, write_pairs_jsonl
 from mixret.errors import MixretError
+from mixret.options import option
 from mixret.models.config import ModelConfig
 from mixret.models.encode import EmbeddingSpec, encode
 from mixret.models.matcher import MatcherConfig
@@ -36,8 +37,9 @@ from mixret.tokenizer import make_tokenizer
 from mixret.training.baseline import BaselineConfig, STEncoder, train_baseline
 from mixret.training.finetune import FINETUNE_LOOP, FinetuneConfig, finetune
 from mixret.training.loop import TRAIN_CONFIG_NAME, LoopConfig, last_metric
-from mixret.training.matcher import dedupe_queries, train_matcher
+from mixret.training.matcher import matcher_on_pairs
 from mixret.training.pretrain import TrainConfig, pretrain
+from mixret.training.finetune import HARD_NEGATIVES
 
 ARCHS = ("masked-mixer", "llama")
 TRAIN_SHARE = 0.7        # of the budget, for training the architectures (side by side, or half each); the rest: the
@@ -49,27 +51,39 @@ MATCHER_CONTEXT = 32     # the matcher's slots: the query and 31 candidates
 
 @dataclass
 class QuickstartConfig:
-    out: str = "quickstart-out"
-    budget_minutes: float = 14.0     # wall-clock target for the whole run; TRAIN_SHARE of it trains the two models
-    pairs: str | None = None         # training pairs (any format mixret reads); None: the bundled corpus
-    test_pairs: str | None = None    # held-out pairs; None: the test split of `pairs` (by a hash of the id)
-    query_field: str = "summary"
-    target_field: str = "document"
-    pretrain_share: float = 0.0      # of each model's training time spent on CLM pretraining before fine-tuning
-    d_model: int = 256
-    layers: int = 4
-    context: int = 256
-    batch_size: int = 32             # fine-tuning pairs per step (in-batch negatives)
-    hard_negatives: str = "none"
-    max_pairs: int | None = None     # use only the first N training pairs (for quick trials)
-    tree_queries: int = 100          # tree mode scores the whole corpus per query: run it on a sample
-    matcher_pairs: int = 3000        # training pairs the matcher sees
-    matcher_epochs: int = 10
-    matcher_d_model: int = 128
-    matcher_layers: int = 2
-    baseline: str | None = None      # a sentence-transformers model name or folder: fine-tuned on the same pairs for
-                                     # the minutes and threads each mixret model had, after them, and scored beside
-    seed: int = 0
+    """Everything `mixret quickstart` takes; `run(QuickstartConfig())` is the command with no options."""
+    out: str = option("quickstart-out", "Folder for everything the run writes (models, matchers, embeddings, "
+                                        "results).")
+    budget_minutes: float = option(14.0, "Target wall-clock time of the whole run; 70 % of it trains the two models "
+                                         "(side by side on a CPU, each on half the threads; one after the other on a "
+                                         "GPU).")
+    pairs: str | None = option(None, "Your own training pairs (any pairs format mixret reads).",
+                               show="the bundled Debian pairs")
+    test_pairs: str | None = option(None, "Your own held-out pairs.", show="the test split of --pairs (by a hash of "
+                                                                            "the id)")
+    query_field: str = option("summary", "Pairs field with the queries.")
+    target_field: str = option("document", "Pairs field with the documents.")
+    pretrain_share: float = option(0.0, "Share of each model's training time spent on CLM pretraining before "
+                                        "contrastive fine-tuning.")
+    d_model: int = option(256, "Width of both language models.")
+    layers: int = option(4, "Blocks of both language models.")
+    context: int = option(256, "Context of both language models.")
+    batch_size: int = option(32, "Fine-tuning pairs per step.")
+    hard_negatives: str = option("none", "Fine-tuning: bm25 adds each query's highest-ranked wrong document to its "
+                                         "batch.", choices=HARD_NEGATIVES)
+    max_pairs: int | None = option(None, "Use only this many training pairs (for quick trials).")
+    tree_queries: int = option(100, "Queries evaluated in tree mode (it scores the whole corpus per query).")
+    matcher_pairs: int = option(3000, "Training pairs the matchers see.")
+    matcher_epochs: int = option(10, "Matcher training epochs.")
+    matcher_d_model: int = option(128, "Matcher width.")
+    matcher_layers: int = option(2, "Matcher blocks.")
+    baseline: str | None = option(
+        None, "A sentence-transformers model (hub name or folder) to compare with: after the mixret models, it is "
+              "fine-tuned with MultipleNegativesRankingLoss on the same training pairs for the same minutes and "
+              "threads each of them had (outside the budget), its fusion weight fitted on the same validation slice, "
+              "and scored in the same table (vector and fusion, won/lost against the same fitted BM25, documents "
+              "embedded per second). Needs pip install 'mixret[st]'.")
+    seed: int = option(0, "Seed of every model, matcher and sample.")
 
     def validate(self) -> None:
         if not self.budget_minutes > 0:
@@ -274,18 +288,13 @@ def _run(cfg: QuickstartConfig, echo: Callable[[str], None]) -> dict:
         echo(f"== {arch}: embedding {2 * (len(mtrain) + len(test))} texts, training the matcher")
         q = encode(model, [p.query for p in mtrain + test])
         t = encode(model, [p.target for p in mtrain + test])
-        n = len(mtrain)
-        (tq, tt, tkeep), (sq, st, skeep) = dedupe_queries(q[:n], t[:n]), dedupe_queries(q[n:], t[n:])
-        texts = [([ps[i].query for i in keep], [ps[i].target for i in keep])
-                 for ps, keep in ((mtrain, tkeep), (test, skeep))]
         spec = EmbeddingSpec.of_model(model_dir)
-        mcfg = MatcherConfig(emb_dim=q.shape[1], context=MATCHER_CONTEXT, d_model=cfg.matcher_d_model,
-                             n_layers=cfg.matcher_layers, embedder=spec.model_hash, pooling=spec.pooling,
-                             max_length=spec.max_length, trained_on=model.trained_on, features=["bm25", "cosine"])
-        matcher, mmetrics = train_matcher(tq, tt, sq, st, mcfg, epochs=cfg.matcher_epochs, seed=cfg.seed,
-                                          hard_negatives=(MATCHER_CONTEXT - 2) // 2, train_texts=texts[0],
-                                          test_texts=texts[1], out_dir=out / "matchers" / arch, progress=False,
-                                          overwrite=True)
+        mcfg = MatcherConfig(context=MATCHER_CONTEXT, d_model=cfg.matcher_d_model, n_layers=cfg.matcher_layers,
+                             features=["bm25", "cosine"])
+        matcher, mmetrics = matcher_on_pairs(mtrain, test, q, t, spec, model.trained_on, mcfg,
+                                             out / "matchers" / arch, epochs=cfg.matcher_epochs, seed=cfg.seed,
+                                             hard_negatives=(MATCHER_CONTEXT - 2) // 2, progress=False,
+                                             overwrite=True)
 
         # 4. the test documents embedded and indexed: the corpus `mixret search` searches below
         emb_dir = out / "emb" / arch

@@ -146,7 +146,7 @@ def test_distill_resumed_after_sigterm_gives_the_weights_of_an_uninterrupted_run
     run = tmp_path / "run"
     script = textwrap.dedent(f"""
         import json, time
-        from mixret import distill
+        from mixret.training import distill
         from mixret.training.pretrain import TrainConfig, pretrain
         slow = distill.DistillTask.micro_batch
         distill.DistillTask.micro_batch = lambda self, *a: (time.sleep(0.05), slow(self, *a))[1]

@@ -68,7 +68,7 @@ def test_finetune_sigterm_then_resume_gives_the_weights_of_an_uninterrupted_run(
     run = tmp_path / "run"
     script = textwrap.dedent(f"""
         import time
-        from mixret import finetune as ft
+        from mixret.training import finetune as ft
         from mixret.training.finetune import FinetuneConfig, finetune
         from mixret.training.loop import LoopConfig
         from mixret.models import ModelConfig

@@ -10,7 +10,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "mixret"
 MAX_DEFERRED = 15
-GROUND = ("errors", "io", "data", "tokenizer", "distributed", "autocast", "version")
+GROUND = ("errors", "io", "data", "tokenizer", "distributed", "autocast", "version", "options")
 FLOORS = {"ground": 0, "models": 1, "retrieval": 2, "training": 3, "apps": 4}
 APPS = ("cli", "serve", "quickstart")
 

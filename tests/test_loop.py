@@ -6,6 +6,8 @@ import textwrap
 from pathlib import Path
 
 import click
+
+from mixret.options import option
 import numpy as np
 import pytest
 import torch
@@ -56,7 +58,7 @@ def test_matcher_sigterm_and_resume_give_the_weights_of_an_uninterrupted_run(tmp
     # a slow run in a subprocess (each step sleeps), stopped by SIGTERM once two epochs are logged
     script = textwrap.dedent(f"""
         import time, numpy as np
-        from mixret import matcher
+        from mixret.training import matcher
         from mixret.training.matcher import MatcherConfig, train_matcher
         slow = matcher.MatcherTask.on_step
         matcher.MatcherTask.on_step = lambda self, step, loss: (time.sleep(0.05), slow(self, step, loss))
@@ -247,13 +249,13 @@ def test_every_model_field_is_a_pretrain_option():
 
 
 def test_a_new_model_field_appears_in_pretrain_help():
-    """A field added to ModelConfig becomes an option through the same generator the pretrain command uses."""
+    """A field added to ModelConfig becomes an option through the same generator every command uses."""
     @dataclasses.dataclass
     class Extended(ModelConfig):
-        attn_window: int = dataclasses.field(default=7, metadata={"help": "a brand-new model option"})
+        attn_window: int = option(7, "a brand-new model option")
 
     @click.command()
-    @cli.model_options_for(Extended)
+    @cli.config_options(Extended)
     def command(**options):
         click.echo(json.dumps(options))
 

@@ -18,11 +18,12 @@ from mixret.cli import main
 from mixret.data import bundled_pairs_path, load_texts
 from mixret.errors import MixretError
 from mixret.tokenizer import ByteTokenizer
-from mixret.training import loop, train_data
+from mixret.training import loop, text_task, train_data
 from mixret.training import pretrain as train
 from mixret.training.checkpoint import latest_checkpoint, list_checkpoints, optimizer_from_flat, optimizer_to_flat
 from mixret.training.loop import LoopConfig, lr_factor
 from mixret.training.pretrain import NextTokenLoss, TrainConfig, pretrain, resolve_options
+from mixret.training.text_task import DEFAULT_STEPS
 from mixret.training.train_data import Stream, document_sequences, micro_batches, packed_sequences
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -445,7 +446,7 @@ def test_cli_help_shows_the_real_defaults():
                        ("--val-fraction", "val_fraction"), ("--log-every", "log_every")):
         line = next(line for line in result.output.splitlines() if line.strip().startswith(flag))
         assert f"[default: {getattr(defaults, name)}]" in line, line
-    assert f"[default: {train.DEFAULT_STEPS}]" in next(l for l in result.output.splitlines() if "--steps" in l)
+    assert f"[default: {DEFAULT_STEPS}]" in next(l for l in result.output.splitlines() if "--steps" in l)
 
 
 @pytest.mark.slow
@@ -459,7 +460,7 @@ def test_default_run_with_no_options(tmp_path, monkeypatch):
     model = mixret.load(out)
     assert model.config.arch == "masked-mixer" and model.tokenizer.kind == "bpe"
     recs = metrics(out)
-    assert recs[-1]["step"] == train.DEFAULT_STEPS
+    assert recs[-1]["step"] == DEFAULT_STEPS
     assert recs[-1]["val_loss"] < 5.6  # a unigram model scores 6.8 on this split
 
 
@@ -480,8 +481,8 @@ def test_default_data_is_the_bundled_training_split(tmp_path, monkeypatch):
     from mixret.data import BUNDLED_TEST_FRACTION, file_hash, load_pairs, split_pairs
     monkeypatch.setenv("MIXRET_CACHE", str(tmp_path / "cache"))
     read = []                                                  # the documents pretraining tokenizes
-    tokenize = train.tokenize_corpus
-    monkeypatch.setattr(train, "tokenize_corpus",
+    tokenize = text_task.tokenize_corpus
+    monkeypatch.setattr(text_task, "tokenize_corpus",
                         lambda texts, *args, **kw: (read.extend(texts["text"]), tokenize(texts, *args, **kw))[1])
     run = pretrain(TrainConfig(tokenizer="bytes", d_model=16, layers=1, context=32, batch_size=2, steps=1,
                                eval_every=1, val_max_docs=20, out=str(tmp_path / "run")))

@@ -7,52 +7,45 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from mixret import io
 from mixret.errors import MixretError
+from mixret.options import option, option_fields
 
 ARCHS = ("masked-mixer", "hypermixer", "llama")
 MIXING_INITS = ("random", "mean")
 
 
-def _option(default, help: str, name: str | None = None, arch: str | None = None, choices: tuple | None = None):
-    """A ModelConfig field with its help text; `name` is the option's name when it differs from the field's
-    (--layers for n_layers); `arch` the only arch it applies to; `choices` its allowed values."""
-    return field(default=default, metadata={"help": help, "option": name, "arch": arch, "choices": choices})
-
-
 @dataclass
 class ModelConfig:
-    arch: str = _option("masked-mixer", "Architecture.", choices=ARCHS)
-    vocab_size: int = field(default=4096, metadata={"help": "Vocabulary size (set by the tokenizer).",
-                                                    "option": None, "derived": True})
-    d_model: int = _option(256, "Model width.")
-    n_layers: int = _option(8, "Number of blocks.", name="layers")
-    context: int = _option(512, "Longest sequence, in tokens; longer documents are truncated.")
-    ff_mult: int = _option(4, "Feed-forward expansion: Linear(d, ff_mult*d) GELU Linear(ff_mult*d, d).")
-    dropout: float = _option(0.0, "Dropout rate.")
-    drop_path: float = _option(0.0, "Stochastic depth rate at the last layer (0 at the first).")
-    tie_embeddings: bool = _option(False, "Share the input embedding and the LM head.")
-    mixing_init: str = _option("random", "Token-mixing init: random, or mean (every mixing starts as the running "
+    arch: str = option("masked-mixer", "Architecture.", choices=ARCHS)
+    vocab_size: int = option(4096, "Vocabulary size (set by the tokenizer).", derived=True)
+    d_model: int = option(256, "Model width.")
+    n_layers: int = option(8, "Number of blocks.", name="layers")
+    context: int = option(512, "Longest sequence, in tokens; longer documents are truncated.")
+    ff_mult: int = option(4, "Feed-forward expansion: Linear(d, ff_mult*d) GELU Linear(ff_mult*d, d).")
+    dropout: float = option(0.0, "Dropout rate.")
+    drop_path: float = option(0.0, "Stochastic depth rate at the last layer (0 at the first).")
+    tie_embeddings: bool = option(False, "Share the input embedding and the LM head.")
+    mixing_init: str = option("random", "Token-mixing init: random, or mean (every mixing starts as the running "
                                "mean of its prefix, so the last position summarises the whole text).",
                                choices=MIXING_INITS)
-    mixer_expand: bool = _option(False, "masked-mixer: two mixing matrices with GELU between.", arch="masked-mixer")
-    mixer_heads: int = _option(1, "masked-mixer: mixing heads (project, one matrix per head, project back).",
+    mixer_expand: bool = option(False, "masked-mixer: two mixing matrices with GELU between.", arch="masked-mixer")
+    mixer_heads: int = option(1, "masked-mixer: mixing heads (project, one matrix per head, project back).",
                                arch="masked-mixer")
-    mixer_kernel: int = _option(1, "masked-mixer: mixing matrices convolved along d_model.", arch="masked-mixer")
-    hyper_dim: int = _option(64, "hypermixer: size of the generated token-mixing weights per head.",
+    mixer_kernel: int = option(1, "masked-mixer: mixing matrices convolved along d_model.", arch="masked-mixer")
+    hyper_dim: int = option(64, "hypermixer: size of the generated token-mixing weights per head.",
                              arch="hypermixer")
-    hyper_heads: int = _option(1, "hypermixer: heads.", arch="hypermixer")
-    hyper_tied: bool = _option(False, "hypermixer: one hypernetwork generates both mixing weights.",
+    hyper_heads: int = option(1, "hypermixer: heads.", arch="hypermixer")
+    hyper_tied: bool = option(False, "hypermixer: one hypernetwork generates both mixing weights.",
                                arch="hypermixer")
-    hyper_chunk: int = _option(64, "hypermixer: positions per chunk of the prefix-sum computation.",
+    hyper_chunk: int = option(64, "hypermixer: positions per chunk of the prefix-sum computation.",
                                arch="hypermixer")
-    pool_head: bool = field(default=False, metadata={
-        "help": "An embedding head over the last hidden layer (added by finetune with last-token pooling).",
-        "option": None, "derived": True})
-    n_heads: int = _option(4, "llama: attention heads.", arch="llama")
-    rope_theta: float = _option(10000.0, "llama: RoPE base.", arch="llama")
+    pool_head: bool = option(False, "An embedding head over the last hidden layer (added by finetune with "
+                                    "last-token pooling).", derived=True)
+    n_heads: int = option(4, "llama: attention heads.", arch="llama")
+    rope_theta: float = option(10000.0, "llama: RoPE base.", arch="llama")
 
     def __post_init__(self):
         self.validate()
@@ -97,5 +90,4 @@ class ModelConfig:
 
 def model_options(config_class: type = ModelConfig) -> dict[str, dataclasses.Field]:
     """Option name -> ModelConfig field, for every field a user sets (not those derived, like vocab_size)."""
-    return {f.metadata.get("option") or f.name: f for f in dataclasses.fields(config_class)
-            if not f.metadata.get("derived")}
+    return option_fields(config_class)

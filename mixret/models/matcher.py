@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from mixret import io
 from mixret.data import drop_repeated_queries  # noqa: F401  (mixret.data.drop_repeated_queries)
 from mixret.errors import MixretError
+from mixret.options import option
 from mixret.models.layers import FeedForward
 
 FEATURES = ("bm25", "cosine")  # per-candidate score features a matcher may take, in this order
@@ -22,18 +23,22 @@ FEATURES = ("bm25", "cosine")  # per-candidate score features a matcher may take
 
 @dataclass
 class MatcherConfig:
-    emb_dim: int                # size of the query and target embeddings
-    d_model: int = 256
-    n_layers: int = 4
-    context: int = 32           # slots: 1 query + context-1 candidates
-    ff_mult: int = 4            # feed-forward expansion: Linear(d, ff_mult*d) GELU Linear(ff_mult*d, d)
-    dropout: float = 0.0
-    query_product: bool = True  # feed each candidate slot proj(c * q) as well as proj(c)
-    embedder: str | None = None  # file hash of the LM that produced the embeddings, when known
-    pooling: str | None = None   # how those embeddings were pooled (mixret.models.encode.EmbeddingSpec), when known
-    max_length: int | None = None  # and how many tokens of each text they kept
-    trained_on: list | None = None  # the pairs file(s) that trained it (mixret.data.sources_record)
-    features: list[str] = field(default_factory=list)  # per-candidate scores fed to each slot: bm25, cosine
+    emb_dim: int = option(0, "Size of the query and target embeddings (set from them).", derived=True)
+    d_model: int = option(256, "Matcher width.")
+    n_layers: int = option(4, "Mixer blocks.", name="layers")
+    context: int = option(32, "Matcher slots: the query and context-1 candidates.")
+    ff_mult: int = option(4, "Feed-forward expansion: Linear(d, ff_mult*d) GELU Linear(ff_mult*d, d).")
+    dropout: float = option(0.0, "Dropout rate.")
+    query_product: bool = option(True, "Feed each candidate slot proj(c * q) as well as proj(c).")
+    embedder: str | None = option(None, "File hash of the LM that produced the embeddings, when known.", derived=True)
+    pooling: str | None = option(None, "How those embeddings were pooled (EmbeddingSpec), when known.", derived=True)
+    max_length: int | None = option(None, "And how many tokens of each text they kept.", derived=True)
+    trained_on: list | None = option(None, "The pairs file(s) that trained it (mixret.data.sources_record).",
+                                     derived=True)
+    features: list[str] = option(help="Per-candidate scores fed to each slot, comma-separated: bm25 (the "
+                                      "candidate's BM25 score for the query), cosine (of the embeddings); none for "
+                                      "neither. Each is z-scored within its set (docs/bench/matcher_features.md).",
+                                 factory=list, split=",")
 
     def __post_init__(self):
         if isinstance(self.features, str) or not all(f in FEATURES for f in self.features) \
@@ -41,7 +46,7 @@ class MatcherConfig:
             raise MixretError(f"matcher features must be distinct names among {', '.join(FEATURES)}, "
                               f"got {self.features!r}")
         self.features = [f for f in FEATURES if f in self.features]
-        for name in ("emb_dim", "d_model", "n_layers", "ff_mult"):
+        for name in ("d_model", "n_layers", "ff_mult"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise MixretError(f"matcher {name} must be a positive integer, got {getattr(self, name)!r}")
         if not isinstance(self.context, int) or self.context < 3:
@@ -102,6 +107,8 @@ class MixerBlock(nn.Module):
 class Matcher(nn.Module):
     def __init__(self, config: MatcherConfig):
         super().__init__()
+        if not isinstance(config.emb_dim, int) or config.emb_dim < 1:
+            raise MixretError(f"matcher emb_dim must be a positive integer, got {config.emb_dim!r}")
         self.config = config
         E, D = config.emb_dim, config.d_model
         # standardisation of the inputs, fitted on the training split by `fit_standardization`

@@ -31,6 +31,18 @@ from mixret.data import BUNDLED_TEST_FRACTION, drop_repeated_queries, file_hash
 from mixret.errors import MixretError
 from mixret.retrieval.bm25 import BM25Params
 from mixret.retrieval.search import MODES, SHORTLIST_SOURCES, Retriever
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+from mixret import io
+from mixret.data import load_pairs, split_pairs
+from mixret.options import nested, option
+from mixret.models.encode import POOLINGS, resolve_spec
+from mixret.retrieval.bm25 import BM25_NAME, load_bm25, model_bm25
+from mixret.retrieval.embeddings import default_model_dir, load_matcher_checked, load_model_checked, matcher_spec
+from mixret.retrieval.fusion import load_fusion
+from mixret.retrieval.search import RetrievalConfig
 
 METRICS = {"R@1": "recall@1", "R@10": "recall@10", "MRR@10": "mrr@10", "nDCG@10": "ndcg@10"}
 EVAL_MODES = MODES + ("all",)
@@ -293,3 +305,85 @@ def _bm25_line(b: dict) -> str:
 def format_paired(v: dict) -> str:
     """A paired_top1 result as "+41/-18 (p 0.003)"."""
     return f"+{v['wins']}/-{v['losses']} (p {v['p']:.2g})"
+
+
+@dataclass
+class EvaluateConfig:
+    """Everything `mixret evaluate` takes: `evaluate(EvaluateConfig(pairs=...))` is the command."""
+    pairs: str | None = option(None, "Pairs file: .jsonl, .jsonl.gz, .parquet or TinyStoriesInstruct .txt.",
+                               show="required")
+    mode: str = option("all", "all: vector, bm25, fusion when the model has a fusion weight (from `mixret finetune`) "
+                              "and, with --matcher, tree and hybrid. With bm25 among them, each other mode is "
+                              "compared with it query by query (top-1 won/lost and an exact McNemar p-value).",
+                       choices=EVAL_MODES)
+    limit: int | None = option(None, "Evaluate the first Q queries (the corpus stays whole).")
+    query_field: str = option("summary", "Pairs field with the queries.")
+    target_field: str = option("document", "Pairs field with the targets.")
+    test_fraction: float | None = option(None, "Score the hash test split of this fraction.",
+                                         show="every pair of a file that trained none of the models, the test split "
+                                              "of one that did (as recorded in them)")
+    batch_size: int = option(64, "Texts per embedding forward pass.")
+    pooling: str | None = option(None, "How texts are embedded, as in `mixret embed`; one that differs from the "
+                                       "matcher's is refused.", choices=POOLINGS,
+                                 show="as the matcher's training pairs were, else the model's own, else last")
+    out: str | None = option(None, "Write the report as JSON to this file.")
+    retrieval: RetrievalConfig = nested(RetrievalConfig, "the model, matcher and modes")
+
+
+def evaluate(cfg: EvaluateConfig, say: Callable[[str], None] = lambda m: None) -> dict:
+    """What `mixret evaluate` does -> the report (also written to cfg.out): the pairs file's held-out pairs (what
+    trained none of the models, as they record it; data.load_split's dropping of repeated queries), each mode's
+    IR metrics, and which pairs were scored and why (said, with the BM25 parameters used)."""
+    r = cfg.retrieval
+    if not cfg.pairs:
+        raise MixretError("evaluate needs a pairs file (--pairs)")
+    model_dir = r.model
+    if cfg.mode != "bm25" and model_dir is None:
+        model_dir = str(default_model_dir())
+    fusion = load_fusion(model_dir, r.fusion_weight) if cfg.mode in ("fusion", "all") else None
+    modes = resolve_modes(cfg.mode, r.matcher is not None, fusion is not None)
+    if cfg.mode == "all" and r.matcher is None:
+        say("tree and hybrid skipped: they need --matcher")
+    needs_model, needs_matcher = any(m != "bm25" for m in modes), any(m in MATCHER_MODES for m in modes)
+    tuned = load_bm25(model_dir) if uses_bm25(modes, r.shortlist_from) else None
+    unused = [flag for flag, given, used in (("--model", r.model, needs_model or tuned is not None),
+                                             ("--pooling", cfg.pooling, needs_model),
+                                             ("--matcher", r.matcher, needs_matcher)) if given and not used]
+    if unused:
+        say(f"{', '.join(unused)} not used by mode {', '.join(modes)}")
+    bm25_params = None
+    if uses_bm25(modes, r.shortlist_from):
+        bm25_params, bm25_note = model_bm25(model_dir)
+        say(bm25_note)
+    model = matcher = spec = None
+    trainers = {} if tuned is None else {f"the BM25 parameters {Path(model_dir) / BM25_NAME}": tuned.trained_on}
+    if needs_matcher:
+        matcher = load_matcher_checked(r.matcher)
+        trainers[f"matcher {r.matcher}"] = matcher.config.trained_on
+    if needs_model:
+        spec = resolve_spec(model_dir, cfg.pooling, None,
+                            [(matcher_spec(matcher), f"the matcher {r.matcher}")] if matcher else [])
+        model, _ = load_model_checked(model_dir)
+        trainers[f"model {model_dir}"] = model.trained_on
+    pairs, n_repeated = drop_repeated_queries(load_pairs(cfg.pairs, cfg.query_field, cfg.target_field))
+    if n_repeated:
+        say(f"{cfg.pairs}: dropped {n_repeated} pairs repeating an earlier query")
+    fraction, which, cautions = held_out_split(cfg.pairs, trainers, cfg.test_fraction)
+    for caution in cautions:
+        warnings.warn(caution, stacklevel=2)
+    say(f"scoring {which}")
+    test = pairs if fraction is None else split_pairs(pairs, fraction)[1]
+    if not test:
+        raise MixretError(f"{cfg.pairs}: no pairs in the held-out split (test fraction {fraction}); expected at "
+                          "least one")
+    report = evaluate_pairs(test, model, matcher, modes, shortlist=r.shortlist, shortlist_from=r.shortlist_from,
+                            limit=cfg.limit, batch_size=cfg.batch_size, pooling=spec.pooling if spec else "last",
+                            max_length=spec.max_length if spec else None, fusion=fusion, bm25_params=bm25_params)
+    report = {"pairs": str(cfg.pairs), "pairs_hash": file_hash(cfg.pairs), "scored": which,
+              "test_fraction": fraction, "model": str(model_dir) if model is not None else None,
+              "matcher": str(r.matcher) if matcher is not None else None,
+              "embeddings": spec.to_dict() if spec else None, **report,
+              "repeated_queries_dropped": n_repeated + report["repeated_queries_dropped"]}
+    if cfg.out is not None:
+        io.write_json(cfg.out, report)
+    return report

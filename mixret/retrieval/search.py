@@ -43,6 +43,7 @@ from typing import Sequence
 import numpy as np
 
 from mixret.errors import MixretError
+from mixret.options import option
 from mixret.models.encode import EmbeddingSpec
 from mixret.retrieval.bm25 import BM25Index, emb_dir_bm25
 from mixret.retrieval.corpus import load_snapshot
@@ -348,3 +349,19 @@ def format_hits(ids: Sequence[str], texts: Sequence[str], indices: np.ndarray, s
         snippet = text if len(text) <= width else text[:width - 3] + "..."
         lines.append(f"{r:>4}  {doc_id:<{id_width}}  {s:>9.4f}  {snippet}")
     return "\n".join(lines)
+
+
+@dataclass
+class RetrievalConfig:
+    """What `search`, `serve` and `evaluate` take to search a corpus: the model, matcher and each mode's knobs."""
+    model: str | None = option(None, "Language model folder that embeds the texts (search, serve: the model named in "
+                                     "EMB_DIR/meta.json; evaluate: the newest model under ./runs). evaluate also "
+                                     "takes BM25's fitted k1, b and stemmer from it (its bm25.json), with --mode bm25 "
+                                     "too.")
+    matcher: str | None = option(None, "Matcher folder (from `mixret train-matcher`), for tree and hybrid.")
+    fusion_weight: float | None = option(None, "fusion: weight of the model's score against BM25's (0: BM25's "
+                                               "ranking, 1: the model's).",
+                                         show="the weight `mixret finetune` fitted and saved with the model "
+                                              "(fusion.json)")
+    shortlist: int = option(256, "hybrid: candidates the matcher's tournament ranks.")
+    shortlist_from: str = option("vector", "hybrid: where the shortlist comes from.", choices=SHORTLIST_SOURCES)

@@ -30,10 +30,11 @@ batches an uninterrupted one saw.
 from __future__ import annotations
 
 import dataclasses
+import os
 import functools
 import hashlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -46,6 +47,7 @@ from mixret import io
 from mixret.data import bundled_pairs_path, load_pairs, sources_record, split_pairs
 from mixret.distributed import Distributed
 from mixret.errors import MixretError
+from mixret.options import nested, option, option_fields, read_options_file, replace_options
 from mixret.models.config import ARCHS, ModelConfig
 from mixret.models.encode import POOLINGS, embed_sequences, pad_sequences, pool, token_sequences
 from mixret.models.zoo import build_model, load
@@ -59,41 +61,56 @@ from mixret.training.loop import LoopConfig
 LENGTH_CHUNK = 50         # batches per length-sorted chunk
 HARD_NEGATIVES = ("none", "bm25")
 FINETUNE_MODEL = {"d_model": 256, "n_layers": 4, "context": 256, "mixing_init": "mean"}
-FINETUNE_LOOP = {"lr": 1e-3, "weight_decay": 0.01, "eval_every": 100, "log_every": 10, "checkpoint_every": 200}
+FINETUNE_LOOP = {"steps": 500, "lr": 1e-3, "weight_decay": 0.01, "eval_every": 100, "log_every": 10,
+                 "checkpoint_every": 200}  # a --budget-minutes replaces the steps
 
 
 @dataclass
 class FinetuneConfig:
-    pairs: str | None = None              # pairs file (any format load_pairs reads); None: the bundled corpus
-    query_field: str = "summary"
-    target_field: str = "document"
-    test_fraction: float = 0.1            # pairs held out (by a hash of the id) and never trained on
-    val_pairs: int = 500                  # training pairs kept for validation and fitting the fusion weight (at most
-                                          # a fifth of them)
-    init: str = "masked-mixer"            # a model folder, or an architecture to start from random init
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(**FINETUNE_MODEL))  # for random init
-    pooling: str = "last"                 # the embedding trained, and the one the output model embeds with
-    pool_head: bool = True                # last/eos pooling: embed through a trained head over the last layer that
-                                          # starts as the running mean of the text (models.layers.PoolHead); off: the
-                                          # last layer's own state at the last token. A model folder that already
-                                          # embeds (from finetune or the span objective) keeps its own embedding
-    tokenizer: str = "bpe-lower"          # random init: "bpe-lower", "bpe" (trained on the training pairs; the first
-                                          # folds case), "bytes" or a path
-    vocab_size: int = 2048
-    max_length: int | None = None         # tokens per text, [bos] included (default: the model's context)
-    batch_size: int = 32                  # pairs per micro-batch: each query's in-batch negatives
-    temperature: float = 0.05
-    learn_temperature: bool = False
-    symmetric: bool = True
-    hard_negatives: str = "none"          # "bm25": one mined hard negative document per query
-    token_dropout: float = 0.1            # fraction of each training text's tokens left out at each step (bos kept):
-                                          # a new view of every pair in every epoch, against memorising the pairs
-    fusion_method: str = "convex"
-    seed: int = 0
-    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=None, **FINETUNE_LOOP))
-    out: str | None = None                # default: runs/<init name>-ft
-    resume: bool = False
-    overwrite: bool = False
+    """Everything `mixret finetune` takes; `finetune(FinetuneConfig())` is the command with no options."""
+    pairs: str | None = option(None, "(query, document) pairs: .jsonl, .jsonl.gz, .parquet or TinyStoriesInstruct "
+                                     ".txt.", show="the bundled Debian pairs")
+    query_field: str = option("summary", "Pairs field with the queries.")
+    target_field: str = option("document", "Pairs field with the documents.")
+    test_fraction: float = option(0.1, "Share of pairs held out as the test split (by a hash of the id) and never "
+                                       "trained on; 0 when the test pairs are in another file.")
+    val_pairs: int = option(500, "Training pairs kept aside for validation R@1 and for fitting the fusion weight and "
+                                 "BM25's k1, b and stemmer (at most a fifth of them).")
+    init: str = option("masked-mixer", "A model folder to fine-tune (from pretrain or finetune), or an architecture "
+                                       "(masked-mixer, hypermixer, llama) to start from random init with the model "
+                                       "options.", name="model")
+    model: ModelConfig = nested(lambda: ModelConfig(**FINETUNE_MODEL), "random init: the new model", exclude=("arch",))
+    pooling: str = option("last", "The embedding trained: last content token, mean of the text's tokens, or an "
+                                  "appended eos; the output model embeds with it by default.", choices=POOLINGS)
+    pool_head: bool = option(True, "last/eos pooling: embed through a trained head over the last layer that starts "
+                                   "as the running mean of the text's hidden states (what lets a pretrained language "
+                                   "model, whose last position predicts the next token, fine-tune without "
+                                   "collapsing); off: the last layer's own state. A model folder that already embeds "
+                                   "(from finetune or pretrain --objective spans) keeps its own embedding.")
+    tokenizer: str = option("bpe-lower", "Random init: bpe-lower (BPE trained on the training pairs, case folded, as "
+                                         "retrieval wants), bpe (case kept), bytes, or the path of a tokenizer.json.")
+    vocab_size: int = option(2048, "Random init: BPE vocabulary size.")
+    max_length: int | None = option(None, "Tokens per text, [bos] included; longer texts keep their start.",
+                                    show="the context")
+    batch_size: int = option(32, "Pairs per micro-batch: each query's in-batch negatives are the other documents of "
+                                 "its batch.")
+    temperature: float = option(0.05, "Softmax temperature of the InfoNCE loss.")
+    learn_temperature: bool = option(False, "Train the temperature with the model.",
+                                     switch="--learn-temperature/--fixed-temperature")
+    symmetric: bool = option(True, "Also score each document against the batch's queries.",
+                             switch="--symmetric/--one-way")
+    hard_negatives: str = option("none", "bm25: each query also brings the training document BM25 ranks highest "
+                                         "for it.", choices=HARD_NEGATIVES)
+    token_dropout: float = option(0.1, "Fraction of each training text's tokens left out at each step (bos kept): a "
+                                       "new view of every pair in every epoch.")
+    fusion_method: str = option("convex", "How fusion search combines BM25 and the model (its weight is fitted on "
+                                          "the validation pairs).", choices=FUSION_METHODS)
+    seed: int = option(0, "Seed for initialisation and data order.")
+    loop: LoopConfig = nested(lambda: LoopConfig(**FINETUNE_LOOP), "the schedule")
+    out: str | None = option(None, "Output folder.", show="runs/MODEL-ft")
+    resume: bool = option(False, "Continue the run in --out from its newest checkpoint (its saved options apply "
+                                 "unless given again).", switch="--resume")
+    overwrite: bool = option(False, "Replace the run in --out.", switch="--overwrite")
 
     def validate(self) -> None:
         if not 0.0 <= self.test_fraction < 1.0:
@@ -256,6 +273,30 @@ def fit_fusion(q: np.ndarray, d: np.ndarray, val: list, bm25_params: BM25Params,
     fusion = Fusion(weight=weight, method=method, depth=depth,
                     fitted={"on": f"{len(val)} validation pairs of {source} (not test pairs)", **record})
     return fusion, record["r@1"][record["grid"].index(weight)]
+
+
+def finetune_config(options: dict, config_file: str | os.PathLike | None = None) -> FinetuneConfig:
+    """FinetuneConfig from, lowest priority first: the defaults, the options saved by the run being resumed (`resume`
+    with an `out` holding train_config.json), a JSON config file of options, and `options` (the flags given), all by
+    option name (`layers`, `model`, `lr`, ... as the command's flags)."""
+    given = read_options_file(config_file) if config_file is not None else {}
+    given.update(options)
+    cfg = FinetuneConfig()
+    saved_path = Path(given["out"]) / loop.TRAIN_CONFIG_NAME if given.get("out") else None
+    if given.get("resume") and saved_path is not None and saved_path.is_file():
+        saved = io.read_json(saved_path, "run options")
+        cfg = FinetuneConfig(**{k: v for k, v in saved.items() if k not in ("model", "loop")},
+                             model=ModelConfig(**saved["model"]), loop=LoopConfig(**saved["loop"]))
+        cfg = dataclasses.replace(cfg, resume=False, overwrite=False,
+                                  loop=dataclasses.replace(cfg.loop, stop_after=None))
+    model_given = sorted(set(given) & set(option_fields(ModelConfig)) - {"arch"})
+    init = given.get("model", cfg.init)
+    if init not in ARCHS and model_given and not given.get("resume"):
+        raise MixretError(f"model options ({', '.join(model_given)}) apply to a new model; {init} is a model "
+                          f"folder: its own options stay")
+    if "budget_minutes" in given and "steps" not in given:
+        given["steps"] = None   # the budget sets the length
+    return replace_options(cfg, given, str(config_file or "options"))
 
 
 # --- the task -----------------------------------------------------------------------------------

@@ -73,6 +73,7 @@ from mixret import io
 from mixret.autocast import autocast
 from mixret.distributed import Distributed
 from mixret.errors import MixretError
+from mixret.options import option
 from mixret.training import checkpoint as ckpt
 
 TRAIN_CONFIG_NAME = "train_config.json"
@@ -100,22 +101,25 @@ class Task(Protocol):
 
 @dataclass
 class LoopConfig:
-    """Options of the loop, shared by every trainer."""
-    steps: int | None = None              # optimizer steps of the whole schedule ...
-    budget_minutes: float | None = None   # ... or as many as fit this many minutes here (evaluations included)
-    lr: float = 1e-3                      # peak learning rate
-    warmup: int | None = None             # linear warmup steps (default: 5% of the steps, at least 1)
-    min_lr_ratio: float = 0.1             # the cosine decay ends at this fraction of lr
-    weight_decay: float = 0.1             # on the weights of Linear layers and mixing matrices only
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
-    grad_accum: int = 1                   # micro-batches per optimizer step
-    log_every: int = 10
-    eval_every: int = 200
-    checkpoint_every: int = 500
-    stop_after: int | None = None         # end this invocation after this many steps, with a checkpoint
-    compile: bool = False                 # run the objective through torch.compile
-    progress: bool | None = None          # None: a progress bar on a terminal, log lines otherwise; False: quiet
+    """Options of the loop, shared by every trainer (each trainer's config holds one, with its own defaults)."""
+    steps: int | None = option(None, "Optimizer steps of the whole schedule (not of this invocation).")
+    budget_minutes: float | None = option(
+        None, "Schedule length: as many steps as fit this many minutes on this machine, evaluations included "
+              "(instead of --steps; the resolved steps are saved with the run).")
+    lr: float = option(1e-3, "Peak learning rate (AdamW; warmup, then cosine decay to --min-lr-ratio of it).")
+    warmup: int | None = option(None, "Linear warmup steps.", show="5% of the steps, at least 1")
+    min_lr_ratio: float = option(0.1, "The cosine decay ends at this fraction of --lr.")
+    weight_decay: float = option(0.1, "AdamW weight decay, on the weights of Linear layers and mixing matrices (not "
+                                      "on biases, norms or embeddings).")
+    betas: tuple[float, float] = option((0.9, 0.95), "AdamW betas.", cli=False)
+    grad_clip: float = option(1.0, "Gradient norm clipping.")
+    grad_accum: int = option(1, "Micro-batches per optimizer step.")
+    log_every: int = option(10, "Steps between metrics.jsonl lines.")
+    eval_every: int = option(200, "Steps between validations.")
+    checkpoint_every: int = option(500, "Steps between checkpoints.")
+    stop_after: int | None = option(None, "End this invocation after this many steps, with a checkpoint.")
+    compile: bool = option(False, "Run the objective through torch.compile.")
+    progress: bool | None = option(None, "A progress bar on a terminal, log lines otherwise; False: quiet.", cli=False)
 
 
 # --- optimisation -----------------------------------------------------------------------------

@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import math
 import os
+import dataclasses
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -39,14 +41,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mixret import io
-from mixret.data import drop_repeated_queries  # noqa: F401  (mixret.data.drop_repeated_queries)
+from mixret.data import load_split, sources_record
 from mixret.distributed import Distributed
 from mixret.errors import MixretError
-from mixret.models.encode import EmbeddingSpec, encode, resolve_spec
+from mixret.options import nested, option
+from mixret.models.encode import POOLINGS, EmbeddingSpec, encode, resolve_spec
 from mixret.models.matcher import Matcher, MatcherConfig, score_candidates
 from mixret.models.zoo import load
 from mixret.retrieval.bm25 import BM25Index
-from mixret.retrieval.embeddings import load_emb_dir
+from mixret.retrieval.embeddings import default_model_dir, load_emb_dir
 from mixret.training import loop
 
 HARD_POOL_FACTOR = 4  # hard negatives are drawn each step from this many times K nearest targets
@@ -355,28 +358,52 @@ class SetLoss(nn.Module):
 
 
 @dataclass
+class TrainMatcherConfig:
+    """Everything `mixret train-matcher` takes: `run_train_matcher(TrainMatcherConfig(pairs=...))` is the command."""
+    pairs: str | None = option(None, "Pairs file: .jsonl, .jsonl.gz, .parquet or TinyStoriesInstruct .txt.",
+                               show="required")
+    model: str | None = option(None, "Language model folder that embeds both sides.",
+                               show="the newest model under ./runs")
+    query_emb: str | None = option(None, "EMB_DIR of the query texts (from `mixret embed`), used instead of --model; "
+                                         "rows matched by id.")
+    target_emb: str | None = option(None, "EMB_DIR of the target texts, used with --query-emb.")
+    query_field: str = option("summary", "Pairs field with the queries.")
+    target_field: str = option("document", "Pairs field with the targets.")
+    pooling: str | None = option(None, "How --model embeds the texts, as in `mixret embed`; with --query-emb it must "
+                                       "agree with theirs. Recorded in the matcher.", choices=POOLINGS,
+                                 show="the model's own, else last")
+    matcher: MatcherConfig = nested(lambda: MatcherConfig(features=["bm25", "cosine"]), "the matcher network")
+    run: MatcherRun = nested(lambda: MatcherRun(), "the schedule")
+    out: str | None = option(None, "Output folder; an earlier matcher there is replaced once the new one is "
+                                   "complete.", show="matchers/MODEL")
+    test_fraction: float = option(0.1, "Share of pairs held out, by a hash of the id.")
+
+
+@dataclass
 class MatcherRun:
     """Options of a matcher run besides the model's: schedule, sampling and the run folder."""
-    epochs: int = 10
-    batch_size: int = 256
-    lr: float = 1e-3
-    seed: int = 0
-    hard_negatives: int = 0
-    budget_minutes: float | None = None   # instead of epochs: as many steps as fit this many minutes here
-    stop_after: int | None = None         # end this invocation after this many steps, with a checkpoint
-    resume: bool = False
-    overwrite: bool = False
-    progress: bool = True
+    epochs: int = option(10, "Passes over the training pairs.")
+    batch_size: int = option(256, "Queries (candidate sets) per step.")
+    lr: float = option(1e-3, "Peak learning rate (warmup, then cosine decay).")
+    seed: int = option(0, "Seed for initialisation, sampling and the test sets.")
+    hard_negatives: int = option(0, "Candidates per set drawn from the query's nearest training targets (by dense "
+                                    "cosine and BM25).", name="hard_candidates")
+    budget_minutes: float | None = option(
+        None, "Schedule length: as many steps as fit this many minutes on this machine, evaluations included "
+              "(instead of --epochs; the resolved steps are saved with the run).")
+    stop_after: int | None = option(None, "End this invocation after this many steps, with a checkpoint.")
+    resume: bool = option(False, "Continue the run in --out from its newest checkpoint.", switch="--resume")
+    overwrite: bool = option(False, "Replace the run in --out.", switch="--overwrite")
+    progress: bool = option(True, "A progress bar.", cli=False)
 
 
 RUN_IDENTITY = ("config", "batch_size", "seed", "hard_negatives")  # a resumed matcher run must keep them
 
 
-def train_matcher(train_q, train_t, test_q, test_t, config: MatcherConfig, epochs: int = 10,
-                  batch_size: int = 256, lr: float = 1e-3, seed: int = 0, hard_negatives: int = 0,
-                  out_dir: str | os.PathLike | None = None, progress: bool = True,
-                  device: str | None = None, train_texts: tuple[list, list] | None = None,
-                  test_texts: tuple[list, list] | None = None, **run_options) -> tuple[Matcher, dict]:
+def train_matcher(train_q, train_t, test_q, test_t, config: MatcherConfig,
+                  out_dir: str | os.PathLike | None = None, device: str | None = None,
+                  train_texts: tuple[list, list] | None = None, test_texts: tuple[list, list] | None = None,
+                  **run_options) -> tuple[Matcher, dict]:
     """Train a matcher on aligned (query, target) embeddings -> (matcher in eval mode, metrics).
 
     Each step every query gets a fresh set of context-1 distinct candidates: its target plus
@@ -386,13 +413,13 @@ def train_matcher(train_q, train_t, test_q, test_t, config: MatcherConfig, epoch
     are padding, as in a tournament's last pass. Evaluation uses fixed sets built
     from `seed`, full and partly padded. Training runs in `mixret.training.loop`: with out_dir, out_dir is the run
     folder (checkpoints, metrics.jsonl, train_config.json; then the matcher, and metrics.json), put in place
-    at the end, replacing an earlier matcher there; `resume`, `stop_after`, `overwrite` and
-    `budget_minutes` (run_options) work as for `mixret pretrain`. Stopped early by stop_after, it returns
-    the matcher so far and metrics with "checkpoint" (the folder written). train_texts and test_texts,
-    (query texts, target texts) aligned with the embeddings, are needed by the bm25 feature.
+    at the end, replacing an earlier matcher there; the options of MatcherRun (run_options: epochs, batch_size, lr,
+    seed, hard_negatives, resume, stop_after, overwrite, budget_minutes, progress) work as for `mixret pretrain`.
+    Stopped early by stop_after, it returns the matcher so far and metrics with "checkpoint" (the folder written).
+    train_texts and test_texts, (query texts, target texts) aligned with the embeddings, are needed by the bm25 feature.
     """
-    run = MatcherRun(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, hard_negatives=hard_negatives,
-                     progress=progress, **run_options)
+    run = MatcherRun(**run_options)
+    epochs, batch_size, lr, seed, hard_negatives = run.epochs, run.batch_size, run.lr, run.seed, run.hard_negatives
     C = config.context
     train = as_pair_set(train_q, train_t, "train split", C, train_texts)
     test = as_pair_set(test_q, test_t, "test split", C, test_texts)
@@ -421,7 +448,7 @@ def train_matcher(train_q, train_t, test_q, test_t, config: MatcherConfig, epoch
             steps=None if run.budget_minutes is not None else epochs * task.steps_per_epoch,
             budget_minutes=run.budget_minutes, lr=lr, weight_decay=0.01, betas=(0.9, 0.98), grad_clip=1.0,
             log_every=task.steps_per_epoch, eval_every=task.steps_per_epoch,
-            checkpoint_every=task.steps_per_epoch, stop_after=run.stop_after, progress=progress)
+            checkpoint_every=task.steps_per_epoch, stop_after=run.stop_after, progress=run.progress)
         result = loop.train(task, schedule, dist, out, mode or "fresh", seed=seed)
     task.matcher.eval()
     if out is not None and result != out:
@@ -603,3 +630,48 @@ def format_summary(metrics: dict) -> str:
         cells = [f"{m[k]:8.3f}" if k in m else f"{'-':>8}" for k in ("ce", "top1", "mrr")]
         lines.append(f"{name:<26}" + "".join(cells))
     return "\n".join(lines)
+
+
+def matcher_on_pairs(train: list, test: list, q: np.ndarray, t: np.ndarray, spec: EmbeddingSpec, trained_on,
+                     config: MatcherConfig, out_dir=None, say: Callable[[str], None] = lambda m: None,
+                     **run_options) -> tuple[Matcher, dict]:
+    """A matcher on the embeddings q, t of the pairs train + test (in that order): pairs whose query embedding
+    repeats an earlier one in their split are dropped (said), the config records the embeddings' spec and
+    trained_on, and `train_matcher` trains it with the pairs' texts (for the bm25 feature)."""
+    splits, texts = {}, {}
+    for name, part, rows in (("train", train, slice(0, len(train))), ("test", test, slice(len(train), None))):
+        sq, st, keep = dedupe_queries(q[rows], t[rows])
+        if len(keep) < len(q[rows]):
+            say(f"{name} split: dropped {len(q[rows]) - len(keep)} pairs whose query embedding repeats an earlier "
+                "one")
+        splits[name] = (sq, st)
+        texts[name] = ([part[i].query for i in keep], [part[i].target for i in keep])
+    config = dataclasses.replace(config, emb_dim=int(q.shape[1]), embedder=spec.model_hash, pooling=spec.pooling,
+                                 max_length=spec.max_length, trained_on=trained_on)
+    return train_matcher(*splits["train"], *splits["test"], config, out_dir=out_dir, train_texts=texts["train"],
+                         test_texts=texts["test"], **run_options)
+
+
+def run_train_matcher(cfg: TrainMatcherConfig, say: Callable[[str], None] = print) -> tuple[Path, dict]:
+    """What `mixret train-matcher` does -> (the matcher folder, its metrics): the pairs file read and split
+    (data.load_split), both sides embedded with the model (or read from two embedding folders), and a matcher
+    trained on the training split and scored on the test split. Stopped early (stop_after), the metrics hold
+    "checkpoint"."""
+    if not cfg.pairs:
+        raise MixretError("train-matcher needs a pairs file (--pairs)")
+    model = cfg.model
+    if cfg.query_emb is None and cfg.target_emb is None and model is None:
+        model = str(default_model_dir())
+    out = Path(cfg.out) if cfg.out else Path("matchers") / (
+        Path(model).resolve().name if model else Path(cfg.query_emb or cfg.target_emb).resolve().parent.name)
+    split = load_split(cfg.pairs, cfg.query_field, cfg.target_field, cfg.test_fraction)
+    if split.repeated:
+        say(f"{cfg.pairs}: dropped {split.repeated} pairs repeating an earlier query")
+    say(f"{len(split.train)} train pairs, {len(split.test)} test pairs")
+    check_split_sizes(len(split.train), len(split.test), cfg.matcher.context)
+    if (out / io.CONFIG_NAME).is_file() and not cfg.run.overwrite:  # refuse another kind before embedding
+        io.check_out_dir(out, io.CONFIG_NAME, "matcher", overwrite=True)
+    q, t, spec = embed_pairs(split.train + split.test, model, cfg.query_emb, cfg.target_emb, pooling=cfg.pooling)
+    _, metrics = matcher_on_pairs(split.train, split.test, q, t, spec, sources_record([cfg.pairs], cfg.test_fraction),
+                                  cfg.matcher, out, say, **dataclasses.asdict(cfg.run))
+    return out, metrics

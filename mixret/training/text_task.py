@@ -6,7 +6,7 @@ import dataclasses
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -17,6 +17,7 @@ from mixret import io
 from mixret.data import BUNDLED_TEST_FRACTION, bundled_pairs_path, bundled_training_texts, load_texts, sources_record
 from mixret.distributed import Distributed
 from mixret.errors import MixretError
+from mixret.options import nested, option
 from mixret.models.config import ModelConfig, model_options
 from mixret.models.encode import POOLINGS
 from mixret.models.zoo import build_model
@@ -51,57 +52,86 @@ MODEL_OPTIONS = model_options()           # option name (d_model, layers, ...) -
 PRETRAIN_MODEL = {"d_model": 128, "n_layers": 4, "context": 256}  # smaller than ModelConfig's defaults
 
 
+OBJECTIVES = ("clm", "spans", "distill")
+DISTILL_LOSSES = ("cosine", "mse")
+
+
 @dataclass(init=False)
 class TrainConfig:
+    """Everything `mixret pretrain` (and `mixret distill`) takes, every text-only objective's; options not given take
+    the objective's defaults (OBJECTIVE_DEFAULTS) before the fields' own."""
     # data
-    data: list[str] | None = None         # files, folders or Hugging Face dataset names; None: the bundled corpus
-    text_field: list[str] = field(default_factory=lambda: ["text"])  # JSONL field(s) / column(s) to read
-    val_fraction: float = 0.05            # documents held out for validation (chosen by the seed) ...
-    val_max_docs: int = 5000              # ... at most this many
-    pack: bool = False                    # clm only: concatenate documents into full-context rows
+    data: list[str] | None = option(
+        None, "Texts: .txt (one document a line, or separated by <|endoftext|>), .jsonl/.jsonl.gz, .parquet, a folder "
+              "of these, or a Hugging Face dataset name. Repeat for several.",
+        show="the training split of the bundled pairs (summaries and documents; the test split is left out)")
+    text_field: list[str] = option(help="JSONL field / column holding the text; repeat to read several fields of each "
+                                        "record as separate documents.", factory=lambda: ["text"])
+    val_fraction: float = option(0.05, "Fraction of documents held out for validation (drawn with the seed).")
+    val_max_docs: int = option(5000, "Most documents held out for validation.")
+    pack: bool = option(False, "clm: concatenate documents into full-context rows instead of one document per "
+                               "sequence.")
     # tokenizer
-    tokenizer: str = "bpe"                # "bpe", "bpe-lower" (trained on the training split), "bytes" or a
-                                          # tokenizer.json
-    vocab_size: int = 4096                # BPE vocabulary size
+    tokenizer: str = option("bpe", "bpe (trained on the training split), bpe-lower (the same, case folded), bytes, or "
+                                   "the path of a tokenizer.json (spans, distill: bpe-lower).")
+    vocab_size: int = option(4096, "BPE vocabulary size.")
     # model: every ModelConfig option but vocab_size (which the tokenizer sets)
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(**PRETRAIN_MODEL))
+    model: ModelConfig = nested(lambda: ModelConfig(**PRETRAIN_MODEL), "the model")
     # optimisation
-    steps: int | None = None              # length of the whole schedule (default DEFAULT_STEPS) ...
-    epochs: float | None = None           # ... or given as passes over the training split ...
-    budget_minutes: float | None = None   # ... or as many steps as fit this many minutes on this machine
-    batch_size: int = 16                  # sequences per micro-batch on each process
-    grad_accum: int = 1                   # micro-batches per optimizer step
-    lr: float = 4e-3
-    warmup: int | None = None             # linear warmup steps (default: 5% of the steps)
-    weight_decay: float = 0.1             # on the weights of Linear layers and mixing matrices
-    grad_clip: float = 1.0
-    label_smoothing: float = 0.0          # clm only
-    seed: int = 0
+    steps: int | None = option(None, "Optimizer steps of the whole schedule (not of this invocation).",
+                               show=str(DEFAULT_STEPS))
+    epochs: float | None = option(None, "Schedule length in passes over the training split (instead of --steps).")
+    budget_minutes: float | None = option(
+        None, "Schedule length: as many steps as fit this many minutes on this machine, evaluations included "
+              "(instead of --steps or --epochs; the resolved steps are saved with the run).")
+    batch_size: int = option(16, "Sequences per micro-batch on each process (spans, distill: 32).")
+    grad_accum: int = option(1, "Micro-batches per optimizer step.")
+    lr: float = option(4e-3, "Peak learning rate (AdamW; cosine decay to a tenth of it; spans, distill: 0.001).")
+    warmup: int | None = option(None, "Linear warmup steps.", show="5% of the steps")
+    weight_decay: float = option(0.1, "AdamW weight decay, on the weights of Linear layers and mixing matrices (not "
+                                      "on biases, norms or embeddings).")
+    grad_clip: float = option(1.0, "Gradient norm clipping.")
+    label_smoothing: float = option(0.0, "clm: label smoothing of the training loss.")
+    seed: int = option(0, "Seed for initialisation, data order and the validation split.")
     # objective
-    objective: str = "clm"                # "clm": next-token prediction; "spans": a span of each document against
-                                          # the batch's documents, InfoNCE (mixret.training.spans)
-    pooling: str = "last"                 # spans only: the embedding trained, recorded in the saved model
-    temperature: float = 0.05             # spans only: of the InfoNCE logits
-    span_min: int = 8                     # spans only: tokens per span, drawn uniformly from [span_min, span_max]
-    span_max: int = 24
-    teacher: str | None = None            # distill only: a sentence-transformers model name or folder whose
-                                          # embeddings of the texts the model learns (mixret.training.distill)
-    init: str | None = None               # distill only: a model folder to start from (default: a new model of
-                                          # the options' size)
-    distill_loss: str = "cosine"          # distill only: "cosine" or "mse" to the teacher's embedding
-    pairs: str | None = None              # distill only: a pairs file whose training split adds in-batch InfoNCE
-    query_field: str = "summary"          # distill only: the pairs' fields
-    target_field: str = "document"
+    objective: str = option(
+        "clm", "What the model learns from the texts. clm: next-token prediction (a language model). spans: a "
+               "retriever from documents alone: a random span of each document is a query whose positive is its "
+               "document and whose negatives are the batch's other documents (symmetric InfoNCE). distill: a "
+               "sentence-transformers teacher's embedding of each text (see `mixret distill`). spans and distill "
+               "default to --tokenizer bpe-lower, --batch-size 32, --lr 0.001 and --mixing-init mean, and the model "
+               "records its pooling, so embed, search, evaluate and finetune --model use it as it is.",
+        choices=OBJECTIVES)
+    pooling: str = option("last", "spans, distill: the embedding trained.", choices=POOLINGS)
+    temperature: float = option(0.05, "spans, distill with --pairs: temperature of the InfoNCE logits.")
+    span_min: int = option(8, "spans: fewest tokens of a span (at most half of its document).")
+    span_max: int = option(24, "spans: most tokens of a span.")
+    teacher: str | None = option(
+        None, "distill: the teacher, a sentence-transformers model name (Hugging Face hub) or folder. Its embeddings "
+              "of the texts are computed once, before training (a --budget-minutes counts the student's training "
+              "only), and cached under $MIXRET_CACHE/teacher by the teacher's identity (name or path and a hash of "
+              "its weights) and a hash of the texts.")
+    init: str | None = option(None, "distill: a model folder to start from (its size and tokenizer; a language model "
+                                    "gets the embedding head, as in finetune).",
+                              show="a new model of the options' size")
+    distill_loss: str = option("cosine", "distill: distance to the teacher's embedding, through a learned isometry "
+                                         "between the two widths (it keeps angles, so the student's own embedding, "
+                                         "the one saved, has the geometry the loss trained).", choices=DISTILL_LOSSES)
+    pairs: str | None = option(None, "distill: a pairs file whose training split (split_pairs' test split, a tenth by "
+                                     "a hash of the id, is never read) adds in-batch InfoNCE to the distillation loss.")
+    query_field: str = option("summary", "distill --pairs: the field with the queries.")
+    target_field: str = option("document", "distill --pairs: the field with the documents.")
     # run
-    out: str | None = None                # default: runs/<arch>-<date>-<time>
-    log_every: int = 10
-    eval_every: int = 200
-    checkpoint_every: int = 500
-    compile: bool = False
-    num_workers: int = 0                  # processes for tokenization
-    stop_after: int | None = None         # end this invocation after this many steps, with a checkpoint
-    resume: bool = False
-    overwrite: bool = False
+    out: str | None = option(None, "Output directory.", show="runs/ARCH-DATE-TIME")
+    log_every: int = option(10, "Steps between metrics.jsonl lines.")
+    eval_every: int = option(200, "Steps between validations.")
+    checkpoint_every: int = option(500, "Steps between checkpoints.")
+    compile: bool = option(False, "Run the model through torch.compile.")
+    num_workers: int = option(0, "Processes for tokenization.")
+    stop_after: int | None = option(None, "End this invocation after this many steps, with a checkpoint.")
+    resume: bool = option(False, "Continue the run in --out from its newest checkpoint (its saved options apply "
+                                 "unless given again).", switch="--resume")
+    overwrite: bool = option(False, "Replace the run in --out.", switch="--overwrite")
 
     def __init__(self, model: ModelConfig | None = None, **options):
         """Options by name; model options either as `model` or by their option names (d_model=, layers=).
@@ -234,7 +264,6 @@ def _check_int(cfg: TrainConfig, name: str, minimum: int) -> None:
         raise MixretError(f"{name} must be an integer >= {minimum}, got {v!r}")
 
 
-OBJECTIVES = ("clm", "spans", "distill")
 
 
 # Options that only some objectives read: given (not left at the default) with another, they are an error.
@@ -299,7 +328,6 @@ def _normalize_path(source: str | None) -> str | None:
     return None if source is None else _normalize_data([source])[0]
 
 
-DISTILL_LOSSES = ("cosine", "mse")
 
 
 def check_distill_options(cfg) -> None:
