@@ -22,6 +22,7 @@ from mixret.models.matcher import MatcherConfig
 from mixret.training import checkpoint
 from mixret.training.matcher import train_matcher
 from mixret.training.pretrain import TrainConfig, pretrain
+from mixret.training.loop import Task
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -128,7 +129,7 @@ def test_budget_minutes_sets_the_steps_and_leaves_the_run_as_with_those_steps(tm
     assert result.exit_code == 1 and "either steps or epochs or budget_minutes" in result.output
 
 
-class SleepyTask:
+class SleepyTask(Task):
     """A task whose step takes `UNIT` seconds times the step's cost; the steps the budget times cost 3, the rest 1
     (so the mean step costs about 1). With slow_start, the first steps of the process also take 5 times longer
     than their cost says, as a fresh process's first real steps do."""

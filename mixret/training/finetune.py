@@ -57,6 +57,7 @@ from mixret.retrieval.search import Retriever
 from mixret.tokenizer import load_tokenizer, make_tokenizer
 from mixret.training import loop
 from mixret.training.loop import LoopConfig
+from mixret.training.loop import Task
 
 LENGTH_CHUNK = 50         # batches per length-sorted chunk
 HARD_NEGATIVES = ("none", "bm25")
@@ -318,7 +319,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
         return out
 
 
-class FinetuneTask:
+class FinetuneTask(Task):
     """What fine-tuning gives the loop: pairs, tokenizer and model, batches by step, the InfoNCE loss, and
     validation R@1 / MRR@10 (with the fusion weight fitted at each evaluation, BM25's parameters at the first)."""
     name = "finetune"

@@ -2,7 +2,7 @@
 
 A task gives only what is its own:
 
-    class Task(Protocol):
+    class Task:  (a base class: the hooks below are no-ops in it)
         name: str                        # progress bar and messages ("pretrain", "train-matcher", ...)
         unit: str                        # what a loss weight counts, for throughput ("tokens" -> tokens_per_s)
         objective: nn.Module             # holds every trained parameter; forward(batch) -> (summed loss, weight)
@@ -14,7 +14,7 @@ A task gives only what is its own:
                                          # nested dicts of scalars, printed and written to metrics.jsonl
         def save(self, directory: Path) -> None: ...  # the deliverable (a model folder), on rank 0
         def load(self, directory: Path) -> None: ...  # restore the trained weights from what save wrote
-    optional:
+    optional (no-ops in the base class):
         metric_keys: tuple[str, ...]     # evaluate() keys present (as None) in every metrics.jsonl line
         files: tuple[str, ...]           # names `save` writes in the output folder
         def options(self) -> dict        # the run's options, saved as train_config.json
@@ -64,7 +64,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol, Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -87,16 +87,54 @@ BUDGET_TIMED_STEPS = 8   # steps timed after them to size a schedule to a time b
                          # since batches of different lengths take different times
 
 
-class Task(Protocol):
+class Task:
+    """What a trainer gives the loop (see the module's docstring). A subclass sets name, unit, objective and
+    fingerprint and implements batches, evaluate, save and load; every other hook is a no-op here."""
     name: str
     unit: str
     objective: nn.Module
     fingerprint: str
+    metric_keys: tuple[str, ...] = ()     # evaluate() keys present (as None) in every metrics.jsonl line
+    files: tuple[str, ...] = ()           # names `save` writes in the output folder
+    curve_reference: tuple = ()           # (value, label): a horizontal line on the training curve
 
-    def batches(self, start: int, dist: Distributed, grad_accum: int) -> Iterator[list]: ...
-    def evaluate(self) -> dict: ...
-    def save(self, directory: Path) -> None: ...
-    def load(self, directory: Path) -> None: ...
+    def batches(self, start: int, dist: Distributed, grad_accum: int) -> Iterator[list]:
+        raise NotImplementedError
+
+    def evaluate(self) -> dict:
+        raise NotImplementedError
+
+    def save(self, directory: Path) -> None:
+        raise NotImplementedError
+
+    def load(self, directory: Path) -> None:
+        raise NotImplementedError
+
+    def options(self) -> dict:
+        """The run's options, saved as train_config.json."""
+        return {}
+
+    def prepare(self, directory: Path) -> None:
+        """Write what a resumed run needs before the first step (rank 0)."""
+
+    def on_step(self, step: int, loss: torch.Tensor) -> None:
+        """After each optimizer step: the step's mean loss (a 0-d tensor)."""
+
+    def finish(self) -> None:
+        """After the last step, before the final checkpoint (eval mode)."""
+
+    def start_metrics(self) -> dict:
+        """Before the first step of a new run (eval mode, no gradients): the metrics.jsonl line of step 0 (the loss
+        before training, say); empty: no such line."""
+        return {}
+
+    def record_extra(self, step: int) -> dict:
+        """More fields for each metrics.jsonl line (e.g. the epoch)."""
+        return {}
+
+    def relative_cost(self, step: int) -> float:
+        """The work of step `step` against the mean step (1.0 on average): budget timing divides by it."""
+        return 1.0
 
 
 @dataclass
@@ -404,7 +442,7 @@ class _Loop:
 
     # -- run folder and checkpoints ------------------------------------------------------------------
     def saved_options(self) -> dict:
-        options = dict(getattr(self.task, "options", dict)())
+        options = dict(self.task.options())
         # the budget is resolved into steps: a resumed run (or a rerun with these steps) has the same schedule
         options.update(steps=self.cfg.steps, warmup=self.cfg.warmup, budget_minutes=None)
         return options
@@ -412,14 +450,13 @@ class _Loop:
     def prepare_run_dir(self) -> None:
         out = self.out
         if self.mode == "overwrite":
-            clear_run_dir(out, (*RUN_FILES, *getattr(self.task, "files", ())))
+            clear_run_dir(out, (*RUN_FILES, *self.task.files))
         elif self.mode == "replace":
             clear_run_dir(out, RUN_FILES)  # the finished output stays until the new one replaces it
         out.mkdir(parents=True, exist_ok=True)
         ckpt.remove_temporaries(out)
         io.write_json(out / TRAIN_CONFIG_NAME, self.saved_options())
-        if hasattr(self.task, "prepare"):
-            self.task.prepare(out)
+        self.task.prepare(out)
 
     def find_checkpoint(self) -> Path | None:
         """The newest complete checkpoint of the run being resumed, checked against the data."""
@@ -537,9 +574,8 @@ class _Loop:
             ckpt.set_torch_rng_state(rng, dist.device)
             ckpt.set_host_rng_state(host)
         # steps of different sizes (batches grouped by length): time per unit of work, times the mean step's work
-        cost = getattr(self.task, "relative_cost", None)
         timed = range(BUDGET_WARMUP_STEPS, BUDGET_WARMUP_STEPS + BUDGET_TIMED_STEPS)
-        step_mean = sum(times[i] for i in timed) / (sum(cost(s) for s in timed) if cost else BUDGET_TIMED_STEPS)
+        step_mean = sum(times[i] for i in timed) / sum(self.task.relative_cost(s) for s in timed)
         timing = dist.max(torch.tensor([step_mean, eval_seconds], dtype=torch.float64, device=dist.device))
         step_s, eval_s = float(timing[0]), float(timing[1])
         steps = max(1, int((seconds - eval_s) / (step_s + eval_s / cfg.eval_every)))
@@ -559,7 +595,7 @@ class _Loop:
         from tqdm.auto import tqdm
 
         cfg, dist, task = self.cfg, self.dist, self.task
-        keys = {k: None for k in getattr(task, "metric_keys", ())}
+        keys = {k: None for k in task.metric_keys}
         rate_key = f"{task.unit}_per_s"
         metrics = MetricsLog(self.out / METRICS_NAME if self.out is not None and dist.main else None,
                              keep_until=self.step)
@@ -570,12 +606,13 @@ class _Loop:
         bar = tqdm(total=cfg.steps, initial=self.step, unit="step", desc=task.name, disable=disable,
                    dynamic_ncols=True, file=sys.stderr)
         run_start = time.perf_counter()
-        if self.step == 0 and hasattr(task, "start_metrics"):
+        if self.step == 0:
             self.model.eval()
             with torch.no_grad():
                 record = task.start_metrics()
-            metrics.write({"step": 0, **keys, **record})
-            say(dist, "step 0 (before training): " + ", ".join(f"{k} {v:.4g}" for k, v in record.items()))
+            if record:
+                metrics.write({"step": 0, **keys, **record})
+                say(dist, "step 0 (before training): " + ", ".join(f"{k} {v:.4g}" for k, v in record.items()))
         self.model.train()
         batches = task.batches(self.step, dist, cfg.grad_accum)
         with stop_signals() as received:
@@ -583,8 +620,7 @@ class _Loop:
                 totals = self.train_step(next(batches))
                 self.step += 1
                 window += totals
-                if hasattr(task, "on_step"):
-                    task.on_step(self.step, (totals[0] / totals[1]).float())
+                task.on_step(self.step, (totals[0] / totals[1]).float())
                 bar.update(1)
                 step, record = self.step, {}
                 if step % cfg.log_every == 0 or step == cfg.steps:
@@ -602,7 +638,7 @@ class _Loop:
                     record.update(evaluated)
                     postfix.update({k: f"{v:.3f}" for k, v in list(flat_scalars(evaluated).items())[:2]})
                 if record:
-                    metrics.write({"step": step, **getattr(task, "record_extra", lambda s: {})(step), **keys,
+                    metrics.write({"step": step, **task.record_extra(step), **keys,
                                    **record})
                     bar.set_postfix(postfix, refresh=False)
                     if cfg.progress is not False and (bar.disable or step % cfg.eval_every == 0
@@ -626,11 +662,10 @@ class _Loop:
             bar.close()
         if evaluated is None:  # resumed at the end of the schedule: nothing was trained this time
             evaluated = self.evaluate()
-        if hasattr(task, "finish"):
-            self.model.eval()
-            with torch.no_grad():
-                task.finish()
-            self.model.train()
+        self.model.eval()
+        with torch.no_grad():
+            task.finish()
+        self.model.train()
         if self.out is None:
             return None
         self.save_checkpoint()
@@ -641,7 +676,7 @@ class _Loop:
         """Write the task's output beside the run's records and put the whole folder in place at once."""
         out = self.out
         if (out / METRICS_NAME).is_file() and (out / METRICS_NAME).stat().st_size:
-            plot_curve(out / METRICS_NAME, out / CURVE_NAME, *getattr(self.task, "curve_reference", ()))
+            plot_curve(out / METRICS_NAME, out / CURVE_NAME, *self.task.curve_reference)
         tmp = io.temp_dir(out.parent, out.name)
         try:
             self.task.save(tmp)

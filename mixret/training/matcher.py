@@ -51,6 +51,7 @@ from mixret.models.zoo import load
 from mixret.retrieval.bm25 import BM25Index
 from mixret.retrieval.embeddings import default_model_dir, load_emb_dir
 from mixret.training import loop
+from mixret.training.loop import Task
 
 HARD_POOL_FACTOR = 4  # hard negatives are drawn each step from this many times K nearest targets
 
@@ -456,7 +457,7 @@ def train_matcher(train_q, train_t, test_q, test_t, config: MatcherConfig,
     return task.matcher, task.final_metrics()
 
 
-class MatcherTask:
+class MatcherTask(Task):
     """What matcher training gives the loop: the matcher, candidate sets by step, the set loss, evaluation."""
     name = "train-matcher"
     unit = "queries"

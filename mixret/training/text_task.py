@@ -37,6 +37,7 @@ from mixret.training.train_data import (
     tokenizer_from_text,
     tokenizer_text,
 )
+from mixret.training.loop import Task
 
 DEFAULT_STEPS = 800
 
@@ -340,7 +341,7 @@ def check_distill_options(cfg) -> None:
         raise MixretError(f"{cfg.init}: no {io.CONFIG_NAME} there; expected a mixret model folder to start from")
 
 
-class TextTask:
+class TextTask(Task):
     """Texts in, a model out: what every text-only objective gives the loop. The corpus (its training split only
     is trained on), tokenizer, model, the order of the training documents by step, the run folder and the saved
     model are here; an objective subclass gives `make_objective`, `micro_batch`, `evaluate`, `describe_objective`
