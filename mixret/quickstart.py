@@ -25,7 +25,7 @@ from mixret.data import bundled_splits, drop_repeated_queries, load_pairs, split
 from mixret.errors import MixretError
 from mixret.options import option
 from mixret.models.config import ModelConfig
-from mixret.models.encode import EmbeddingSpec, encode
+from mixret.models.encode import encode
 from mixret.models.matcher import MatcherConfig
 from mixret.models.zoo import load
 from mixret.retrieval.bm25 import BM25Params, copy_to_emb_dir, load_bm25
@@ -288,7 +288,7 @@ def _run(cfg: QuickstartConfig, echo: Callable[[str], None]) -> dict:
         echo(f"== {arch}: embedding {2 * (len(mtrain) + len(test))} texts, training the matcher")
         q = encode(model, [p.query for p in mtrain + test])
         t = encode(model, [p.target for p in mtrain + test])
-        spec = EmbeddingSpec.of_model(model_dir)
+        spec = model.spec
         mcfg = MatcherConfig(context=MATCHER_CONTEXT, d_model=cfg.matcher_d_model, n_layers=cfg.matcher_layers,
                              features=["bm25", "cosine"])
         matcher, mmetrics = matcher_on_pairs(mtrain, test, q, t, spec, model.trained_on, mcfg,

@@ -59,7 +59,7 @@ from mixret.errors import MixretError
 from mixret.models.encode import DTYPES
 from mixret.retrieval.bm25 import BM25Index
 from mixret.retrieval.corpus import Change, WriteLock, WriteLog, apply_change, fold_log
-from mixret.retrieval.search import MODES, Retriever, load_corpus
+from mixret.retrieval.search import EMBEDDING_MODES, MODES, Retriever, load_corpus
 from mixret.version import __version__
 
 MAX_BODY_BYTES = 1 << 20    # a request body larger than this is refused (413)
@@ -196,24 +196,9 @@ class Searcher:
                 "fitted": params.fitted.get("on") if params.fitted else None}
 
     def _probe(self) -> tuple[list[str], dict[str, str], dict[str, bool]]:
-        """Run every mode of search.MODES once: (modes that answer, {mode: why not} for the others,
-        {mode: whether it needs query embeddings})."""
-        probe = [" ".join(self.texts[0].split()[:8]) or "probe"]
-        emb = self._encode(probe)
-        modes, off, needs = [], {}, {}
-        for mode in MODES:
-            try:
-                self.retriever.search(mode, 1, query_emb=None, queries=probe, **self.options)
-                needs[mode] = False
-            except MixretError:
-                try:
-                    self.retriever.search(mode, 1, query_emb=emb, queries=probe, **self.options)
-                    needs[mode] = True
-                except MixretError as e:
-                    off[mode] = str(e)
-                    continue
-            modes.append(mode)
-        return modes, off, needs
+        """(the modes this server answers, {mode: why not} for the others, {mode: whether it embeds the query})."""
+        off = {m: why for m in MODES if (why := self.retriever.unavailable(m)) is not None}
+        return [m for m in MODES if m not in off], off, {m: m in EMBEDDING_MODES for m in MODES}
 
     def _encode(self, texts: list[str]) -> np.ndarray:
         return self.corpus.encode(texts)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from mixret import io
 from mixret.errors import MixretError
 from mixret.models.config import ModelConfig
-from mixret.models.encode import encode
+from mixret.models.encode import EmbeddingSpec, encode
 from mixret.models.generate import generate
 from mixret.models.layers import Block, FeedForward, PoolHead, drop_path_rates
 
@@ -46,6 +46,8 @@ class CausalLM(nn.Module):
         self.trained_on = None  # the data that trained it (mixret.data.sources_record), saved in config.json
         # pooling / max_length its embeddings use unless told otherwise (a fine-tuned embedder's), in config.json
         self.embedding_defaults: dict = {}
+        self.weights_hash = None  # file hash of the model.safetensors it was loaded from (set by mixret.load)
+        self.source = None        # the folder it was loaded from (set by mixret.load)
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
         self.drop = nn.Dropout(config.dropout)
         rates = drop_path_rates(config.drop_path, config.n_layers)
@@ -106,6 +108,13 @@ class CausalLM(nn.Module):
         """Give the model a fresh embedding head (PoolHead, the running mean), recorded in its config."""
         self.config = dataclasses.replace(self.config, pool_head=True)
         self.pool_head = PoolHead(self.config.context).to(self.wte.weight.device)
+
+    @property
+    def spec(self) -> EmbeddingSpec:
+        """Its own embedding spec: the hash of the weights it was loaded from, and the pooling and max_length its
+        config.json sets (None where it sets none)."""
+        return EmbeddingSpec(self.weights_hash, self.embedding_defaults.get("pooling"),
+                             self.embedding_defaults.get("max_length"))
 
     def encode(self, texts, **kwargs):
         """Texts -> [N, D] embeddings in input order (needs `self.tokenizer`); see `mixret.models.encode.encode`."""

@@ -224,19 +224,24 @@ class EmbeddingSpec:
                               "matching one, or re-embed")
 
 
-def resolve_spec(model_dir: str | os.PathLike, pooling: str | None = None, max_length: int | None = None,
+def resolve_spec(model, pooling: str | None = None, max_length: int | None = None,
                  match: Sequence[tuple[EmbeddingSpec, str]] = ()) -> EmbeddingSpec:
-    """The spec to embed with, using the model in model_dir.
+    """The spec to embed with, using `model`: a loaded model (mixret.load; its folder is not read again) or the
+    path of a model folder.
 
     pooling and max_length are what the user gave (None: not given). Each of `match` (a spec the embeddings
     must agree with, e.g. a matcher's, and its description), then the model's own defaults, must agree with
     what is settled so far (MixretError naming both values otherwise) and fills in what is not; the rest is
     last-token pooling over the model's whole context.
     """
-    own = EmbeddingSpec.of_model(model_dir)
+    if isinstance(model, (str, os.PathLike)):
+        own = EmbeddingSpec.of_model(model)
+        context = io.read_json(Path(model) / io.CONFIG_NAME, "model config").get("context")
+        where = f"the config.json of {model}"
+    else:
+        own, context, where = model.spec, model.config.context, f"the config.json of {model.source}"
     spec = EmbeddingSpec(own.model_hash, pooling, max_length)
-    for other, what in [*match, (own, f"the config.json of {model_dir}")]:
+    for other, what in [*match, (own, where)]:
         other.check(spec, what, "the embeddings asked for")
         spec = EmbeddingSpec(spec.model_hash, spec.pooling or other.pooling, spec.max_length or other.max_length)
-    context = io.read_json(Path(model_dir) / io.CONFIG_NAME, "model config").get("context")
     return EmbeddingSpec(spec.model_hash, spec.pooling or "last", spec.max_length or context)

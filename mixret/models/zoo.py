@@ -44,6 +44,7 @@ def load(directory: str | os.PathLike) -> CausalLM:
     model = build_model(ModelConfig.from_dict(raw, source=str(cfg_path)))
     model.trained_on, model.embedding_defaults = trained_on, embedding_defaults
     io.load_weights(model, directory)
+    model.weights_hash, model.source = io.file_hash(directory / io.WEIGHTS_NAME), str(directory)
     tok_path = directory / io.TOKENIZER_NAME
     if tok_path.exists():
         model.tokenizer = load_tokenizer(tok_path)

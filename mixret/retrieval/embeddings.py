@@ -119,7 +119,7 @@ def embed_corpus(
         raise MixretError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     model = load(model_dir)
-    spec = resolve_spec(model_dir, pooling, max_length)
+    spec = resolve_spec(model, pooling, max_length)
     pooling, max_length = spec.pooling, check_options(model, batch_size, spec.max_length, spec.pooling)
     io.check_out_dir(out_dir, META_NAME, "embeddings", overwrite, what="embeddings")
     corpus_data = read_corpus(corpus, field, id_field)
@@ -175,7 +175,7 @@ def emb_meta(model_dir: Path, model, corpus, field: str, id_field: str, pooling:
         "kind": "embeddings",
         "mixret_version": __version__,
         "model_path": str(model_dir.resolve()),
-        "model_hash": io.file_hash(model_dir / io.WEIGHTS_NAME),
+        "model_hash": model.weights_hash,
         "arch": model.config.arch,
         "dim": model.config.d_model,
         "pooling": pooling,
@@ -294,7 +294,7 @@ def load_model_checked(model_dir: str | os.PathLike, emb_meta: dict | None = Non
     """Load the language model in model_dir -> (model, weights hash); refuse it when emb_meta (the
     meta.json of the EMB_DIR it will be searched against) names another model or dim."""
     model = load(model_dir)
-    model_hash = io.file_hash(Path(model_dir) / io.WEIGHTS_NAME)
+    model_hash = model.weights_hash
     if emb_meta is not None:
         meta_path = Path(emb_dir) / "meta.json" if emb_dir is not None else "the embeddings"
         EmbeddingSpec.of(emb_meta).check(EmbeddingSpec(model_hash, None, None),

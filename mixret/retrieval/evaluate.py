@@ -361,9 +361,9 @@ def evaluate(cfg: EvaluateConfig, say: Callable[[str], None] = lambda m: None) -
         matcher = load_matcher_checked(r.matcher)
         trainers[f"matcher {r.matcher}"] = matcher.config.trained_on
     if needs_model:
-        spec = resolve_spec(model_dir, cfg.pooling, None,
-                            [(matcher_spec(matcher), f"the matcher {r.matcher}")] if matcher else [])
         model, _ = load_model_checked(model_dir)
+        spec = resolve_spec(model, cfg.pooling, None,
+                            [(matcher_spec(matcher), f"the matcher {r.matcher}")] if matcher else [])
         trainers[f"model {model_dir}"] = model.trained_on
     pairs, n_repeated = drop_repeated_queries(load_pairs(cfg.pairs, cfg.query_field, cfg.target_field))
     if n_repeated:

@@ -54,6 +54,7 @@ from mixret.retrieval.tournament import check_tournament, matcher_score_fn, pess
 
 MODES = ("vector", "fusion", "tree", "hybrid", "bm25")
 SHORTLIST_SOURCES = ("vector", "bm25")
+EMBEDDING_MODES = ("vector", "fusion", "tree", "hybrid")   # modes that embed the query with the model
 
 
 
@@ -169,6 +170,23 @@ class Retriever:
     def group_size(self) -> int:
         return self.matcher.config.context - 1
 
+    def unavailable(self, mode: str) -> str | None:
+        """Why this retriever cannot search in `mode` (a sentence), or None when it can."""
+        if mode not in MODES:
+            return f"unknown search mode {mode!r}; expected one of {', '.join(MODES)}"
+        if mode in EMBEDDING_MODES and self.embeddings is None:
+            return f"{mode} search needs the query and corpus embeddings"
+        if mode in ("tree", "hybrid") and self.matcher is None:
+            return f"{mode} search needs a matcher (--matcher DIR)"
+        if mode == "fusion" and self.fusion is None:
+            return ("fusion search needs a fusion weight: fine-tune the model with `mixret finetune` (it fits one) or "
+                    "pass --fusion-weight")
+        return None
+
+    def modes(self) -> list[str]:
+        """The modes this retriever searches in."""
+        return [m for m in MODES if self.unavailable(m) is None]
+
     def search(self, mode: str, k: int, query_emb=None, queries: Sequence[str] | None = None,
                shortlist: int = 256, shortlist_from: str = "vector", losers=None) -> SearchResult:
         """Top k per query. vector and tree need query_emb [Q, E]; bm25 needs the query texts; fusion both;
@@ -177,14 +195,12 @@ class Retriever:
         module docstring)."""
         import time
         if mode not in MODES:
-            raise MixretError(f"unknown search mode {mode!r}; expected one of {', '.join(MODES)}")
+            raise MixretError(self.unavailable(mode))
         if not 1 <= k <= len(self):
             raise MixretError(f"k={k} but the corpus has {len(self)} texts; k must be between 1 and {len(self)}")
-        if mode in ("tree", "hybrid") and self.matcher is None:
-            raise MixretError(f"{mode} search needs a matcher (--matcher DIR)")
-        if mode == "fusion" and self.fusion is None:
-            raise MixretError("fusion search needs a fusion weight: fine-tune the model with `mixret finetune` "
-                              "(it fits one) or pass --fusion-weight")
+        why = self.unavailable(mode)
+        if why is not None:
+            raise MixretError(why)
         if losers is not None:
             losers = np.asarray(losers, dtype=np.int64)
         start = time.perf_counter()

@@ -233,8 +233,8 @@ def embed_pairs(pairs: list, model: str | os.PathLike | None = None,
     same model, pooling and max_length; a given pooling must agree with theirs).
     """
     if model is not None and (query_emb is None and target_emb is None):
-        spec = resolve_spec(model, pooling)
         lm = load(model)
+        spec = resolve_spec(lm, pooling)
         q = encode(lm, [p.query for p in pairs], batch_size=batch_size, pooling=spec.pooling,
                    max_length=spec.max_length)
         t = encode(lm, [p.target for p in pairs], batch_size=batch_size, pooling=spec.pooling,
