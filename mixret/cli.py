@@ -13,11 +13,12 @@ import click
 
 from mixret import io
 from mixret.errors import MixretError
-from mixret.options import all_options, flat_options, replace_options
-from mixret.models.generate import generate_text
+from mixret.options import all_options, flat_options, option_fields, replace_options
+from mixret.models.generate import SAMPLING, Sampling, generate_text
 from mixret.models.zoo import model_table
 from mixret.quickstart import QuickstartConfig, example_search, run
 from mixret.retrieval.embeddings import (
+    EmbedConfig,
     default_model_dir,
     default_out_dir,
     embed_corpus,
@@ -35,6 +36,7 @@ from mixret.training.pretrain import TrainConfig, pretrain, resolve_options
 from mixret.models.zoo import load
 from mixret.retrieval.evaluate import EvaluateConfig, evaluate
 from mixret.retrieval.search import RetrievalConfig
+from mixret.models.config import ModelConfig
 
 
 def friendly(fn):
@@ -157,14 +159,17 @@ def given_options(options: dict) -> dict:
 # --- models ----------------------------------------------------------------------------------
 
 @main.command("models")
-@click.option("--d-model", default=256, show_default=True, help="Model width.")
-@click.option("--layers", "n_layers", default=8, show_default=True, help="Number of blocks.")
-@click.option("--context", default=512, show_default=True, help="Maximum input length.")
-@click.option("--vocab-size", default=4096, show_default=True, help="Vocabulary size.")
+@config_options(ModelConfig, exclude=tuple(n for n in option_fields(ModelConfig) if n not in ("d_model", "layers",
+                                                                                              "context")))
+@click.option("--vocab-size", type=int, default=None,
+              help=f"Vocabulary size.  [default: {ModelConfig().vocab_size}]")
 @friendly
-def models_cmd(d_model, n_layers, context, vocab_size):
+def models_cmd(vocab_size, **options):
     """List the registered architectures with their parameter counts for one config."""
-    click.echo(model_table(d_model=d_model, n_layers=n_layers, context=context, vocab_size=vocab_size))
+    cfg = replace_options(ModelConfig(), given_options(options))
+    if vocab_size is not None:
+        cfg = dataclasses.replace(cfg, vocab_size=vocab_size)
+    click.echo(model_table(d_model=cfg.d_model, n_layers=cfg.n_layers, context=cfg.context, vocab_size=cfg.vocab_size))
 
 
 # --- pretrain --------------------------------------------------------------------------------
@@ -293,14 +298,11 @@ def finetune_cmd(config_file, **options):
 @click.argument("prompt", default="")
 @click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False),
               help="Model directory (config.json, model.safetensors, tokenizer.json).")
-@click.option("--max-new-tokens", default=128, show_default=True, help="Most tokens to add.")
-@click.option("--temperature", default=0.8, show_default=True, help="Sampling temperature; 0 = greedy.")
-@click.option("--top-k", default=40, show_default=True, help="Sample from the k most likely tokens; 0 = off.")
-@click.option("--top-p", default=0.9, show_default=True, help="Nucleus sampling mass; 1 = off.")
+@config_options(Sampling)
 @click.option("--seed", type=int, default=None, help="Random seed, for reproducible samples.")
 @click.option("--greedy", is_flag=True, help="Always take the most likely token (same as --temperature 0).")
 @friendly
-def generate_cmd(prompt, model_dir, max_new_tokens, temperature, top_k, top_p, seed, greedy):
+def generate_cmd(prompt, model_dir, seed, greedy, **options):
     """Continue PROMPT with a pretrained language model and print the text.
 
     Stops at the end-of-text token, after --max-new-tokens, or when the model's context is full.
@@ -308,8 +310,8 @@ def generate_cmd(prompt, model_dir, max_new_tokens, temperature, top_k, top_p, s
     model = load(model_dir)
     if model.tokenizer is None:
         raise MixretError(f"{model_dir}: no tokenizer.json; generate needs the tokenizer saved with the model")
-    text, out = generate_text(model, prompt, max_new_tokens=max_new_tokens, temperature=0.0 if greedy else temperature,
-                              top_k=top_k, top_p=top_p, seed=seed)
+    sampling = replace_options(SAMPLING, {**given_options(options), **({"temperature": 0.0} if greedy else {})})
+    text, out = generate_text(model, prompt, seed=seed, **dataclasses.asdict(sampling))
     click.echo(text)
     if out.context_full:
         click.echo(f"[stopped: the model's context of {model.config.context} tokens is full]", err=True)
@@ -321,38 +323,24 @@ def generate_cmd(prompt, model_dir, max_new_tokens, temperature, top_k, top_p, s
 @click.argument("corpus")
 @click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None,
               help="Model folder (default: the newest model under ./runs).")
-@click.option("--field", default="text", show_default=True,
-              help="JSONL field / column with the texts (a pairs file such as the bundled one has summary and "
-                   "document, no text); for a TinyStoriesInstruct .txt: summary or document.")
-@click.option("--id-field", default="id", show_default=True,
-              help="Field with the ids (line or row numbers when a record has none).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Output EMB_DIR (default: emb/MODEL/CORPUS-FIELD).")
-@click.option("--batch-size", default=64, show_default=True, help="Texts per forward pass.")
-@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
-              help="Stored embedding type.")
-@click.option("--max-length", type=int, default=None,
-              help="Tokens per text, bos included (default: the model's own, else its context).")
-@click.option("--pooling", type=click.Choice(["last", "eos", "mean"]), default=None,
-              help="last content token, an appended eos (for comparison), or mean over the content tokens "
-                   "(default: the model's own, else last).")
-@click.option("--device", default=None, help="torch device (default: the GPU if there is one).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing EMB_DIR once the new one is complete.")
+@config_options(EmbedConfig)
 @friendly
-def embed_cmd(corpus, model_dir, field, id_field, out_dir, batch_size, dtype, max_length, pooling, device, overwrite):
+def embed_cmd(corpus, model_dir, out_dir, **options):
     """Embed CORPUS (.jsonl, .jsonl.gz, .parquet, .txt or a Hugging Face dataset name) into an EMB_DIR:
     embeddings.safetensors [N, D], ids.jsonl and meta.json. Run under torchrun to split the corpus
     across processes."""
-
+    given = given_options(options)
     model_dir = model_dir or default_model_dir()
-    out_dir = out_dir or default_out_dir(model_dir, corpus, field)
+    out_dir = out_dir or default_out_dir(model_dir, corpus, given.get("field", EmbedConfig.field))
     with Warnings():
-        meta = embed_corpus(model_dir, corpus, out_dir, field=field, id_field=id_field, batch_size=batch_size,
-                            dtype=dtype, max_length=max_length, pooling=pooling, overwrite=overwrite, device=device)
+        meta = embed_corpus(model_dir, corpus, out_dir, **given)
     if meta:  # torchrun: rank 0 reports
         click.echo(f"{out_dir}: {meta['count']} embeddings of dim {meta['dim']} ({meta['arch']}, pooling "
                    f"{meta['pooling']}, max_length {meta['max_length']}); {meta['truncated']} truncated, "
                    f"{meta['skipped_empty']} empty skipped")
+
 
 # --- train-matcher ---------------------------------------------------------------------------
 

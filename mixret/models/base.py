@@ -19,7 +19,7 @@ from mixret import io
 from mixret.errors import MixretError
 from mixret.models.config import ModelConfig
 from mixret.models.encode import EmbeddingSpec, encode
-from mixret.models.generate import generate
+from mixret.models.generate import SAMPLING, generate
 from mixret.models.layers import Block, FeedForward, PoolHead, drop_path_rates
 
 
@@ -147,8 +147,9 @@ class CausalLM(nn.Module):
         cache.pos += T
         return self.lm_head(self.norm(x))
 
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 128, temperature: float = 0.8,
-                 top_k: int | None = 40, top_p: float | None = 0.9, *, generator: torch.Generator | None = None,
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = SAMPLING.max_new_tokens,
+                 temperature: float = SAMPLING.temperature, top_k: int | None = SAMPLING.top_k,
+                 top_p: float | None = SAMPLING.top_p, *, generator: torch.Generator | None = None,
                  eos_id: int | None = None) -> torch.Tensor:
         """[B, P] prompt ids -> [B, P + n]: the prompt followed by the new tokens (temperature 0 = greedy).
 

@@ -15,6 +15,19 @@ from dataclasses import dataclass
 import torch
 
 from mixret.errors import MixretError
+from mixret.options import option
+
+
+@dataclass
+class Sampling:
+    """How text is sampled: the defaults of `generate`, `generate_text`, `CausalLM.generate` and `mixret generate`."""
+    max_new_tokens: int = option(128, "Most tokens to add.")
+    temperature: float = option(0.8, "Sampling temperature; 0 = greedy.")
+    top_k: int | None = option(40, "Sample from the k most likely tokens; 0 = off.")
+    top_p: float | None = option(0.9, "Nucleus sampling mass; 1 = off.")
+
+
+SAMPLING = Sampling()
 
 
 @dataclass
@@ -71,8 +84,9 @@ def eval_mode(model: torch.nn.Module):
         model.train(was_training)
 
 
-def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 128, temperature: float = 0.8,
-             top_k: int | None = 40, top_p: float | None = 0.9, *, generator: torch.Generator | None = None,
+def generate(model, input_ids: torch.Tensor, max_new_tokens: int = SAMPLING.max_new_tokens,
+             temperature: float = SAMPLING.temperature, top_k: int | None = SAMPLING.top_k,
+             top_p: float | None = SAMPLING.top_p, *, generator: torch.Generator | None = None,
              eos_id: int | None = None, use_cache: bool = True) -> Generation:
     """Continue each row of input_ids [B, P] by up to max_new_tokens tokens.
 
@@ -121,8 +135,9 @@ def decode_row(tokenizer, row: torch.Tensor, prompt_len: int) -> str:
     return tokenizer.decode(row[:prompt_len] + new)
 
 
-def generate_text(model, prompt: str, tokenizer=None, max_new_tokens: int = 128, temperature: float = 0.8,
-                  top_k: int | None = 40, top_p: float | None = 0.9, seed: int | None = None) -> tuple[str, Generation]:
+def generate_text(model, prompt: str, tokenizer=None, max_new_tokens: int = SAMPLING.max_new_tokens,
+                  temperature: float = SAMPLING.temperature, top_k: int | None = SAMPLING.top_k,
+                  top_p: float | None = SAMPLING.top_p, seed: int | None = None) -> tuple[str, Generation]:
     """Continue one text prompt; returns the decoded prompt + continuation and the raw Generation."""
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer
     if tokenizer is None:

@@ -43,6 +43,7 @@ from mixret.errors import MixretError, where
 from mixret.io import versioned
 from mixret.models.encode import (
     DTYPES,
+    POOLINGS,
     EmbeddingSpec,
     check_options,
     encode_texts,
@@ -53,6 +54,8 @@ from mixret.models.encode import (
 from mixret.models.matcher import Matcher
 from mixret.models.zoo import load
 from mixret.version import __version__
+from dataclasses import dataclass
+from mixret.options import option
 
 EMB_NAME, IDS_NAME, META_NAME = "embeddings.safetensors", "ids.jsonl", "meta.json"
 
@@ -89,20 +92,24 @@ EMB_NAME, IDS_NAME, META_NAME = "embeddings.safetensors", "ids.jsonl", "meta.jso
 
 # --- EMB_DIR ----------------------------------------------------------------------------------
 
-def embed_corpus(
-    model_dir: str | os.PathLike,
-    corpus: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    field: str = "text",
-    id_field: str = "id",
-    batch_size: int = 64,
-    dtype: str = "float32",
-    max_length: int | None = None,
-    pooling: str | None = None,
-    overwrite: bool = False,
-    device: str | None = None,
-    show_progress_bar: bool | None = None,
-) -> dict:
+@dataclass
+class EmbedConfig:
+    """How `mixret embed` (and embed_corpus) embeds a corpus."""
+    field: str = option("text", "JSONL field / column with the texts (a pairs file such as the bundled one has "
+                                "summary and document, no text); for a TinyStoriesInstruct .txt: summary or document.")
+    id_field: str = option("id", "Field with the ids (line or row numbers when a record has none).")
+    batch_size: int = option(64, "Texts per forward pass.")
+    dtype: str = option("float32", "Stored embedding type.", choices=tuple(DTYPES))
+    max_length: int | None = option(None, "Tokens per text, bos included.", show="the model's own, else its context")
+    pooling: str | None = option(None, "last content token, an appended eos (for comparison), or mean over the "
+                                       "content tokens.", choices=POOLINGS, show="the model's own, else last")
+    device: str | None = option(None, "torch device.", show="the GPU if there is one")
+    overwrite: bool = option(False, "Replace an existing EMB_DIR once the new one is complete.", switch="--overwrite")
+    show_progress_bar: bool | None = option(None, "A progress bar (None: on a terminal).", cli=False)
+
+
+def embed_corpus(model_dir: str | os.PathLike, corpus: str | os.PathLike, out_dir: str | os.PathLike,
+                 **options) -> dict:
     """Embed a corpus (see mixret.data.read_corpus) with the model in model_dir and write out_dir as an EMB_DIR.
 
     pooling and max_length default to the model's own (see resolve_spec; a value that differs from one the
@@ -112,9 +119,12 @@ def embed_corpus(
     once the new one is complete. Empty texts are skipped and counted in meta.json; truncation is
     reported there and in a warning. Under torchrun (WORLD_SIZE > 1) each process embeds a contiguous
     shard on its own GPU (or the CPU, with gloo) and rank 0 merges; the output folder must be on a file
-    system every process sees. Returns the meta dict.
+    system every process sees. Returns the meta dict. options: the fields of EmbedConfig.
     """
-
+    cfg = EmbedConfig(**options)
+    field, id_field, batch_size, dtype, max_length, pooling, device, overwrite, show_progress_bar = (
+        cfg.field, cfg.id_field, cfg.batch_size, cfg.dtype, cfg.max_length, cfg.pooling, cfg.device, cfg.overwrite,
+        cfg.show_progress_bar)
     if dtype not in DTYPES:
         raise MixretError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
     model_dir, out_dir = Path(model_dir), Path(out_dir)
