@@ -99,7 +99,7 @@ def child(spec: dict) -> dict:
     ft = finetune(FinetuneConfig(
         pairs=spec["pairs"], init=init, model=ModelConfig(arch=arch, mixing_init="mean", **size),
         vocab_size=spec["vocab_size"], val_pairs=spec["val_pairs"], batch_size=spec["finetune_batch"],
-        loop=LoopConfig(steps=None, budget_minutes=(1 - share) * budget, progress=False, **FINETUNE_LOOP),
+        loop=LoopConfig(budget_minutes=(1 - share) * budget, progress=False, **{**FINETUNE_LOOP, "steps": None}),
         out=str(work / "finetune"), overwrite=True))
     result.update(finetune_seconds=time.perf_counter() - start,
                   finetune_steps=io.read_json(ft / TRAIN_CONFIG_NAME)["steps"],

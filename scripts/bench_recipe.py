@@ -72,7 +72,8 @@ def child(spec: dict) -> dict:
     start = time.perf_counter()
     ft = finetune(FinetuneConfig(
         pairs=str(work / "train.jsonl.gz"), test_fraction=0.0, init="masked-mixer", model=model, **options,
-        loop=LoopConfig(steps=None, budget_minutes=minutes, progress=False, **{**FINETUNE_LOOP, "eval_every": 10**9}),
+        loop=LoopConfig(budget_minutes=minutes, progress=False,
+                        **{**FINETUNE_LOOP, "steps": None, "eval_every": 10**9}),
         out=str(work / "model"), overwrite=True))
     result = {"minutes": minutes, "seconds": time.perf_counter() - start,
               "steps": io.read_json(ft / TRAIN_CONFIG_NAME)["steps"]}
