@@ -13,7 +13,7 @@ import click
 
 from mixret import io
 from mixret.errors import MixretError
-from mixret.options import all_options, flat_options, option_fields, replace_options
+from mixret.options import all_options, flat_options, option_fields, read_options_file, replace_options
 from mixret.models.generate import SAMPLING, Sampling, generate_text
 from mixret.models.zoo import model_table
 from mixret.quickstart import QuickstartConfig, example_search, run
@@ -354,17 +354,18 @@ def _deprecated_hard_negatives(ctx, param, value):
 @config_options(TrainMatcherConfig)
 @click.option("--hard-negatives", type=int, default=None, hidden=True, callback=_deprecated_hard_negatives,
               help="Deprecated name of --hard-candidates.")
+@CONFIG_FILE
 @friendly
-def train_matcher_cmd(hard_negatives, **options):
+def train_matcher_cmd(hard_negatives, config_file, **options):
     """Train a matcher that picks each query's target among context-1 candidates, on the embeddings of
     (query, target) pairs. Pairs repeating an earlier query are dropped (the count is printed); the
     held-out split is scored on fixed candidate sets (full, and partly padded) against chance and cosine
     similarity: in-set scores, not corpus retrieval. Ctrl-C or SIGTERM writes a checkpoint before
     stopping; --resume continues from the newest one."""
-    given = given_options(options)
+    given = {**(read_options_file(config_file) if config_file else {}), **given_options(options)}
     if hard_negatives is not None:
         given.setdefault("hard_candidates", hard_negatives)
-    cfg = replace_options(TrainMatcherConfig(), given)
+    cfg = replace_options(TrainMatcherConfig(), given, str(config_file or "options"))
     with Warnings():
         try:
             out, metrics = run_train_matcher(cfg, say=lambda m: click.echo(m, err=True))

@@ -28,7 +28,7 @@ COMMANDS = {
     "distill": (TrainConfig(objective="distill"), {"config_file", "student"},
                 {"data": "texts", "text_field": "field", "distill_loss": "loss"}),
     "finetune": (FinetuneConfig(), {"config_file"}, {}),
-    "train-matcher": (TrainMatcherConfig(), {"hard_negatives"}, {}),
+    "train-matcher": (TrainMatcherConfig(), {"hard_negatives", "config_file"}, {}),
     "quickstart": (QuickstartConfig(), set(), {}),
     "index": (IndexConfig(), {"emb_dir"}, {}),
     "evaluate": (EvaluateConfig(), {"as_json"}, {}),

@@ -166,10 +166,8 @@ class VectorIndex:
             raise MixretError(f"cannot build FAISS index {fitted!r} on {len(x)} vectors: {_faiss_message(e)}") from None
         return cls(index, fitted, metric, normalize, meta)
 
-    def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """queries [Q, D] -> (scores [Q, k] float32, indices [Q, k] int64; -1 where an approximate
-        index found fewer than k). Scores are inner products, or squared L2 distances (lower is nearer)."""
-        import faiss
+    def checked_queries(self, queries, k: int) -> np.ndarray:
+        """queries [Q, D] as the index searches them (normalised for ip), after checking their dim and k."""
         q = _as_matrix(queries, "query embeddings")
         if q.shape[1] != self.dim:
             raise MixretError(f"query embeddings have dim {q.shape[1]} but the index has dim {self.dim} "
@@ -178,6 +176,13 @@ class VectorIndex:
             raise MixretError(f"k must be between 1 and the corpus size {self.count}, got {k}")
         if self.normalize:
             q = _normalized(q)
+        return q
+
+    def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """queries [Q, D] -> (scores [Q, k] float32, indices [Q, k] int64; -1 where an approximate
+        index found fewer than k). Scores are inner products, or squared L2 distances (lower is nearer)."""
+        import faiss
+        q = self.checked_queries(queries, k)
         depth = min(k + self.removed, self.index.ntotal)   # removed vectors may take places in the top k
         ivf = faiss.try_extract_index_ivf(self.index)
         if ivf is not None:

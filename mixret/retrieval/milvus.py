@@ -117,14 +117,7 @@ class MilvusIndex(VectorIndex):
         return found
 
     def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
-        q = _as_matrix(queries, "query embeddings")
-        if q.shape[1] != self.dim:
-            raise MixretError(f"query embeddings have dim {q.shape[1]} but the index has dim {self.dim} "
-                              f"(embed queries with the model that embedded the corpus)")
-        if not 1 <= k <= self.count:
-            raise MixretError(f"k must be between 1 and the corpus size {self.count}, got {k}")
-        if self.normalize:
-            q = _normalized(q)
+        q = self.checked_queries(queries, k)
         found = self.client.search(self.collection, data=q.tolist(), limit=k, anns_field=FIELD_VEC,
                                    output_fields=[FIELD_ROW], search_params={"metric_type": self.milvus_metric})
         worst = np.finfo(np.float32).max * (-1 if self.metric == "ip" else 1)
