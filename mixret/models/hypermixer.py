@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import einsum, rearrange
 from torch.utils.checkpoint import checkpoint
 
 from mixret.models.base import CausalLM
@@ -25,10 +26,10 @@ def hypermix_chunk(w1, w2, x, state, start: int):
     Returns y [B, C, H, E] and the state after the chunk.
     """
     C = x.shape[1]
-    outer = w1.unsqueeze(-1) * x.unsqueeze(-2)                              # [B, C, H, K, E]
-    Hs = state.unsqueeze(1) + outer.cumsum(dim=1)                           # [B, C, H, K, E]: H_t for t in chunk
+    outer = einsum(w1, x, "b c h k, b c h e -> b c h k e")                 # w1_s x_s^T: [B, C, H, K, E]
+    Hs = rearrange(state, "b h k e -> b 1 h k e") + outer.cumsum(dim=1)    # [B, C, H, K, E]: H_t for t in chunk
     n = torch.arange(start + 1, start + C + 1, device=x.device, dtype=Hs.dtype).view(1, C, 1, 1, 1)
-    y = (w2.unsqueeze(-1) * F.gelu(Hs / n)).sum(dim=-2)                     # [B, C, H, E]
+    y = einsum(w2, F.gelu(Hs / n), "b c h k, b c h k e -> b c h e")       # w2_t^T GELU(H_t / t): [B, C, H, E]
     return y, Hs[:, -1]
 
 
@@ -89,18 +90,16 @@ class HyperMixing(nn.Module):
 
     def weights(self, x: torch.Tensor, start: int = 0):
         """x [B, L, D] at positions start..start+L-1 -> w1, w2 [B, L, h, k'] and x per head [B, L, h, D/h]."""
-        B, L, D = x.shape
-        p = x + self.pos.weight[start:start + L]
-        w1 = self.hyper1(p).view(B, L, self.h, self.k)
-        w2 = self.hyper2(p).view(B, L, self.h, self.k)
-        return w1, w2, x.view(B, L, self.h, D // self.h)
+        p = x + self.pos.weight[start:start + x.shape[1]]
+        w1 = rearrange(self.hyper1(p), "b l (h k) -> b l h k", h=self.h)  # [B, L, h, k']
+        w2 = rearrange(self.hyper2(p), "b l (h k) -> b l h k", h=self.h)  # [B, L, h, k']
+        return w1, w2, rearrange(x, "b l (h e) -> b l h e", h=self.h)     # x per head: [B, L, h, D/h]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, D] -> [B, L, D]
-        B, L, D = x.shape
         w1, w2, xh = self.weights(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
             y = hypermix(w1, w2, xh, self.chunk, use_checkpoint=self.training and torch.is_grad_enabled())
-        return self.proj(y.to(x.dtype).reshape(B, L, D))
+        return self.proj(rearrange(y.to(x.dtype), "b l h e -> b l (h e)"))  # heads concatenated: [B, L, D]
 
     def new_cache(self, batch_size: int, device, dtype) -> dict:
         """The prefix state H_t per head, fp32: "state" [B, h, k', D/h] (the position t comes with each step)."""
@@ -108,7 +107,7 @@ class HyperMixing(nn.Module):
         return {"state": torch.zeros(batch_size, self.h, self.k, D // self.h, device=device, dtype=torch.float32)}
 
     def step(self, x: torch.Tensor, cache: dict, t: int) -> torch.Tensor:  # [B, T, D] at t..t+T-1 -> [B, T, D]
-        B, T, D = x.shape
+        T = x.shape[1]
         w1, w2, xh = self.weights(x, start=t)
         ys = []
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -116,7 +115,7 @@ class HyperMixing(nn.Module):
                 y, cache["state"] = hypermix_chunk(w1[:, s:s + self.chunk].float(), w2[:, s:s + self.chunk].float(),
                                                    xh[:, s:s + self.chunk].float(), cache["state"], t + s)
                 ys.append(y)
-        return self.proj(torch.cat(ys, dim=1).to(x.dtype).reshape(B, T, D))
+        return self.proj(rearrange(torch.cat(ys, dim=1).to(x.dtype), "b t h e -> b t (h e)"))  # [B, T, D]
 
 
 class HyperMixerLM(CausalLM):

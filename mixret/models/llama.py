@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 from mixret.models.base import CausalLM
 from mixret.models.config import ModelConfig
@@ -21,10 +22,11 @@ def rope_tables(context: int, head_dim: int, theta: float) -> tuple[torch.Tensor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, L, E] rotated by position; cos, sin [L, E/2]."""
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+    """x [B, H, L, E] rotated by position (features 2i and 2i+1 as a pair); cos, sin [L, E/2]."""
+    x1, x2 = rearrange(x, "... (e two) -> two ... e", two=2)                  # features 2i, 2i+1: [B, H, L, E/2]
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)     # [B, H, L, E/2, 2]
+    out = rearrange(out, "... e two -> ... (e two)")                         # interleaved back: [B, H, L, E]
+    return out.type_as(x)
 
 
 class Attention(nn.Module):
@@ -48,12 +50,12 @@ class Attention(nn.Module):
         near_identity_(self.proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, D] -> [B, L, D]
-        B, L, D = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.h, D // self.h).permute(2, 0, 3, 1, 4)  # each [B, H, L, E]
+        L = x.shape[1]
+        q, k, v = rearrange(self.qkv(x), "b l (qkv h e) -> qkv b h l e", qkv=3, h=self.h)  # each [B, H, L, E]
         q, k = apply_rope(q, self.cos[:L], self.sin[:L]), apply_rope(k, self.cos[:L], self.sin[:L])
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(y.transpose(1, 2).reshape(B, L, D))
+        return self.proj(rearrange(y, "b h l e -> b l (h e)"))                # [B, L, D]
 
     def new_cache(self, batch_size: int, device, dtype) -> dict:
         """Rotated keys "k" and values "v" so far: [B, H, context, E] each."""
@@ -62,16 +64,16 @@ class Attention(nn.Module):
         return {name: torch.zeros(shape, device=device, dtype=dtype) for name in ("k", "v")}
 
     def step(self, x: torch.Tensor, cache: dict, t: int) -> torch.Tensor:  # [B, T, D] at t..t+T-1 -> [B, T, D]
-        B, T, D = x.shape
+        T = x.shape[1]
         end = t + T
-        q, k, v = self.qkv(x).view(B, T, 3, self.h, D // self.h).permute(2, 0, 3, 1, 4)  # each [B, H, T, E]
+        q, k, v = rearrange(self.qkv(x), "b t (qkv h e) -> qkv b h t e", qkv=3, h=self.h)  # each [B, H, T, E]
         cos, sin = self.cos[t:end], self.sin[t:end]
         cache["k"][:, :, t:end] = apply_rope(k, cos, sin)
         cache["v"][:, :, t:end] = v
         sees = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=t)  # position t+i sees 0..t+i
         y = F.scaled_dot_product_attention(apply_rope(q, cos, sin), cache["k"][:, :, :end], cache["v"][:, :, :end],
                                            attn_mask=sees)
-        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+        return self.proj(rearrange(y, "b h t e -> b t (h e)"))                # [B, T, D]
 
 
 class SwiGLU(nn.Module):

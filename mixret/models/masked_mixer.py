@@ -18,6 +18,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 from mixret.models.base import CausalLM
 from mixret.models.config import ModelConfig
@@ -119,10 +120,10 @@ class MaskedMixing(nn.Module):
 
     def mix(self, x: torch.Tensor, i: int) -> torch.Tensor:  # [B, L, D] -> [B, L, D]
         """Matrix i along the sequence axis, plus its bias (`tril_matmul` on long inputs, see `use_blocked`)."""
-        B, L, D = x.shape
+        B, L, _ = x.shape
         if use_blocked(x):
-            y = tril_matmul(self.weight[i, :L, :L], x.transpose(0, 1).reshape(L, B * D), BLOCK)  # [L, B*D]
-            return (y.view(L, B, D) + self.bias[i, :L, None, None]).transpose(0, 1).contiguous()
+            y = tril_matmul(self.weight[i, :L, :L], rearrange(x, "b l d -> l (b d)"), BLOCK)   # [L, B*D]
+            return rearrange(y + self.bias[i, :L, None], "l (b d) -> b l d", b=B).contiguous()  # [B, L, D]
         W = self.weight[i, :L, :L] * self.tril[:L, :L]
         return torch.einsum("ts,bsd->btd", W, x) + self.bias[i, :L, None]
 
@@ -183,11 +184,11 @@ class HeadsMix(nn.Module):
         near_identity_(self.proj_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, D] -> [B, L, D]
-        B, L, D = x.shape
-        x = self.proj_in(x).view(B, L, self.h, D // self.h)                  # [B, L, h, D/h]
+        L = x.shape[1]
+        x = rearrange(self.proj_in(x), "b l (h e) -> b l h e", h=self.h)     # [B, L, h, D/h]
         y = torch.einsum("hts,bshe->bthe", self.mats.masked(L), x)           # [B, L, h, D/h]
-        y = y + self.mats.bias[:, :L].T[None, :, :, None]
-        return self.proj_out(y.reshape(B, L, D))
+        y = y + rearrange(self.mats.bias[:, :L], "h l -> l h 1")             # bias per position and head
+        return self.proj_out(rearrange(y, "b l h e -> b l (h e)"))           # [B, L, D]
 
     def new_cache(self, batch_size: int, device, dtype) -> dict:
         """Projected inputs so far, per head: "x" [B, context, h, D/h]."""
@@ -196,12 +197,11 @@ class HeadsMix(nn.Module):
         return {"x": torch.zeros(shape, device=device, dtype=dtype)}
 
     def step(self, x: torch.Tensor, cache: dict, t: int) -> torch.Tensor:  # [B, T, D] at t..t+T-1 -> [B, T, D]
-        B, T, D = x.shape
-        end = t + T
-        cache["x"][:, t:end] = self.proj_in(x).view(B, T, self.h, D // self.h)
+        end = t + x.shape[1]
+        cache["x"][:, t:end] = rearrange(self.proj_in(x), "b t (h e) -> b t h e", h=self.h)  # [B, T, h, D/h]
         y = torch.einsum("hts,bshe->bthe", self.mats.rows(t, end), cache["x"][:, :end])  # [B, T, h, D/h]
-        y = y + self.mats.bias[:, t:end].T[None, :, :, None]
-        return self.proj_out(y.reshape(B, T, D))
+        y = y + rearrange(self.mats.bias[:, t:end], "h t -> t h 1")                      # bias per position and head
+        return self.proj_out(rearrange(y, "b t h e -> b t (h e)"))                       # [B, T, D]
 
 
 class KernelMix(nn.Module):
@@ -223,7 +223,7 @@ class KernelMix(nn.Module):
         D = x.shape[-1]
         left = self.k // 2
         xp = F.pad(x, (left, self.k - 1 - left))                              # [B, L, D + k - 1]
-        return torch.stack([xp[..., tau:tau + D] for tau in range(self.k)], dim=1)
+        return rearrange([xp[..., tau:tau + D] for tau in range(self.k)], "k b l d -> b k l d")  # k: the shift tau
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, D] -> [B, L, D]
         L = x.shape[1]
