@@ -27,6 +27,7 @@ from mixret.retrieval.embeddings import (
     matcher_spec,
 )
 from mixret.retrieval.evaluate import (
+    EVAL_MODES,
     MATCHER_MODES,
     evaluate_pairs,
     format_table,
@@ -37,7 +38,7 @@ from mixret.retrieval.evaluate import (
 from mixret.retrieval.fusion import load_fusion
 from mixret.retrieval.index import VectorIndex
 from mixret.retrieval.milvus import MilvusIndex, check_uri, default_collection
-from mixret.retrieval.search import format_hits, load_corpus
+from mixret.retrieval.search import LEXICAL_MODES, MODES, format_hits, load_corpus
 from mixret.serve import read_token, serve
 from mixret.training.finetune import FinetuneConfig, finetune
 from mixret.training.loop import Interrupted
@@ -703,12 +704,14 @@ def _search_options(fn):
 @click.argument("query")
 @click.option("--index", "emb_dir", required=True, type=click.Path(file_okay=False),
               help="EMB_DIR of the corpus (with an index from `mixret index` for vector and hybrid).")
-@click.option("--mode", type=click.Choice(["vector", "fusion", "tree", "hybrid", "bm25"]), default="vector",
+@click.option("--mode", type=click.Choice(list(MODES)), default="vector",
               show_default=True, help="vector: FAISS; fusion: BM25 and the model's scores combined; tree: matcher "
                                       "tournament over the whole corpus; hybrid: shortlist ranked by the matcher; "
                                       "bm25: lexical baseline (English stopwords dropped), no model needed. BM25 "
                                       "uses the k1, b and stemmer `mixret index` copied into EMB_DIR from the "
-                                      "fine-tuned model (bm25.json), else k1 1.5, b 0.75, words stemmed.")
+                                      "fine-tuned model (bm25.json), else k1 1.5, b 0.75, words stemmed. tfidf: "
+                                      "scikit-learn's TF-IDF (sublinear tf, English stop words, words stemmed), "
+                                      "texts ranked by cosine with the query; no model needed.")
 @click.option("-k", "k", default=10, show_default=True, help="Results to return.")
 @_search_options
 @friendly
@@ -745,8 +748,8 @@ def search_cmd(query, emb_dir, mode, k, model_dir, matcher_dir, fusion_weight, s
 @main.command("evaluate")
 @click.option("--pairs", "pairs_path", required=True, type=click.Path(dir_okay=False),
               help="Pairs file: .jsonl, .jsonl.gz, .parquet or TinyStoriesInstruct .txt.")
-@click.option("--mode", type=click.Choice(["vector", "fusion", "tree", "hybrid", "bm25", "all"]), default="all",
-              show_default=True, help="all: vector, bm25, fusion when the model has a fusion weight (from "
+@click.option("--mode", type=click.Choice(list(EVAL_MODES)), default="all",
+              show_default=True, help="all: vector, bm25, tfidf, fusion when the model has a fusion weight (from "
                                       "`mixret finetune`) and, with --matcher, tree and hybrid. With bm25 among "
                                       "them, each other mode is compared with it query by query (top-1 won/lost "
                                       "and an exact McNemar p-value).")
@@ -781,13 +784,14 @@ def evaluate_cmd(pairs_path, mode, limit, query_field, target_field, test_fracti
     from pathlib import Path
 
 
-    if mode != "bm25" and model_dir is None:
+    if mode not in LEXICAL_MODES and model_dir is None:
         model_dir = default_model_dir()
     fusion = load_fusion(model_dir, fusion_weight) if mode in ("fusion", "all") else None
     modes = resolve_modes(mode, matcher_dir is not None, fusion is not None)
     if mode == "all" and matcher_dir is None:
         click.echo("tree and hybrid skipped: they need --matcher", err=True)
-    needs_model, needs_matcher = any(m != "bm25" for m in modes), any(m in MATCHER_MODES for m in modes)
+    needs_model = any(m not in LEXICAL_MODES for m in modes)
+    needs_matcher = any(m in MATCHER_MODES for m in modes)
     tuned = load_bm25(model_dir) if uses_bm25(modes, shortlist_from) else None
     unused = [flag for flag, given, used in (("--model", model_dir, needs_model or tuned is not None),
                                              ("--pooling", pooling, needs_model),
