@@ -27,7 +27,7 @@ from mixret.retrieval.evaluate import (
     format_table,
 )
 from mixret.retrieval.indexing import IndexConfig, build_index
-from mixret.retrieval.search import format_hits, load_corpus
+from mixret.retrieval.search import MODES, format_hits, load_corpus
 from mixret.serve import read_token, serve
 from mixret.training.finetune import FinetuneConfig, finetune, finetune_config
 from mixret.training.loop import Interrupted
@@ -421,12 +421,14 @@ AS_JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON inste
 @click.argument("query")
 @click.option("--index", "emb_dir", required=True, type=click.Path(file_okay=False),
               help="EMB_DIR of the corpus (with an index from `mixret index` for vector and hybrid).")
-@click.option("--mode", type=click.Choice(["vector", "fusion", "tree", "hybrid", "bm25"]), default="vector",
+@click.option("--mode", type=click.Choice(list(MODES)), default="vector",
               show_default=True, help="vector: FAISS; fusion: BM25 and the model's scores combined; tree: matcher "
                                       "tournament over the whole corpus; hybrid: shortlist ranked by the matcher; "
                                       "bm25: lexical baseline (English stopwords dropped), no model needed. BM25 "
                                       "uses the k1, b and stemmer `mixret index` copied into EMB_DIR from the "
-                                      "fine-tuned model (bm25.json), else k1 1.5, b 0.75, words stemmed.")
+                                      "fine-tuned model (bm25.json), else k1 1.5, b 0.75, words stemmed. tfidf: "
+                                      "scikit-learn's TF-IDF (sublinear tf, English stop words, words stemmed), "
+                                      "texts ranked by cosine with the query; no model needed.")
 @click.option("-k", "k", default=10, show_default=True, help="Results to return.")
 @config_options(RetrievalConfig)
 @AS_JSON

@@ -4,8 +4,9 @@ Each architecture gets the same wall-clock training budget (not the same steps):
 CLM pretraining on the training texts, the rest for contrastive fine-tuning on the training pairs (which also
 fits BM25's k1, b and stemmer and the fusion weight on a validation slice of them). Then, per model: a matcher
 trained on the fine-tuned embeddings, the test documents embedded and indexed (with the fitted BM25), and every
-search mode evaluated on the held-out pairs beside the fitted BM25 and the default one, in one comparison table;
-every won/lost count is against the fitted BM25. Everything goes under one output directory.
+search mode evaluated on the held-out pairs beside the fitted BM25, the default one and TF-IDF (scikit-learn's, a
+second lexical baseline; mixret.retrieval.tfidf), in one comparison table; every won/lost count is against the
+fitted BM25. Everything goes under one output directory.
 
 The pairs are the bundled Debian corpus (split by a hash of the id) unless `pairs` and `test_pairs` name a
 user's own files.
@@ -305,9 +306,9 @@ def _run(cfg: QuickstartConfig, echo: Callable[[str], None]) -> dict:
 
         # 5. every mode on the held-out pairs; tree on a sample of queries
         echo(f"== {arch}: evaluating vector, fusion, hybrid, tree ({min(cfg.tree_queries, len(test))} queries), "
-             f"bm25")
-        rep = evaluate_pairs(test, model, matcher, modes=["vector", "fusion", "hybrid", "bm25"], fusion=fusion,
-                             bm25_params=bm25)
+             f"bm25, tfidf")
+        rep = evaluate_pairs(test, model, matcher, modes=["vector", "fusion", "hybrid", "bm25", "tfidf"],
+                             fusion=fusion, bm25_params=bm25)
         if "bm25_default" not in rep:       # the fit kept the defaults: the same BM25 twice
             rep["bm25_default"] = {**rep["modes"]["bm25"], "vs_bm25": {"wins": 0, "losses": 0, "p": 1.0}}
         tree = evaluate_pairs(test, model, matcher, modes=["tree", "bm25"], limit=cfg.tree_queries, bm25_params=bm25)
@@ -428,8 +429,9 @@ def format_report(report: dict) -> str:
     lines = [f"Retrieval of {any_eval['n_queries']} held-out queries among their {any_eval['corpus_size']} "
              f"documents ({report['source']}; tree: first {any_eval.get('tree_queries')} queries, compared with BM25 "
              f"on those). BM25 fitted: k1, b and the stemmer fitted on the validation pairs by fine-tuning; defaults: "
-             f"k1 1.5, b 0.75, stemmer on. Won/lost: queries a mode ranks first that the fitted BM25 does not, and "
-             f"the reverse; p: exact McNemar test. Each model: "
+             f"k1 1.5, b 0.75, stemmer on. tfidf: scikit-learn's TF-IDF (sublinear tf, English stop words, stemmed), "
+             f"ranked by cosine, nothing fitted. Won/lost: queries a mode ranks first that the fitted BM25 does not, "
+             f"and the reverse; p: exact McNemar test. Each model: "
              f"{next(iter(report['models'].values()))['train_minutes']:.1f} min of training ({share}contrastive "
              f"fine-tuning) on {report['n_train']} training pairs; matchers trained on {report['n_matcher_train']} "
              f"of them; machine: {report['machine']}."
@@ -454,6 +456,8 @@ def format_report(report: dict) -> str:
         who = "-" if len(set(fitted.values())) == 1 else arch
         lines.append(_table_row(who, f"bm25, fitted ({fitted[arch]})", m["eval"]["modes"]["bm25"], cols))
         lines.append(_table_row(who, "bm25, defaults", m["eval"]["bm25_default"], cols))
+        if "tfidf" in m["eval"]["modes"]:           # the same TF-IDF for every model; won/lost against this fit
+            lines.append(_table_row(who, "tfidf", m["eval"]["modes"]["tfidf"], cols))
     ch = report["chance"]
     lines.append("| - | chance | " + " | ".join(f"{ch[c]:.3f}" if c in ch else "-" for c in cols) + " | - | - | - |")
     lines += ["", "Models:", "",

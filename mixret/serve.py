@@ -16,17 +16,18 @@ token configured they answer 403 and say how to turn them on. A write is embedde
 appended to EMB_DIR/writes.wal and flushed to the disk (mixret.retrieval.corpus), then swapped in: it is acknowledged
 (200,
 with the ids written or removed, its seq and the corpus size) only once it is durable and searchable. Writes run
-one at a time on their own thread. Each corpus state (texts, embeddings, FAISS index, BM25) is built whole and
+one at a time on their own thread. Each corpus state (texts, embeddings, FAISS index, BM25, TF-IDF) is built whole and
 never changed: a search batch takes the current one at its start and keeps it to the end, so it sees the corpus
 before a write or after it, never a mix, and says which (seq, corpus_size). BM25 follows writes from the term
-statistics it keeps (only new texts are tokenised; the scores of a fresh index; see scripts/bench_corpus.py). At start
+statistics it keeps (only new texts are tokenised; the scores of a fresh index; see scripts/bench_corpus.py), and
+TF-IDF from the term counts it keeps, likewise (mixret.retrieval.tfidf). At start
 the log's writes are replayed and folded into a new version of the folder, and the log emptied; the server holds
 the folder's write lock while it runs.
 
 Modes are those of `mixret.retrieval.search.MODES`, searched by the same `Retriever.search` as `mixret search`, with
 query embeddings from the same `model.encode`. At start-up every mode runs once on a probe query: a mode
 that fails (tree and hybrid without a matcher) is reported off with the Retriever's reason, and a mode that
-answers without query embeddings (bm25) never has its queries encoded.
+answers without query embeddings (bm25, tfidf) never has its queries encoded.
 
 Micro-batching. Requests go to one queue; a batch opens with the first request and closes when it holds
 `max_batch` queries or `max_wait_ms` have passed. Its distinct query texts are encoded in one forward pass,
@@ -58,6 +59,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from mixret.errors import MixretError
 from mixret.models.encode import DTYPES
 from mixret.retrieval.bm25 import BM25Index
+from mixret.retrieval.tfidf import TfidfIndex
 from mixret.retrieval.corpus import Change, WriteLock, WriteLog, apply_change, fold_log
 from mixret.retrieval.search import EMBEDDING_MODES, MODES, Retriever, load_corpus
 from mixret.version import __version__
@@ -151,7 +153,7 @@ class Searcher:
 
     def _first_state(self) -> State:
         """The loaded corpus as a State; with writes on, the log's writes folded into a new version first and BM25
-        built to follow writes."""
+        and TF-IDF built to follow writes."""
         snap, retriever = self.corpus.snapshot, self.corpus.retriever
         if self.writes and snap.index is not None and snap.index.backend != "faiss":
             raise MixretError(f"{self.emb_dir}: writes need the FAISS backend for now; this folder's vectors are in "
@@ -164,6 +166,7 @@ class Searcher:
             params = retriever.bm25_params
             retriever._bm25 = params.index(snap.texts, keep_terms=True) if params is not None else \
                 BM25Index(snap.texts, keep_terms=True)   # BM25 follows writes from kept term statistics
+            retriever._tfidf = TfidfIndex(snap.texts, keep_terms=True)   # TF-IDF from kept term counts
         return State(snap, retriever, snap.rows(), snap.seq)
 
     def close(self) -> None:
@@ -238,6 +241,7 @@ class Searcher:
         retriever = Retriever(snap.emb, snap.texts, index=snap.index, matcher=old.matcher, fusion=old.fusion,
                               bm25_params=old.bm25_params, query_chunk_bytes=old.query_chunk_bytes)
         retriever._bm25 = old.bm25.updated(applied.keep, snap.texts, applied.added)
+        retriever._tfidf = old.tfidf.updated(applied.keep, snap.texts, applied.added)
         return State(snap, retriever, snap.rows(), seq)
 
     def document(self, doc_id: str) -> dict | None:

@@ -94,7 +94,7 @@ def test_ties_never_count_for_the_relevant_document():
     report = evaluate_pairs(unrelated, Constant(), constant_matcher(8, 16), "all", shortlist=30,
                             fusion=Fusion(weight=0.5))
     assert report["ties"] == "pessimistic"
-    assert set(report["modes"]) == {"vector", "fusion", "bm25", "tree", "hybrid"}
+    assert set(report["modes"]) == {"vector", "fusion", "bm25", "tfidf", "tree", "hybrid"}
     rrf = evaluate_pairs(unrelated, Constant(), None, "fusion", fusion=Fusion(weight=0.5, method="rrf"))
     for mode, m in [*report["modes"].items(), ("rrf fusion", rrf["modes"]["fusion"])]:
         assert m["R@1"] == m["R@10"] == m["MRR@10"] == m["nDCG@10"] == 0.0, mode
@@ -144,9 +144,9 @@ def test_evaluate_pairs_all_modes_and_table():
     torch.manual_seed(0)
     matcher = Matcher(MatcherConfig(emb_dim=64, d_model=32, n_layers=1, context=16)).eval()
     report = evaluate_pairs(pairs_fixture(), BagOfWords(), matcher, "all", shortlist=30, limit=40)
-    assert list(report["modes"]) == ["vector", "bm25", "tree", "hybrid"]
+    assert list(report["modes"]) == ["vector", "bm25", "tfidf", "tree", "hybrid"]
     assert report["n_queries"] == 40 and report["corpus_size"] == 60
-    for mode in ("vector", "bm25"):  # the query's words are in its target: both find it nearly always
+    for mode in ("vector", "bm25", "tfidf"):  # the query's words are in its target: each finds it nearly always
         assert report["modes"][mode]["R@1"] > 0.8
         assert report["modes"][mode]["passes_per_query"] is None
     assert report["modes"]["tree"]["passes_per_query"] == math.ceil((60 - 10) / (15 - 10))
@@ -156,7 +156,7 @@ def test_evaluate_pairs_all_modes_and_table():
     # the order the hybrid's shortlist came in is the vector mode's own ranking
     assert report["shortlist_order"] == {m: report["modes"]["vector"][m] for m in report["shortlist_order"]}
     assert "vs_bm25" not in report["modes"]["bm25"]
-    for mode in ("vector", "tree", "hybrid"):  # each compared with BM25 query by query
+    for mode in ("vector", "tfidf", "tree", "hybrid"):  # each compared with BM25 query by query
         v = report["modes"][mode]["vs_bm25"]
         r1 = report["modes"][mode]["R@1"] - report["modes"]["bm25"]["R@1"]
         assert (v["wins"] - v["losses"]) / 40 == pytest.approx(r1) and 0 < v["p"] <= 1
@@ -189,7 +189,7 @@ def test_repeated_queries_are_dropped_and_counted():
 def test_evaluate_pairs_bad_input():
     with pytest.raises(MixretError, match="pass --matcher"):
         resolve_modes("tree", have_matcher=False)
-    assert resolve_modes("all", have_matcher=False) == ["vector", "bm25"]
+    assert resolve_modes("all", have_matcher=False) == ["vector", "bm25", "tfidf"]
     with pytest.raises(MixretError, match="unknown mode"):
         resolve_modes("exhaustive", have_matcher=True)
     with pytest.raises(MixretError, match="pass --model"):
@@ -246,7 +246,7 @@ def test_cli_evaluate_scores_only_pairs_the_models_never_saw(small_world):
     _, test = split_pairs(load_pairs(root / "pairs.jsonl"), 0.1)
     assert f"scoring the test split of {root / 'pairs.jsonl'} (test fraction 0.1)" in res.stderr
     rows = [line for line in res.stdout.splitlines() if line.startswith("| ")]
-    assert [r.split("|")[1].strip() for r in rows] == ["mode", "vector", "bm25", "tree", "hybrid",
+    assert [r.split("|")[1].strip() for r in rows] == ["mode", "vector", "bm25", "tfidf", "tree", "hybrid",
                                                       "hybrid's shortlist, vector order", "chance"]
     report = json.loads((root / "report.json").read_text())
     n = len(test)
@@ -322,7 +322,7 @@ def test_cli_evaluate_fusion_and_a_matcher_with_score_features(small_world, tmp_
                  "bm25", "--out", tmp_path / "report.json")
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "report.json").read_text())
-    assert set(report["modes"]) == {"vector", "fusion", "bm25", "tree", "hybrid"}
+    assert set(report["modes"]) == {"vector", "fusion", "bm25", "tfidf", "tree", "hybrid"}
     assert report["modes"]["fusion"]["R@1"] == report["modes"]["bm25"]["R@1"]
     assert report["shortlist_order"] == {m: report["modes"]["bm25"][m] for m in report["shortlist_order"]}
     assert "| hybrid's shortlist, bm25 order |" in res.stdout

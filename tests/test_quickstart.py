@@ -11,7 +11,7 @@ from mixret.quickstart import side_by_side_threads
 
 pytestmark = pytest.mark.slow
 
-MODES = {"vector", "fusion", "hybrid", "tree", "bm25"}
+MODES = {"vector", "fusion", "hybrid", "tree", "bm25", "tfidf"}
 
 
 def run_quickstart(tmp_path, monkeypatch, n_train: int, n_test: int, *options: str):
@@ -62,7 +62,7 @@ def test_quickstart_runs_end_to_end_on_a_users_pairs(tmp_path, monkeypatch):
         # the two rare words shared by query and document make BM25 near perfect here; fusion, with a weight
         # fitted on validation pairs, must not lose what BM25 finds
         modes = m["eval"]["modes"]
-        assert modes["bm25"]["R@1"] > 0.9
+        assert modes["bm25"]["R@1"] > 0.9 and modes["tfidf"]["R@1"] > 0.9 and "vs_bm25" in modes["tfidf"]
         assert modes["fusion"]["R@1"] >= modes["bm25"]["R@1"] - 0.05
     # one tokenizer, trained once before the two runs, is every model's
     tokenizer = json.loads((out / "data" / "tokenizer.json").read_text())
@@ -80,6 +80,7 @@ def test_quickstart_runs_end_to_end_on_a_users_pairs(tmp_path, monkeypatch):
     md = (out / "results.md").read_text()
     assert "| masked-mixer | fusion |" in md and "| llama | tree |" in md
     assert "| - | bm25, fitted (k1 " in md and "| - | bm25, defaults |" in md and "vs fitted bm25" in md
+    assert "| - | tfidf |" in md
     assert md.strip() in res.output.replace("\r", "")
     # the run ends with one example search (fusion, on the mixer's index) and its results
     tail = res.output[res.output.index("$ mixret search"):]

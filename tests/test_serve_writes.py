@@ -24,6 +24,7 @@ from mixret.retrieval.corpus import WAL_NAME
 from mixret.retrieval.embeddings import load_emb_dir
 from mixret.retrieval.index import VectorIndex
 from mixret.retrieval.search import load_corpus
+from mixret.retrieval.tfidf import TfidfIndex
 from mixret.serve import read_token
 
 TOKEN = "s3cret-token"
@@ -106,7 +107,7 @@ def test_writes_with_the_token_are_searchable_at_once_and_without_it_change_noth
 
         res = post_docs(server, new, auth())
         assert res.status_code == 200 and res.json() == {"written": ["new-1", "new-2"], "seq": 1, "corpus_size": 42}
-        for mode in ("bm25", "vector"):
+        for mode in ("bm25", "vector", "tfidf"):
             assert search(server, "zanzibar quokka telescope", mode)["hits"][0]["id"] == "new-1", mode
         replaced_id = search(server, "perl")["hits"][0]["id"]
         res = post_docs(server, [(replaced_id, "a harpsichord tuned by a quokka")], auth())
@@ -115,6 +116,7 @@ def test_writes_with_the_token_are_searchable_at_once_and_without_it_change_noth
         res = httpx.delete(server.url + "/documents/new-2", headers=auth(), timeout=60)
         assert res.status_code == 200 and res.json() == {"deleted": ["new-2"], "seq": 3, "corpus_size": 41}
         assert all(h["id"] != "new-2" for h in search(server, "marmalade harpsichord", k=41)["hits"])
+        assert search(server, "marmalade harpsichord", "tfidf")["hits"][0]["id"] == replaced_id
         res = httpx.delete(server.url + "/documents/new-2", headers=auth(), timeout=60)
         assert res.status_code == 404 and "no document with id 'new-2'" in res.json()["error"]
         assert server.get("/health").json()["seq"] == 3
@@ -204,8 +206,8 @@ def test_sigkill_mid_stream_loses_no_acknowledged_write(emb, tmp_path, base):
 
 
 def test_searches_during_writes_each_see_one_corpus_state(emb, tmp_path, base):
-    """200 searches (bm25 and vector) while 100 writes add one document each: none fails, and each answer is exactly
-    the answer of the corpus after the number of writes it reports, BM25 with the k1, b and stemmer of the
+    """200 searches (bm25, vector and tfidf) while 100 writes add one document each: none fails, and each answer is
+    exactly the answer of the corpus after the number of writes it reports, BM25 with the k1, b and stemmer of the
     folder's bm25.json."""
     from mixret.retrieval.bm25 import BM25Params, save_bm25
     meta = json.loads((emb / "meta.json").read_text())
@@ -228,7 +230,7 @@ def test_searches_during_writes_each_see_one_corpus_state(emb, tmp_path, base):
             async def searches():
                 out = []
                 for wave in range(20):
-                    batch = [{"query": query, "mode": ("bm25", "vector")[j % 2], "k": 10} for j in range(10)]
+                    batch = [{"query": query, "mode": ("bm25", "vector", "tfidf")[j % 3], "k": 10} for j in range(10)]
                     out += await asyncio.gather(*(client.post("/search", json=b) for b in batch))
                     await asyncio.sleep(0.02)
                 return out
@@ -253,6 +255,8 @@ def test_searches_during_writes_each_see_one_corpus_state(emb, tmp_path, base):
         state_ids, state_texts = final.ids[:40 + j], final.texts[:40 + j]
         if body["mode"] == "bm25":
             scores, rows = BM25Index(state_texts, k1=0.9, b=0.3, stemmer=False).search([query], 10)
+        elif body["mode"] == "tfidf":
+            scores, rows = TfidfIndex(state_texts).search([query], 10)
         else:
             scores, rows = VectorIndex.build(final.snapshot.emb[:40 + j]).search(q, 10)
         assert [h["id"] for h in body["hits"]] == [state_ids[i] for i in rows[0]], (body["mode"], j)

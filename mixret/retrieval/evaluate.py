@@ -8,7 +8,9 @@ never reorders a ranking. queries/s counts the time to embed the queries (for th
 embeddings) and to search; embedding the corpus and building its indexes is done once, before, and not
 counted.
 
-When bm25 is among the modes, every other mode is compared with it query by query: the queries it ranks
+tfidf (mixret.retrieval.tfidf) is the second lexical baseline, with nothing fitted: like bm25 it needs no model.
+
+When bm25 is among the modes, every other mode (tfidf too) is compared with it query by query: the queries it ranks
 first that BM25 does not (wins), the reverse (losses), and the exact two-sided McNemar p-value of that
 difference (a binomial test on the discordant queries, scipy.stats.binomtest). A mode is clearly better than
 BM25 only where p is small (below 0.05, say), not merely where its R@1 is higher. BM25 is the one fitted with
@@ -30,7 +32,7 @@ import numpy as np
 from mixret.data import BUNDLED_TEST_FRACTION, drop_repeated_queries, file_hash
 from mixret.errors import MixretError
 from mixret.retrieval.bm25 import BM25Params
-from mixret.retrieval.search import MODES, SHORTLIST_SOURCES, Retriever
+from mixret.retrieval.search import LEXICAL_MODES, MODES, SHORTLIST_SOURCES, Retriever
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,11 +109,11 @@ def held_out_split(pairs_path, trainers: dict[str, list | None], test_fraction: 
 
 
 def resolve_modes(mode: str | Sequence[str], have_matcher: bool, have_fusion: bool = False) -> list[str]:
-    """"all" -> vector, bm25, with a fusion weight fusion, and with a matcher tree and hybrid; a mode needing a
-    matcher without one is an error."""
+    """"all" -> vector, bm25, tfidf, with a fusion weight fusion, and with a matcher tree and hybrid; a mode needing
+    a matcher without one is an error."""
     modes = [mode] if isinstance(mode, str) else list(mode)
     if "all" in modes:
-        return (["vector"] + (["fusion"] if have_fusion else []) + ["bm25"]
+        return (["vector"] + (["fusion"] if have_fusion else []) + ["bm25", "tfidf"]
                 + (list(MATCHER_MODES) if have_matcher else []))
     for m in modes:
         if m not in MODES:
@@ -155,12 +157,12 @@ def evaluate_pairs(pairs: Sequence, model=None, matcher=None, modes: str | Seque
     """Search every query of `pairs` (the first `limit`) among all their distinct targets in each mode.
 
     model: anything with `encode(texts, batch_size=..., pooling=..., max_length=...) -> [N, E]` (a mixret
-    language model), needed by every mode but bm25; pooling, max_length: as for `mixret.models.encode.encode` (embed
-    the texts the way the matcher's training pairs were: see mixret.models.encode.resolve_spec); matcher: a mixret
-    Matcher, needed by tree and hybrid (and ignored by the other modes); fusion: a mixret.retrieval.fusion.Fusion,
-    needed
-    by fusion; bm25_params: a mixret.retrieval.bm25.BM25Params for bm25, fusion and a bm25 shortlist (default: the
-    defaults; a matcher's bm25 feature always keeps them). Pairs repeating an earlier query are dropped
+    language model), needed by every mode but bm25 and tfidf; pooling, max_length: as for
+    `mixret.models.encode.encode` (embed the texts the way the matcher's training pairs were: see
+    mixret.models.encode.resolve_spec); matcher: a mixret Matcher, needed by tree and hybrid (and ignored by the
+    other modes); fusion: a mixret.retrieval.fusion.Fusion, needed by fusion; bm25_params: a
+    mixret.retrieval.bm25.BM25Params for bm25, fusion and a bm25 shortlist (default: the defaults; a matcher's bm25
+    feature always keeps them). Pairs repeating an earlier query are dropped
     (drop_repeated_queries). Returns a report dict with the corpus facts, chance levels, the BM25 parameters
     used and, per mode, the metrics, queries/s and matcher passes/query; with
     hybrid, "shortlist_order" holds the metrics of its shortlist in the source's own order, what the matcher's
@@ -179,9 +181,10 @@ def evaluate_pairs(pairs: Sequence, model=None, matcher=None, modes: str | Seque
     queries, qrels = queries[:n], {f"q{i}": qrels[f"q{i}"] for i in range(n)}
     gold = np.array([int(next(iter(qrels[f"q{i}"]))[1:]) for i in range(n)], dtype=np.int64)  # "d{j}" -> j
     k = min(K, len(docs))
-    needs_emb = any(m != "bm25" for m in modes)
+    needs_emb = any(m not in LEXICAL_MODES for m in modes)
     if needs_emb and model is None:
-        raise MixretError(f"mode(s) {', '.join(m for m in modes if m != 'bm25')} embed the texts: pass --model DIR")
+        raise MixretError(f"mode(s) {', '.join(m for m in modes if m not in LEXICAL_MODES)} embed the texts: "
+                          f"pass --model DIR")
 
     corpus_emb = query_emb = None
     embed_seconds = 0.0
@@ -218,7 +221,7 @@ def evaluate_pairs(pairs: Sequence, model=None, matcher=None, modes: str | Seque
         result = retriever.search(mode, k, query_emb=query_emb, queries=queries, shortlist=shortlist,
                                   shortlist_from=shortlist_from, losers=gold)
         hits[mode], rankings[mode] = result.indices[:, 0] == gold, result.indices
-        seconds = result.seconds + (embed_seconds if mode != "bm25" else 0.0)
+        seconds = result.seconds + (embed_seconds if mode not in LEXICAL_MODES else 0.0)
         report["modes"][mode] = {
             **ir_metrics(qrels, run_from(result.indices)),
             "queries_per_s": n / seconds if seconds > 0 else None,
@@ -312,9 +315,9 @@ class EvaluateConfig:
     """Everything `mixret evaluate` takes: `evaluate(EvaluateConfig(pairs=...))` is the command."""
     pairs: str | None = option(None, "Pairs file: .jsonl, .jsonl.gz, .parquet or TinyStoriesInstruct .txt.",
                                show="required")
-    mode: str = option("all", "all: vector, bm25, fusion when the model has a fusion weight (from `mixret finetune`) "
-                              "and, with --matcher, tree and hybrid. With bm25 among them, each other mode is "
-                              "compared with it query by query (top-1 won/lost and an exact McNemar p-value).",
+    mode: str = option("all", "all: vector, bm25, tfidf, fusion when the model has a fusion weight (from `mixret "
+                              "finetune`) and, with --matcher, tree and hybrid. With bm25 among them, each other mode "
+                              "is compared with it query by query (top-1 won/lost and an exact McNemar p-value).",
                        choices=EVAL_MODES)
     limit: int | None = option(None, "Evaluate the first Q queries (the corpus stays whole).")
     query_field: str = option("summary", "Pairs field with the queries.")
@@ -338,13 +341,13 @@ def evaluate(cfg: EvaluateConfig, say: Callable[[str], None] = lambda m: None) -
     if not cfg.pairs:
         raise MixretError("evaluate needs a pairs file (--pairs)")
     model_dir = r.model
-    if cfg.mode != "bm25" and model_dir is None:
+    if cfg.mode not in LEXICAL_MODES and model_dir is None:
         model_dir = str(default_model_dir())
     fusion = load_fusion(model_dir, r.fusion_weight) if cfg.mode in ("fusion", "all") else None
     modes = resolve_modes(cfg.mode, r.matcher is not None, fusion is not None)
     if cfg.mode == "all" and r.matcher is None:
         say("tree and hybrid skipped: they need --matcher")
-    needs_model, needs_matcher = any(m != "bm25" for m in modes), any(m in MATCHER_MODES for m in modes)
+    needs_model, needs_matcher = any(m not in LEXICAL_MODES for m in modes), any(m in MATCHER_MODES for m in modes)
     tuned = load_bm25(model_dir) if uses_bm25(modes, r.shortlist_from) else None
     unused = [flag for flag, given, used in (("--model", r.model, needs_model or tuned is not None),
                                              ("--pooling", cfg.pooling, needs_model),

@@ -1,4 +1,4 @@
-"""Search a corpus of embeddings five ways: vector (FAISS), fusion, tree (matcher tournament), hybrid, bm25.
+"""Search a corpus of embeddings six ways: vector (FAISS), fusion, tree (matcher tournament), hybrid, bm25, tfidf.
 
 - vector: FAISS top-k over the corpus embeddings, the index built from a factory string
   ("Flat", "HNSW32", "IVF1024,Flat", "IVF4096,PQ32", ...). With metric "ip" the corpus and the
@@ -7,9 +7,11 @@
 - hybrid: a shortlist from the vector index (or BM25), ranked by the same tournament.
 - bm25: BM25 over the corpus texts with bm25s (English stopwords, Snowball stems), a lexical baseline; its k1,
   b and stemmer are the ones fitted with the model when `mixret index` put them in EMB_DIR (see mixret.retrieval.bm25).
+- tfidf: scikit-learn's TF-IDF (sublinear tf, English stop words, Snowball stems), texts ranked by cosine with the
+  query: a second lexical baseline, with nothing fitted (see mixret.retrieval.tfidf).
 - fusion: BM25 and the dense similarity combined over both sides' top candidates (see mixret.retrieval.fusion).
 
-Equal scores are ranked by corpus index (lower first) in bm25 mode, as FAISS's Flat index does.
+Equal scores are ranked by corpus index (lower first) in bm25 and tfidf modes, as FAISS's Flat index does.
 
 The tournament. The matcher scores one query against up to G = context-1 candidates at once, and
 its logits are relative to the other candidates of the set (softmax over the slots), so logits from
@@ -29,7 +31,7 @@ tournament returns exactly the corpus top k.
 Ties. A search breaks ties between equal scores in whatever order its library returns them. An
 evaluation must not let that order favour the relevant document, so every search takes `losers`: one
 corpus row per query that loses every tie (evaluation passes the query's relevant document). The
-tournament sorts each group by score, then the loser last among equal scores; vector and bm25 search
+tournament sorts each group by score, then the loser last among equal scores; vector, bm25 and tfidf search
 fetch one result beyond k (and a hybrid shortlist one beyond its size) and move the loser behind every
 result that scores the same (`pessimistic_cut`), so a loser tied with the first result left out is
 left out too. With constant scores the loser is therefore never found.
@@ -50,9 +52,11 @@ from mixret.retrieval.corpus import load_snapshot
 from mixret.retrieval.embeddings import load_emb_dir, load_matcher_checked, load_model_checked
 from mixret.retrieval.fusion import candidate_union, fused_order, load_fusion
 from mixret.retrieval.index import VectorIndex, _as_matrix
+from mixret.retrieval.tfidf import TfidfIndex
 from mixret.retrieval.tournament import check_tournament, matcher_score_fn, pessimistic_cut, tournament
 
-MODES = ("vector", "fusion", "tree", "hybrid", "bm25")
+MODES = ("vector", "fusion", "tree", "hybrid", "bm25", "tfidf")
+LEXICAL_MODES = ("bm25", "tfidf")   # the modes that search the texts alone: no model, no embeddings
 SHORTLIST_SOURCES = ("vector", "bm25")
 EMBEDDING_MODES = ("vector", "fusion", "tree", "hybrid")   # modes that embed the query with the model
 
@@ -103,7 +107,7 @@ EMBEDDING_MODES = ("vector", "fusion", "tree", "hybrid")   # modes that embed th
 @dataclass
 class SearchResult:
     """Ranked corpus rows per query: indices [Q, k] int64 (-1 = none), scores [Q, k] float32,
-    passes [Q] int64 matcher forward passes (0 for vector and bm25), seconds spent searching."""
+    passes [Q] int64 matcher forward passes (0 for vector, bm25 and tfidf), seconds spent searching."""
     indices: np.ndarray
     scores: np.ndarray
     passes: np.ndarray
@@ -111,10 +115,11 @@ class SearchResult:
 
 
 class Retriever:
-    """A corpus searchable in every mode: texts and their embeddings [M, E] (None for bm25 only), plus
+    """A corpus searchable in every mode: texts and their embeddings [M, E] (None for bm25 and tfidf only), plus
     whatever each mode needs (a VectorIndex, built as Flat on first use when not given; a matcher for
     tree and hybrid; a Fusion for fusion) and how BM25 scores (a mixret.retrieval.bm25.BM25Params; default: k1 1.5,
-    b 0.75, stemmed). A matcher's bm25 feature keeps the default BM25 it was trained with."""
+    b 0.75, stemmed). A matcher's bm25 feature keeps the default BM25 it was trained with. The TF-IDF of tfidf mode
+    is built from the texts on first use, like the BM25."""
 
     def __init__(self, embeddings, texts: Sequence[str], index: VectorIndex | None = None,
                  matcher=None, fusion=None, bm25_params=None, query_chunk_bytes: int = 1 << 28):
@@ -136,6 +141,7 @@ class Retriever:
         self._index = index
         self._bm25: BM25Index | None = None
         self._default_bm25: BM25Index | None = None
+        self._tfidf: TfidfIndex | None = None
         self.bm25_params = bm25_params   # None: the defaults
         self.matcher = matcher
         self.fusion = fusion        # a mixret.retrieval.fusion.Fusion: the weight of fusion mode
@@ -156,6 +162,13 @@ class Retriever:
         if self._bm25 is None:
             self._bm25 = BM25Index(self.texts) if self.bm25_params is None else self.bm25_params.index(self.texts)
         return self._bm25
+
+    @property
+    def tfidf(self) -> TfidfIndex:
+        """The TF-IDF of tfidf mode."""
+        if self._tfidf is None:
+            self._tfidf = TfidfIndex(self.texts)
+        return self._tfidf
 
     @property
     def matcher_bm25(self) -> BM25Index:
@@ -189,7 +202,7 @@ class Retriever:
 
     def search(self, mode: str, k: int, query_emb=None, queries: Sequence[str] | None = None,
                shortlist: int = 256, shortlist_from: str = "vector", losers=None) -> SearchResult:
-        """Top k per query. vector and tree need query_emb [Q, E]; bm25 needs the query texts; fusion both;
+        """Top k per query. vector and tree need query_emb [Q, E]; bm25 and tfidf need the query texts; fusion both;
         hybrid needs query_emb and, with shortlist_from="bm25", the texts as well. losers [Q]: a corpus
         row per query that loses every tie (evaluation passes each query's relevant document; see the
         module docstring)."""
@@ -204,10 +217,12 @@ class Retriever:
         if losers is not None:
             losers = np.asarray(losers, dtype=np.int64)
         start = time.perf_counter()
-        if mode in ("bm25", "vector", "fusion"):
+        if mode in ("bm25", "tfidf", "vector", "fusion"):
             depth = k if losers is None else min(k + 1, len(self))  # one more, to see a tie at the cut
             if mode == "bm25":
                 scores, indices = self.bm25.search(self._texts(queries), depth)
+            elif mode == "tfidf":
+                scores, indices = self.tfidf.search(self._texts(queries), depth)
             elif mode == "vector":
                 scores, indices = self.index.search(self._query_emb(query_emb), depth)
             else:
@@ -285,7 +300,7 @@ class Retriever:
 
     def _texts(self, queries) -> list[str]:
         if queries is None:
-            raise MixretError("bm25 search, and a matcher with the bm25 feature, need the query texts")
+            raise MixretError("bm25 and tfidf search, and a matcher with the bm25 feature, need the query texts")
         return list(queries)
 
 
@@ -294,7 +309,7 @@ class Retriever:
 @dataclass
 class LoadedCorpus:
     """An EMB_DIR loaded for searching: ids and texts, the Retriever, and the query encoder (None when only
-    bm25 was asked for)."""
+    bm25 or tfidf was asked for)."""
     ids: list[str]
     texts: list[str]
     retriever: Retriever
@@ -319,8 +334,8 @@ def load_corpus(emb_dir: str | os.PathLike, modes: Sequence[str], model_dir=None
     """What searching EMB_DIR in `modes` needs, each part checked against the corpus embeddings: the model
     (default: the one named in meta.json), the FAISS index, the matcher, the fusion weight (default: the
     model's fusion.json) and BM25's parameters (EMB_DIR/bm25.json, copied there by `mixret index`; defaults
-    without it). Parts no mode uses are not loaded; tree and hybrid without a matcher are refused when they
-    are the only modes asked for."""
+    without it). bm25 and tfidf need no model. Parts no mode uses are not loaded; tree and hybrid without a
+    matcher are refused when they are the only modes asked for."""
 
     loaded = load_emb_dir(emb_dir)
     meta = loaded[3]
@@ -328,7 +343,7 @@ def load_corpus(emb_dir: str | os.PathLike, modes: Sequence[str], model_dir=None
     spec, what = EmbeddingSpec.of(meta), f"the corpus embeddings in {emb_dir}"
     model = matcher = fusion = None
     with_index = False
-    if any(m != "bm25" for m in modes):
+    if any(m not in LEXICAL_MODES for m in modes):
         model_dir = model_dir or meta.get("model_path")
         if model_dir is None:
             raise MixretError(f"{emb_dir}: meta.json names no model; pass --model DIR")
@@ -336,7 +351,7 @@ def load_corpus(emb_dir: str | os.PathLike, modes: Sequence[str], model_dir=None
         with_index = bool({"vector", "fusion"} & set(modes) or ("hybrid" in modes and shortlist_from == "vector"))
     snap, _ = load_snapshot(emb_dir, with_index, loaded)
     emb, ids, texts, index = snap.emb, snap.ids, snap.texts, snap.index
-    if any(m != "bm25" for m in modes):
+    if any(m not in LEXICAL_MODES for m in modes):
         matcher_modes = [m for m in modes if m in ("tree", "hybrid")]
         if matcher_dir is not None and matcher_modes:
             matcher = load_matcher_checked(matcher_dir, spec, what)
