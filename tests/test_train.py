@@ -25,6 +25,7 @@ from mixret.training.loop import LoopConfig, lr_factor
 from mixret.training.pretrain import NextTokenLoss, TrainConfig, pretrain, resolve_options
 from mixret.training.text_task import DEFAULT_STEPS
 from mixret.training.train_data import Stream, document_sequences, micro_batches, packed_sequences
+from mixret.options import flat_options
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = ("the a small package tool library for with and of data files network server client python "
@@ -237,7 +238,7 @@ def test_config_file_cli_flags_and_resume_layering(tmp_path):
     assert saved["d_model"] == 32 and saved["lr"] == 1e-3 and saved["warmup"] == 1 and "stop_after" not in saved
     # --resume takes the saved options; only what is given changes
     cfg = resolve_options({"out": str(run), "resume": True, "steps": 8})
-    assert (cfg.d_model, cfg.lr, cfg.steps, cfg.context) == (32, 1e-3, 8, 32)
+    assert (cfg.model.d_model, cfg.lr, cfg.steps, cfg.model.context) == (32, 1e-3, 8, 32)
     result = invoke("--out", run, "--resume", "--steps", 8)
     assert result.exit_code == 0, result.output
     assert mixret.load(run).config.d_model == 32 and metrics(run)[-1]["step"] == 8
@@ -445,7 +446,7 @@ def test_cli_help_shows_the_real_defaults():
                        ("--eval-every", "eval_every"), ("--checkpoint-every", "checkpoint_every"),
                        ("--val-fraction", "val_fraction"), ("--log-every", "log_every")):
         line = next(line for line in result.output.splitlines() if line.strip().startswith(flag))
-        assert f"[default: {getattr(defaults, name)}]" in line, line
+        assert f"[default: {flat_options(defaults)[name]}]" in line, line
     assert f"[default: {DEFAULT_STEPS}]" in next(l for l in result.output.splitlines() if "--steps" in l)
 
 

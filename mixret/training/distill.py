@@ -297,13 +297,13 @@ class DistillTask(SpanTask):
         if len(train) < cfg.batch_size:
             raise MixretError(f"{cfg.pairs}: {len(train)} distinct training pairs; expected at least batch_size "
                               f"({cfg.batch_size}) for in-batch InfoNCE")
-        self.pairs = [token_sequences(self.tokenizer, texts, cfg.context, cfg.pooling)[0]
+        self.pairs = [token_sequences(self.tokenizer, texts, cfg.model.context, cfg.pooling)[0]
                       for texts in ([p.query for p in train], [p.target for p in train])]
         self.pairs_hash = io.file_hash(cfg.pairs)
 
     def make_objective(self) -> DistillLoss:
         cfg = self.cfg
-        self.model.embedding_defaults = {"pooling": cfg.pooling, "max_length": cfg.context}
+        self.model.embedding_defaults = {"pooling": cfg.pooling, "max_length": cfg.model.context}
         if self.model.lm_head.weight is not self.model.wte.weight:
             self.model.lm_head.requires_grad_(False)
         self.val_texts = [self.text(self.content(self.val_seqs, i)) for i in range(len(self.val_seqs))]

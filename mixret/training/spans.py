@@ -64,7 +64,7 @@ class SpanTask(TextTask):
     def set_inputs(self) -> None:
         """The room for content tokens in the model inputs that encode makes: [bos] + content (+ [eos])."""
         self.tail = [self.tokenizer.eos_id] if self.cfg.pooling == "eos" else []
-        self.room = self.cfg.context - 1 - len(self.tail)
+        self.room = self.cfg.model.context - 1 - len(self.tail)
 
     def with_content(self, seqs: Sequences) -> Sequences:
         """The sequences that hold a token besides bos and eos."""
@@ -85,7 +85,7 @@ class SpanTask(TextTask):
     # -- the objective -----------------------------------------------------------------------------
     def make_objective(self) -> BiEncoder:
         cfg = self.cfg
-        self.model.embedding_defaults = {"pooling": cfg.pooling, "max_length": cfg.context}
+        self.model.embedding_defaults = {"pooling": cfg.pooling, "max_length": cfg.model.context}
         if self.model.lm_head.weight is not self.model.wte.weight:
             self.model.lm_head.requires_grad_(False)
         rng = np.random.default_rng([cfg.seed, VALIDATION_KEY])

@@ -153,12 +153,6 @@ class TrainConfig:
         model = model if model is not None else ModelConfig(**PRETRAIN_MODEL)
         self.model = dataclasses.replace(model, **flat) if flat else model
 
-    def __getattr__(self, name: str):
-        """Model options by their option names: cfg.d_model, cfg.layers, cfg.arch."""
-        if name in MODEL_OPTIONS and "model" in self.__dict__:
-            return getattr(self.__dict__["model"], MODEL_OPTIONS[name].name)
-        raise AttributeError(name)
-
     def validate(self) -> None:
         for name in ("val_max_docs", "vocab_size", "batch_size", "grad_accum", "log_every", "eval_every",
                      "checkpoint_every"):
@@ -351,7 +345,7 @@ class TextTask(Task):
     def __init__(self, cfg: TrainConfig, dist: Distributed):
         self.cfg, self.dist = cfg, dist
         if cfg.out is None:
-            cfg.out = dist.broadcast_text(f"runs/{cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
+            cfg.out = dist.broadcast_text(f"runs/{cfg.model.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
         self.out = Path(cfg.out)
         self.mode = dist.broadcast_text(dist.on_main(lambda: loop.inspect_run_dir(
             self.out, cfg.to_dict(), RUN_IDENTITY, cfg.resume, cfg.overwrite, self.files, "mixret pretrain")) or "")
@@ -401,8 +395,8 @@ class TextTask(Task):
         if dist.local_rank == 0:
             dist.barrier()
         make = packed_sequences if cfg.pack else document_sequences
-        self.train_seqs = make(values, offsets, train_docs, cfg.context)
-        self.val_seqs = make(values, offsets, val_docs, cfg.context)
+        self.train_seqs = make(values, offsets, train_docs, cfg.model.context)
+        self.val_seqs = make(values, offsets, val_docs, cfg.model.context)
         for name, seqs in (("training", self.train_seqs), ("validation", self.val_seqs)):
             if len(seqs) == 0:
                 raise MixretError(f"no {name} sequences of at least 2 tokens; expected a larger corpus")
