@@ -201,6 +201,22 @@ def copy_to_emb_dir(emb_dir: str | os.PathLike, meta: dict) -> BM25Params:
 
 
 
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """The rows of the k best scores [M], best first, equal scores by corpus index (a lexical index's order)."""
+    top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+    cut = scores[top].min()                                   # every text scoring above the cut is in top
+    tied = np.flatnonzero(scores >= cut)                      # plus all texts tied at the cut
+    return tied[np.lexsort((tied, -scores[tied]))][:k]
+
+
+def candidate_scores(scores, queries: Sequence[str], cands: np.ndarray) -> np.ndarray:
+    """scores(query) [M] of corpus rows cands [Q, N] for each query -> [Q, N] (-1 = none: 0)."""
+    out = np.zeros(cands.shape, dtype=np.float32)
+    for i, (q, c) in enumerate(zip(queries, cands)):
+        out[i] = np.where(c >= 0, scores(q)[np.where(c >= 0, c, 0)], 0.0)
+    return out
+
+
 class BM25Index:
     """BM25 (bm25s, Lucene variant) over texts tokenised with bm25s.tokenize, English stopwords removed and, with
     the stemmer on, every word reduced to its stem by the Snowball English stemmer (PyStemmer), so "queues"
@@ -310,16 +326,10 @@ class BM25Index:
         out_indices = np.zeros((len(queries), k), dtype=np.int64)
         for i, query in enumerate(queries):
             s = self.scores(query)
-            top = np.argpartition(-s, k - 1)[:k] if k < self.count else np.arange(self.count)
-            cut = s[top].min()                                   # every text scoring above the cut is in top
-            tied = np.flatnonzero(s >= cut)                      # plus all texts tied at the cut
-            order = tied[np.lexsort((tied, -s[tied]))][:k]
+            order = top_k(s, k)
             out_scores[i], out_indices[i] = s[order], order
         return out_scores, out_indices
 
     def scores_of(self, queries: Sequence[str], cands: np.ndarray) -> np.ndarray:
         """BM25 scores [Q, N] of corpus rows cands [Q, N] (-1 = none: 0)."""
-        out = np.zeros(cands.shape, dtype=np.float32)
-        for i, (q, c) in enumerate(zip(queries, cands)):
-            out[i] = np.where(c >= 0, self.scores(q)[np.where(c >= 0, c, 0)], 0.0)
-        return out
+        return candidate_scores(self.scores, queries, cands)

@@ -48,6 +48,16 @@ def _normalized(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def prepared(embeddings, metric: str, normalize: bool | None) -> tuple[np.ndarray, bool]:
+    """Embeddings [N, D] as an index holds them for `metric` (ip: L2-normalised unless normalize says otherwise)
+    -> (vectors, normalize)."""
+    x = _as_matrix(embeddings, "embeddings")
+    if metric not in ("ip", "l2"):
+        raise MixretError(f"unknown metric {metric!r}; expected 'ip' or 'l2'")
+    normalize = metric == "ip" if normalize is None else normalize
+    return (_normalized(x) if normalize else x), normalize
+
+
 def _fit_factory(factory: str, count: int, dim: int) -> str:
     """The factory string, with IVF nlist shrunk (with a warning) to what `count` vectors can train.
 
@@ -141,12 +151,7 @@ class VectorIndex:
         """Index embeddings [N, D]. normalize (default: metric == "ip") L2-normalises the vectors;
         IVF and PQ indexes are trained on the embeddings themselves."""
         import faiss
-        x = _as_matrix(embeddings, "embeddings")
-        if metric not in ("ip", "l2"):
-            raise MixretError(f"unknown metric {metric!r}; expected 'ip' or 'l2'")
-        normalize = metric == "ip" if normalize is None else normalize
-        if normalize:
-            x = _normalized(x)
+        x, normalize = prepared(embeddings, metric, normalize)
         fitted = _fit_factory(factory, len(x), x.shape[1])
         faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
         try:

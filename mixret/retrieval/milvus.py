@@ -21,7 +21,7 @@ import numpy as np
 from mixret import io
 from mixret.errors import MixretError
 from mixret.io import versioned
-from mixret.retrieval.index import INDEX_META_NAME, VectorIndex, _as_matrix, _normalized
+from mixret.retrieval.index import INDEX_META_NAME, VectorIndex, prepared
 
 BACKENDS = ("faiss", "milvus")
 INSERT_BATCH = 5000         # entities sent in one insert call
@@ -93,12 +93,7 @@ class MilvusIndex(VectorIndex):
               meta: dict | None = None) -> "MilvusIndex":
         """Put embeddings [N, D] into `collection` at `uri` (replacing a collection of that name), rows as keys."""
         from pymilvus import DataType
-        x = _as_matrix(embeddings, "embeddings")
-        if metric not in ("ip", "l2"):
-            raise MixretError(f"unknown metric {metric!r}; expected 'ip' or 'l2'")
-        normalize = metric == "ip" if normalize is None else normalize
-        if normalize:
-            x = _normalized(x)
+        x, normalize = prepared(embeddings, metric, normalize)
         client = connect(uri)
         found = cls(client, uri, collection, metric, normalize, x.shape[1], len(x), meta)
         if client.has_collection(collection):

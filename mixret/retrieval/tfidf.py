@@ -27,6 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from mixret.errors import MixretError
+from mixret.retrieval.bm25 import candidate_scores, top_k
 
 WORD = re.compile(r"(?u)\b\w\w+\b")     # scikit-learn's default token_pattern
 SCORE_CHUNK = 1 << 24                    # query x text scores computed at once (float64: 128 MiB)
@@ -165,16 +166,10 @@ class TfidfIndex:
         for start in range(0, len(queries), chunk):
             block = self.score_matrix(queries[start:start + chunk])                # [chunk, M]
             for i, s in enumerate(block, start):
-                top = np.argpartition(-s, k - 1)[:k] if k < self.count else np.arange(self.count)
-                cut = s[top].min()                              # every text scoring above the cut is in top
-                tied = np.flatnonzero(s >= cut)                 # plus all texts tied at the cut
-                order = tied[np.lexsort((tied, -s[tied]))][:k]
+                order = top_k(s, k)
                 out_scores[i], out_indices[i] = s[order], order
         return out_scores, out_indices
 
     def scores_of(self, queries: Sequence[str], cands: np.ndarray) -> np.ndarray:
         """TF-IDF scores [Q, N] of corpus rows cands [Q, N] (-1 = none: 0)."""
-        out = np.zeros(cands.shape, dtype=np.float32)
-        for i, (q, c) in enumerate(zip(queries, cands)):
-            out[i] = np.where(c >= 0, self.scores(q)[np.where(c >= 0, c, 0)], 0.0)
-        return out
+        return candidate_scores(self.scores, queries, cands)
