@@ -96,3 +96,15 @@ def test_a_retriever_says_which_modes_it_serves():
     r = Retriever(emb, texts, fusion=Fusion(0.5))
     assert "fusion" in r.modes() and "tree" not in r.modes()
     assert "matcher" in r.unavailable("hybrid")
+
+
+def test_finetune_resumes_with_its_saved_options(tmp_path, saved):
+    """`mixret finetune --out RUN --resume` alone continues the run with the options it was started with (lr,
+    model size, tokenizer, ...) and ends with the weights of the uninterrupted run."""
+    options = ["--pairs", saved / "pairs.jsonl", "--tokenizer", "bytes", "--d-model", "16", "--layers", "1",
+               "--context", "32", "--steps", "4", "--val-pairs", "8", "--batch-size", "8", "--eval-every", "2",
+               "--checkpoint-every", "2", "--lr", "0.003"]
+    invoke("finetune", *options, "--out", tmp_path / "whole")
+    assert "checkpoint written" in invoke("finetune", *options, "--stop-after", "2", "--out", tmp_path / "run")
+    invoke("finetune", "--out", tmp_path / "run", "--resume")
+    same_weights(tmp_path / "whole", tmp_path / "run")

@@ -286,10 +286,15 @@ def finetune_config(options: dict, config_file: str | os.PathLike | None = None)
     saved_path = Path(given["out"]) / loop.TRAIN_CONFIG_NAME if given.get("out") else None
     if given.get("resume") and saved_path is not None and saved_path.is_file():
         saved = io.read_json(saved_path, "run options")
-        cfg = FinetuneConfig(**{k: v for k, v in saved.items() if k not in ("model", "loop")},
-                             model=ModelConfig(**saved["model"]), loop=LoopConfig(**saved["loop"]))
-        cfg = dataclasses.replace(cfg, resume=False, overwrite=False,
-                                  loop=dataclasses.replace(cfg.loop, stop_after=None))
+        fields = {f.name for f in dataclasses.fields(FinetuneConfig)} - {"model", "loop", "resume", "overwrite"}
+        loop_fields = {f.name for f in dataclasses.fields(LoopConfig)} - {"stop_after", "progress"}
+        # the loop's options, with the schedule as resolved when the run started (a budget became steps)
+        saved_loop = {**saved.get("loop", {}), **{k: saved[k] for k in ("steps", "warmup", "lr") if k in saved},
+                      "budget_minutes": None}
+        cfg = FinetuneConfig(**{k: v for k, v in saved.items() if k in fields},
+                             model=ModelConfig(**saved["model"]),
+                             loop=dataclasses.replace(cfg.loop, **{k: v for k, v in saved_loop.items()
+                                                                   if k in loop_fields}))
     model_given = sorted(set(given) & set(option_fields(ModelConfig)) - {"arch"})
     init = given.get("model", cfg.init)
     if init not in ARCHS and model_given and not given.get("resume"):
@@ -511,7 +516,7 @@ class FinetuneTask(Task):
         return metrics
 
     def options(self) -> dict:
-        return {k: v for k, v in self.cfg.to_dict().items() if k not in ("resume", "overwrite", "loop")} | {
+        return {k: v for k, v in self.cfg.to_dict().items() if k not in ("resume", "overwrite")} | {
             "pairs_hash": self.pairs_hash, "budget_minutes": self.cfg.loop.budget_minutes, "lr": self.cfg.loop.lr}
 
     def prepare(self, directory: Path) -> None:
