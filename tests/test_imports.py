@@ -112,3 +112,9 @@ def test_the_command_line_imports_in_a_fresh_interpreter():
     proc = subprocess.run([sys.executable, "-c", "import mixret.cli"], capture_output=True, text=True,
                           cwd=PACKAGE.parent)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_every_floor_is_a_regular_package():
+    """A folder of modules without __init__.py is a namespace package, which a built wheel leaves out."""
+    missing = [str(d) for d in {p.parent for p in PACKAGE.rglob("*.py")} if not (d / "__init__.py").is_file()]
+    assert not missing, missing
