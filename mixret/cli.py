@@ -110,11 +110,11 @@ def _value_type(kind):
     return kind
 
 
-def field_option(name: str, f: dataclasses.Field, default, kind, flag: str | None = None):
+def field_option(name: str, f: dataclasses.Field, default, kind, flag: str | None = None, show: str | None = None):
     """The click option of one config field: None unless given (so that a --config file or a resumed run's saved
     options apply under the flags given); its help is the field's, with the default it then takes."""
     flag = "--" + (flag or name).replace("_", "-")
-    meta = f.metadata
+    meta = {**f.metadata, **({"show": show} if show else {})}
     shown = meta.get("show") or _shown(default)
     if kind is bool or _value_type(kind) is bool:
         switch = meta.get("switch") or f"{flag}/--no-{flag[2:]}"
@@ -141,12 +141,14 @@ def config_options(cls, defaults=None, exclude: tuple[str, ...] = (), rename: di
     def decorate(fn):
         base = defaults if defaults is not None else cls()
         values = flat_options(base)
+        holders = {f.name: f for f in dataclasses.fields(cls)}
         for name, (holder, f) in reversed(list(all_options(cls).items())):
             if name in exclude or not f.metadata.get("cli", True):
                 continue
             owner = type(getattr(base, holder)) if holder else cls
+            shown = holders[holder].metadata["show"].get(name) if holder else None
             fn = field_option(name, f, values[name], typing.get_type_hints(owner)[f.name],
-                              flag=(rename or {}).get(name, name))(fn)
+                              flag=(rename or {}).get(name, name), show=shown)(fn)
         return fn
     return decorate
 

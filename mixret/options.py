@@ -65,10 +65,12 @@ def all_options(cls) -> dict[str, tuple[str | None, dataclasses.Field]]:
     return out
 
 
-def nested(factory, help: str = "", exclude: tuple[str, ...] = ()):
-    """A field holding a config of its own (built by factory); its options join the parent's, but `exclude`."""
+def nested(factory, help: str = "", exclude: tuple[str, ...] = (), show: dict | None = None):
+    """A field holding a config of its own (built by factory); its options join the parent's, but `exclude`;
+    show: {option: the default as the parent's help shows it} where the parent resolves it later."""
     return field(default_factory=factory, metadata={"help": help, "option": None, "nested": True,
-                                                    "exclude": tuple(exclude), "cli": True, "derived": False})
+                                                    "exclude": tuple(exclude), "cli": True, "derived": False,
+                                                    "show": dict(show or {})})
 
 
 def replace_options(cfg, options: dict, source: str = "options"):

@@ -148,7 +148,7 @@ def test_objective_options_are_checked():
         TrainConfig(objective="spans", span_max=4).validate()
     assert TrainConfig().model.mixing_init == "random" and TrainConfig().batch_size == 16
     spans = TrainConfig(objective="spans")
-    assert (spans.model.mixing_init, spans.batch_size, spans.lr, spans.tokenizer) == ("mean", 32, 1e-3, "bpe-lower")
+    assert (spans.model.mixing_init, spans.batch_size, spans.loop.lr, spans.tokenizer) == ("mean", 32, 1e-3, "bpe-lower")
     assert TrainConfig(objective="spans", mixing_init="random", batch_size=8).batch_size == 8
 
 

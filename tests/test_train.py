@@ -238,7 +238,7 @@ def test_config_file_cli_flags_and_resume_layering(tmp_path):
     assert saved["d_model"] == 32 and saved["lr"] == 1e-3 and saved["warmup"] == 1 and "stop_after" not in saved
     # --resume takes the saved options; only what is given changes
     cfg = resolve_options({"out": str(run), "resume": True, "steps": 8})
-    assert (cfg.model.d_model, cfg.lr, cfg.steps, cfg.model.context) == (32, 1e-3, 8, 32)
+    assert (cfg.model.d_model, cfg.loop.lr, cfg.loop.steps, cfg.model.context) == (32, 1e-3, 8, 32)
     result = invoke("--out", run, "--resume", "--steps", 8)
     assert result.exit_code == 0, result.output
     assert mixret.load(run).config.d_model == 32 and metrics(run)[-1]["step"] == 8

@@ -144,7 +144,7 @@ class LoopConfig:
     budget_minutes: float | None = option(
         None, "Schedule length: as many steps as fit this many minutes on this machine, evaluations included "
               "(instead of --steps; the resolved steps are saved with the run).")
-    lr: float = option(1e-3, "Peak learning rate (AdamW; warmup, then cosine decay to --min-lr-ratio of it).")
+    lr: float = option(1e-3, "Peak learning rate (AdamW; warmup, then cosine decay to min_lr_ratio, 0.1, of it).")
     warmup: int | None = option(None, "Linear warmup steps.", show="5% of the steps, at least 1")
     min_lr_ratio: float = option(0.1, "The cosine decay ends at this fraction of --lr.")
     weight_decay: float = option(0.1, "AdamW weight decay, on the weights of Linear layers and mixing matrices (not "

@@ -17,7 +17,7 @@ from mixret import io
 from mixret.data import BUNDLED_TEST_FRACTION, bundled_pairs_path, bundled_training_texts, load_texts, sources_record
 from mixret.distributed import Distributed
 from mixret.errors import MixretError
-from mixret.options import nested, option
+from mixret.options import nested, option, option_fields
 from mixret.models.config import ModelConfig, model_options
 from mixret.models.encode import POOLINGS
 from mixret.models.zoo import build_model
@@ -48,8 +48,11 @@ MAX_CONTEXT = {"masked-mixer": 16384, "hypermixer": 65536, "llama": 65536}
 
 
 MODEL_OPTIONS = model_options()           # option name (d_model, layers, ...) -> ModelConfig field
+LOOP_OPTIONS = {n: f for n, f in option_fields(LoopConfig).items() if f.metadata.get("cli", True)
+                and n != "min_lr_ratio"}  # the loop's options a run takes (steps, lr, ...) -> LoopConfig field
 
 
+PRETRAIN_LOOP = {"lr": 4e-3, "weight_decay": 0.1, "eval_every": 200, "checkpoint_every": 500}  # pretraining's loop
 PRETRAIN_MODEL = {"d_model": 128, "n_layers": 4, "context": 256}  # smaller than ModelConfig's defaults
 
 
@@ -79,19 +82,10 @@ class TrainConfig:
     # model: every ModelConfig option but vocab_size (which the tokenizer sets)
     model: ModelConfig = nested(lambda: ModelConfig(**PRETRAIN_MODEL), "the model")
     # optimisation
-    steps: int | None = option(None, "Optimizer steps of the whole schedule (not of this invocation).",
-                               show=str(DEFAULT_STEPS))
+    loop: LoopConfig = nested(lambda: LoopConfig(**PRETRAIN_LOOP), "the schedule", exclude=("min_lr_ratio",),
+                              show={"steps": str(DEFAULT_STEPS)})
     epochs: float | None = option(None, "Schedule length in passes over the training split (instead of --steps).")
-    budget_minutes: float | None = option(
-        None, "Schedule length: as many steps as fit this many minutes on this machine, evaluations included "
-              "(instead of --steps or --epochs; the resolved steps are saved with the run).")
     batch_size: int = option(16, "Sequences per micro-batch on each process (spans, distill: 32).")
-    grad_accum: int = option(1, "Micro-batches per optimizer step.")
-    lr: float = option(4e-3, "Peak learning rate (AdamW; cosine decay to a tenth of it; spans, distill: 0.001).")
-    warmup: int | None = option(None, "Linear warmup steps.", show="5% of the steps")
-    weight_decay: float = option(0.1, "AdamW weight decay, on the weights of Linear layers and mixing matrices (not "
-                                      "on biases, norms or embeddings).")
-    grad_clip: float = option(1.0, "Gradient norm clipping.")
     label_smoothing: float = option(0.0, "clm: label smoothing of the training loss.")
     seed: int = option(0, "Seed for initialisation, data order and the validation split.")
     # objective
@@ -124,51 +118,54 @@ class TrainConfig:
     target_field: str = option("document", "distill --pairs: the field with the documents.")
     # run
     out: str | None = option(None, "Output directory.", show="runs/ARCH-DATE-TIME")
-    log_every: int = option(10, "Steps between metrics.jsonl lines.")
-    eval_every: int = option(200, "Steps between validations.")
-    checkpoint_every: int = option(500, "Steps between checkpoints.")
-    compile: bool = option(False, "Run the model through torch.compile.")
     num_workers: int = option(0, "Processes for tokenization.")
-    stop_after: int | None = option(None, "End this invocation after this many steps, with a checkpoint.")
     resume: bool = option(False, "Continue the run in --out from its newest checkpoint (its saved options apply "
                                  "unless given again).", switch="--resume")
     overwrite: bool = option(False, "Replace the run in --out.", switch="--overwrite")
 
-    def __init__(self, model: ModelConfig | None = None, **options):
-        """Options by name; model options either as `model` or by their option names (d_model=, layers=).
-        Options not given take the objective's defaults (OBJECTIVE_DEFAULTS) before the fields' own."""
-        fields = {f.name: f for f in dataclasses.fields(self) if f.name != "model"}
+    def __init__(self, model: ModelConfig | None = None, loop: LoopConfig | None = None, **options):
+        """Options by name; model options either as `model` or by their option names (d_model=, layers=), loop
+        options as `loop` or by name (steps=, lr=). Options not given take the objective's defaults
+        (OBJECTIVE_DEFAULTS) before the fields' own."""
+        fields = {f.name: f for f in dataclasses.fields(self) if f.name not in ("model", "loop")}
         for name, value in OBJECTIVE_DEFAULTS.get(options.get("objective", "clm"), {}).items():
-            if name not in options and not (model is not None and name in MODEL_OPTIONS):
+            if name not in options and not (model is not None and name in MODEL_OPTIONS) \
+                    and not (loop is not None and name in LOOP_OPTIONS):
                 options = {**options, name: value}
-        flat = {}
+        in_model, in_loop = {}, {}
         for name, value in options.items():
             if name in MODEL_OPTIONS:
-                flat[MODEL_OPTIONS[name].name] = value
+                in_model[MODEL_OPTIONS[name].name] = value
+            elif name in LOOP_OPTIONS:
+                in_loop[LOOP_OPTIONS[name].name] = value
             elif name not in fields:
                 raise TypeError(f"TrainConfig got an unexpected option {name!r}")
         for name, f in fields.items():
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
             setattr(self, name, options.get(name, default))
         model = model if model is not None else ModelConfig(**PRETRAIN_MODEL)
-        self.model = dataclasses.replace(model, **flat) if flat else model
+        self.model = dataclasses.replace(model, **in_model) if in_model else model
+        loop = loop if loop is not None else LoopConfig(**PRETRAIN_LOOP)
+        self.loop = dataclasses.replace(loop, **in_loop) if in_loop else loop
 
     def validate(self) -> None:
-        for name in ("val_max_docs", "vocab_size", "batch_size", "grad_accum", "log_every", "eval_every",
-                     "checkpoint_every"):
+        for name in ("val_max_docs", "vocab_size", "batch_size"):
             _check_int(self, name, minimum=1)
+        for name in ("grad_accum", "log_every", "eval_every", "checkpoint_every"):
+            _check_int(self.loop, name, minimum=1)
         _check_int(self, "seed", minimum=0)
         _check_int(self, "num_workers", minimum=0)
         for name in ("steps", "stop_after"):
-            if getattr(self, name) is not None:
-                _check_int(self, name, minimum=1)
-        if self.warmup is not None:
-            _check_int(self, "warmup", minimum=0)
-        lengths = [n for n in ("steps", "epochs", "budget_minutes") if getattr(self, n) is not None]
+            if getattr(self.loop, name) is not None:
+                _check_int(self.loop, name, minimum=1)
+        if self.loop.warmup is not None:
+            _check_int(self.loop, "warmup", minimum=0)
+        length = {"steps": self.loop.steps, "epochs": self.epochs, "budget_minutes": self.loop.budget_minutes}
+        lengths = [n for n, v in length.items() if v is not None]
         if len(lengths) > 1:
             raise MixretError(f"give one length: either steps or epochs or budget_minutes, not {' and '.join(lengths)}")
         for name in ("epochs", "budget_minutes"):
-            v = getattr(self, name)
+            v = length[name]
             if v is not None and not (_is_number(v) and v > 0):
                 raise MixretError(f"{name} must be a positive number, got {v!r}")
         for name, lo, hi in (("val_fraction", 0.0, 1.0), ("label_smoothing", 0.0, 1.0)):
@@ -177,10 +174,10 @@ class TrainConfig:
                 raise MixretError(f"{name} must be a number in {'(' if name == 'val_fraction' else '['}{lo}, {hi}), "
                                   f"got {v!r}")
         for name in ("lr", "grad_clip"):
-            if not (_is_number(getattr(self, name)) and getattr(self, name) > 0):
-                raise MixretError(f"{name} must be a positive number, got {getattr(self, name)!r}")
-        if not (_is_number(self.weight_decay) and self.weight_decay >= 0):
-            raise MixretError(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
+            if not (_is_number(getattr(self.loop, name)) and getattr(self.loop, name) > 0):
+                raise MixretError(f"{name} must be a positive number, got {getattr(self.loop, name)!r}")
+        if not (_is_number(self.loop.weight_decay) and self.loop.weight_decay >= 0):
+            raise MixretError(f"weight_decay must be a number >= 0, got {self.loop.weight_decay!r}")
         model = self.model
         model.validate()
         if model.context < 2:
@@ -223,21 +220,20 @@ class TrainConfig:
         return dataclasses.replace(self.model, vocab_size=vocab_size)
 
     def loop_config(self) -> LoopConfig:
-        return LoopConfig(steps=self.steps, budget_minutes=self.budget_minutes, lr=self.lr, warmup=self.warmup,
-                          weight_decay=self.weight_decay, grad_clip=self.grad_clip, grad_accum=self.grad_accum,
-                          log_every=self.log_every, eval_every=self.eval_every,
-                          checkpoint_every=self.checkpoint_every, stop_after=self.stop_after, compile=self.compile)
+        return dataclasses.replace(self.loop)
 
     def to_dict(self) -> dict:
-        """Flat options: the model's by their option names, beside the others."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model"}
+        """Flat options: the model's and the loop's by their option names, beside the others."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("model", "loop")}
         out.update({name: getattr(self.model, f.name) for name, f in MODEL_OPTIONS.items()})
+        out.update({name: getattr(self.loop, f.name) for name, f in LOOP_OPTIONS.items()})
         return out
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "options") -> "TrainConfig":
         options = {k.replace("-", "_"): v for k, v in d.items()}
-        known = {f.name for f in dataclasses.fields(cls) if f.name != "model"} | set(MODEL_OPTIONS)
+        known = {f.name for f in dataclasses.fields(cls) if f.name not in ("model", "loop")} | set(MODEL_OPTIONS) \
+            | set(LOOP_OPTIONS)
         unknown = sorted(set(options) - known)
         if unknown:
             raise MixretError(f"{source}: unknown option(s) {unknown}; expected some of {sorted(known)}")
@@ -352,12 +348,12 @@ class TextTask(Task):
         if cfg.resume and self.mode == "fresh":
             self.say(f"{self.out}: no run to resume there; starting a new one")
         self.load_data()
-        self.global_batch = cfg.batch_size * cfg.grad_accum * dist.world_size
+        self.global_batch = cfg.batch_size * cfg.loop.grad_accum * dist.world_size
         if cfg.epochs is not None:
-            cfg.steps = max(1, math.ceil(cfg.epochs * len(self.train_seqs) / self.global_batch))
+            cfg.loop.steps = max(1, math.ceil(cfg.epochs * len(self.train_seqs) / self.global_batch))
             cfg.epochs = None
-        if cfg.budget_minutes is None:
-            cfg.steps = cfg.steps or DEFAULT_STEPS
+        if cfg.loop.budget_minutes is None:
+            cfg.loop.steps = cfg.loop.steps or DEFAULT_STEPS
         torch.manual_seed(cfg.seed)
         self.model = self.build_model().to(dist.device)
         self.objective = self.make_objective()
@@ -442,11 +438,11 @@ class TextTask(Task):
 
     def describe(self) -> None:
         cfg, dist = self.cfg, self.dist
-        if cfg.steps is not None:
-            epochs = cfg.steps * self.global_batch / len(self.train_seqs)
-            length = f"{cfg.steps:,} steps of {self.global_batch} sequences (~{epochs:.2f} epochs)"
+        if cfg.loop.steps is not None:
+            epochs = cfg.loop.steps * self.global_batch / len(self.train_seqs)
+            length = f"{cfg.loop.steps:,} steps of {self.global_batch} sequences (~{epochs:.2f} epochs)"
         else:
-            length = f"{cfg.budget_minutes:g} minutes of steps of {self.global_batch} sequences"
+            length = f"{cfg.loop.budget_minutes:g} minutes of steps of {self.global_batch} sequences"
         source = "the bundled corpus's training split" if cfg.data is None else ", ".join(cfg.data)
         model = self.model.config
         self.say(
