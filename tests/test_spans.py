@@ -164,14 +164,21 @@ def test_cli_rejects_a_bad_objective_and_explains_them():
         assert f"{flag} " in help_text and f"[default: {default}]" in help_text
 
 
-def test_default_data_is_the_bundled_training_split(tmp_path, capsys):
+def test_default_data_is_the_bundled_training_split(tmp_path, capsys, monkeypatch):
     """As for clm: with no --data the spans come from the bundled pairs' training split only (its summaries and
-    documents), and the model records it."""
+    documents, every one of them, in order), and the model records it."""
     from mixret.data import BUNDLED_TEST_FRACTION, bundled_pairs_path, bundled_splits, file_hash
+    from mixret.training import text_task
+    read = []                                                  # the documents the objective tokenizes
+    tokenize = text_task.tokenize_corpus
+    monkeypatch.setenv("MIXRET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(text_task, "tokenize_corpus",
+                        lambda texts, *args, **kw: (read.extend(texts["text"]), tokenize(texts, *args, **kw))[1])
     run = pretrain(TrainConfig(objective="spans", tokenizer="bytes", d_model=16, layers=1, context=32, batch_size=2,
                                steps=1, eval_every=1, val_max_docs=20, out=str(tmp_path / "run")))
     assert f"data: {2 * len(bundled_splits()[0]):,} documents from the bundled corpus's training split" in \
         capsys.readouterr().err
+    assert read == [t for p in bundled_splits()[0] for t in (p.query, p.target)]
     assert mixret.load(run).trained_on == [{"source": str(bundled_pairs_path().resolve()),
                                             "hash": file_hash(bundled_pairs_path()), "split": "train",
                                             "test_fraction": BUNDLED_TEST_FRACTION}]
