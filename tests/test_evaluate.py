@@ -376,7 +376,7 @@ def test_whole_pipeline_through_the_cli(tmp_path):
     ok("evaluate", "--pairs", tmp_path / "pairs.jsonl", "--model", tmp_path / "lm", "--matcher", tmp_path / "matcher",
        "--pooling", "mean", "--shortlist", 30, "--out", tmp_path / "report.json")
     report = json.loads((tmp_path / "report.json").read_text())
-    assert set(report["modes"]) == {"vector", "bm25", "tree", "hybrid"} and report["n_queries"] > 50
+    assert set(report["modes"]) == {"vector", "bm25", "tfidf", "tree", "hybrid"} and report["n_queries"] > 50
     chance = report["chance"]
     for mode, m in report["modes"].items():
         assert m["R@1"] > 5 * chance["R@1"], (mode, m)
