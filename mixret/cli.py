@@ -176,23 +176,6 @@ def models_cmd(vocab_size, **options):
 
 # --- pretrain --------------------------------------------------------------------------------
 
-def run_options(fn):
-    """The options of a matcher run that every trainer shares: its length as a time budget, stopping early,
-    resuming and replacing. None unless given."""
-    for option in reversed([
-        click.option("--budget-minutes", type=float, default=None,
-                     help="Schedule length: as many steps as fit this many minutes on this machine, evaluations "
-                          "included (instead of --steps or --epochs; the resolved steps are saved with the run)."),
-        click.option("--stop-after", type=int, default=None,
-                     help="End this invocation after this many steps, with a checkpoint."),
-        click.option("--resume", is_flag=True, default=None,
-                     help="Continue the run in --out from its newest checkpoint."),
-        click.option("--overwrite", is_flag=True, default=None, help="Replace the run in --out."),
-    ]):
-        fn = option(fn)
-    return fn
-
-
 CONFIG_FILE = click.option("--config", "config_file", type=click.Path(dir_okay=False),
                            help="JSON file of options (names as the flags, e.g. {\"d_model\": 256}); flags override "
                                 "it.")
@@ -268,8 +251,7 @@ def _run_text_task(given: dict, config_file, command: str) -> None:
 
 @main.command("finetune")
 @config_options(FinetuneConfig)
-@click.option("--config", "config_file", type=click.Path(dir_okay=False),
-              help="JSON file of options (names as the flags, e.g. {\"lr\": 0.0005}); flags override it.")
+@CONFIG_FILE
 @friendly
 def finetune_cmd(config_file, **options):
     """Fine-tune a language model as a bi-encoder on (query, document) pairs: InfoNCE with in-batch negatives.

@@ -32,23 +32,18 @@ def option(default=dataclasses.MISSING, help: str = "", *, name: str | None = No
     return field(default=default, metadata=meta)
 
 
+def option_name(f: dataclasses.Field) -> str:
+    return f.metadata.get("option") or f.name
+
+
 def option_fields(cls) -> dict[str, dataclasses.Field]:
     """Option name -> field, for every field of a config dataclass that a user sets (not derived ones)."""
-    return {f.metadata.get("option") or f.name: f for f in dataclasses.fields(cls)
+    return {option_name(f): f for f in dataclasses.fields(cls)
             if not f.metadata.get("derived") and not f.metadata.get("nested")}
 
 
 def field_default(f: dataclasses.Field):
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
-
-
-def is_config(value) -> bool:
-    return dataclasses.is_dataclass(value) and not isinstance(value, type)
-
-
-def nested_fields(cls) -> dict[str, dataclasses.Field]:
-    """Fields of cls that hold a config of their own (a model, a loop): their options are the parent's too."""
-    return {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("nested")}
 
 
 def all_options(cls) -> dict[str, tuple[str | None, dataclasses.Field]]:
@@ -61,7 +56,7 @@ def all_options(cls) -> dict[str, tuple[str | None, dataclasses.Field]]:
                 if inner_name not in f.metadata.get("exclude", ()):
                     out[inner_name] = (f.name, inner_field)
         elif not f.metadata.get("derived"):
-            out[f.metadata.get("option") or f.name] = (None, f)
+            out[option_name(f)] = (None, f)
     return out
 
 

@@ -149,7 +149,8 @@ class Searcher:
                      "fusion": None if self.retriever.fusion is None else self.retriever.fusion.weight,
                      "bm25": self.bm25_info(), "writes": "on" if writes else "off",
                      "options": dict(options)}
-        self.modes, self.off, self.needs_embedding = self._probe()
+        self.off = {m: why for m in MODES if (why := self.retriever.unavailable(m)) is not None}  # mode: why not
+        self.modes = self.retriever.modes()
 
     def _first_state(self) -> State:
         """The loaded corpus as a State; with writes on, the log's writes folded into a new version first and BM25
@@ -197,11 +198,6 @@ class Searcher:
         params = self.retriever.bm25_params
         return {"k1": params.k1, "b": params.b, "stemmer": params.stemmer,
                 "fitted": params.fitted.get("on") if params.fitted else None}
-
-    def _probe(self) -> tuple[list[str], dict[str, str], dict[str, bool]]:
-        """(the modes this server answers, {mode: why not} for the others, {mode: whether it embeds the query})."""
-        off = {m: why for m in MODES if (why := self.retriever.unavailable(m)) is not None}
-        return [m for m in MODES if m not in off], off, {m: m in EMBEDDING_MODES for m in MODES}
 
     def _encode(self, texts: list[str]) -> np.ndarray:
         return self.corpus.encode(texts)
@@ -255,7 +251,7 @@ class Searcher:
         call. A job's bad input fails only its own group."""
         state = self.state
         start = time.perf_counter()
-        texts = list(dict.fromkeys(q for job in jobs if self.needs_embedding[job.mode] for q in job.queries))
+        texts = list(dict.fromkeys(q for job in jobs if job.mode in EMBEDDING_MODES for q in job.queries))
         rows = {t: i for i, t in enumerate(texts)}
         emb = self._encode(texts) if texts else None
         encoded = time.perf_counter()
@@ -266,7 +262,7 @@ class Searcher:
         outcomes = [Outcome(state=state) for _ in jobs]
         for (mode, k), members in groups.items():
             queries = [q for j in members for q in jobs[j].queries]
-            query_emb = emb[[rows[q] for q in queries]] if self.needs_embedding[mode] else None
+            query_emb = emb[[rows[q] for q in queries]] if mode in EMBEDDING_MODES else None
             try:
                 res = state.retriever.search(mode, k, query_emb=query_emb, queries=queries, **self.options)
             except MixretError as e:

@@ -122,22 +122,19 @@ def embed_corpus(model_dir: str | os.PathLike, corpus: str | os.PathLike, out_di
     system every process sees. Returns the meta dict. options: the fields of EmbedConfig.
     """
     cfg = EmbedConfig(**options)
-    field, id_field, batch_size, dtype, max_length, pooling, device, overwrite, show_progress_bar = (
-        cfg.field, cfg.id_field, cfg.batch_size, cfg.dtype, cfg.max_length, cfg.pooling, cfg.device, cfg.overwrite,
-        cfg.show_progress_bar)
-    if dtype not in DTYPES:
-        raise MixretError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    if cfg.dtype not in DTYPES:
+        raise MixretError(f"unknown dtype {cfg.dtype!r}; expected one of {', '.join(DTYPES)}")
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     model = load(model_dir)
-    spec = resolve_spec(model, pooling, max_length)
-    pooling, max_length = spec.pooling, check_options(model, batch_size, spec.max_length, spec.pooling)
-    io.check_out_dir(out_dir, META_NAME, "embeddings", overwrite, what="embeddings")
-    corpus_data = read_corpus(corpus, field, id_field)
+    spec = resolve_spec(model, cfg.pooling, cfg.max_length)
+    pooling, max_length = spec.pooling, check_options(model, cfg.batch_size, spec.max_length, spec.pooling)
+    io.check_out_dir(out_dir, META_NAME, "embeddings", cfg.overwrite, what="embeddings")
+    corpus_data = read_corpus(corpus, cfg.field, cfg.id_field)
     if corpus_data.skipped:
-        warnings.warn(f"{corpus}: skipped {corpus_data.skipped} records with empty {field!r} text", stacklevel=2)
+        warnings.warn(f"{corpus}: skipped {corpus_data.skipped} records with empty {cfg.field!r} text", stacklevel=2)
 
     with Distributed.from_env() as dist:
-        device = pick_device(model, device if device is not None else dist.device)
+        device = pick_device(model, cfg.device if cfg.device is not None else dist.device)
         n = len(corpus_data.texts)
         lo, hi = n * dist.rank // dist.world_size, n * (dist.rank + 1) // dist.world_size
 
@@ -149,9 +146,9 @@ def embed_corpus(model_dir: str | os.PathLike, corpus: str | os.PathLike, out_di
         try:
             def embed_shard() -> tuple[torch.Tensor, int]:
                 # rank 0 only; None: shown on a terminal
-                disable = None if show_progress_bar is None else not show_progress_bar
+                disable = None if cfg.show_progress_bar is None else not cfg.show_progress_bar
                 with tqdm(total=hi - lo, unit="text", desc="embed", disable=disable if dist.main else True) as bar:
-                    return encode_texts(model, corpus_data.texts[lo:hi], batch_size, max_length, pooling, device,
+                    return encode_texts(model, corpus_data.texts[lo:hi], cfg.batch_size, max_length, pooling, device,
                                         bar)
 
             E, truncated = dist.run(embed_shard)  # a failure on one rank fails every rank, with its message
@@ -159,9 +156,9 @@ def embed_corpus(model_dir: str | os.PathLike, corpus: str | os.PathLike, out_di
                 E, truncated = gather_shards(dist, tmp, E, truncated)
 
             def publish() -> dict:
-                meta = emb_meta(model_dir, model, corpus, field, id_field, pooling, max_length, dtype,
+                meta = emb_meta(model_dir, model, corpus, cfg.field, cfg.id_field, pooling, max_length, cfg.dtype,
                                 count=E.shape[0], truncated=truncated, skipped=corpus_data.skipped)
-                write_emb_dir(tmp, E.to(DTYPES[dtype]), corpus_data.ids, corpus_data.texts, meta)
+                write_emb_dir(tmp, E.to(DTYPES[cfg.dtype]), corpus_data.ids, corpus_data.texts, meta)
                 io.publish_dir(tmp, out_dir)
                 return meta
 

@@ -17,7 +17,7 @@ from mixret import io
 from mixret.data import BUNDLED_TEST_FRACTION, bundled_pairs_path, bundled_training_texts, load_texts, sources_record
 from mixret.distributed import Distributed
 from mixret.errors import MixretError
-from mixret.options import nested, option, option_fields
+from mixret.options import nested, option, option_fields, read_options_file
 from mixret.models.config import ModelConfig, model_options
 from mixret.models.encode import POOLINGS
 from mixret.models.zoo import build_model
@@ -292,10 +292,7 @@ def resolve_options(options: dict, config_file: str | os.PathLike | None = None)
     (`resume` with an `out` holding train_config.json), a JSON config file, and `options` (the flags given)."""
     given = {}
     if config_file is not None:
-        given = io.read_json(config_file, "config file")
-        if not isinstance(given, dict):
-            raise MixretError(f"{config_file}: expected a JSON object of options")
-        given = {k.replace("-", "_"): v for k, v in given.items()}
+        given = read_options_file(config_file)
         TrainConfig.from_dict(given, source=str(config_file))  # reject unknown names early, naming the file
     given.update(options)
     saved = {}
