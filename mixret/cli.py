@@ -10,12 +10,12 @@ from pathlib import Path
 
 import click
 
-
 from mixret import io
 from mixret.errors import MixretError
-from mixret.options import all_options, flat_options, option_fields, read_options_file, replace_options
+from mixret.models.config import ModelConfig
 from mixret.models.generate import SAMPLING, Sampling, generate_text
-from mixret.models.zoo import model_table
+from mixret.models.zoo import load, model_table
+from mixret.options import all_options, flat_options, option_fields, read_options_file, replace_options
 from mixret.quickstart import QuickstartConfig, example_search, run
 from mixret.retrieval.embeddings import (
     EmbedConfig,
@@ -24,19 +24,17 @@ from mixret.retrieval.embeddings import (
     embed_corpus,
 )
 from mixret.retrieval.evaluate import (
+    EvaluateConfig,
+    evaluate,
     format_table,
 )
 from mixret.retrieval.indexing import IndexConfig, build_index
-from mixret.retrieval.search import MODES, format_hits, load_corpus
+from mixret.retrieval.search import MODES, RetrievalConfig, format_hits, load_corpus
 from mixret.serve import read_token, serve
 from mixret.training.finetune import FinetuneConfig, finetune, finetune_config
 from mixret.training.loop import Interrupted
 from mixret.training.matcher import TrainMatcherConfig, format_summary, run_train_matcher
 from mixret.training.pretrain import TrainConfig, pretrain, resolve_options
-from mixret.models.zoo import load
-from mixret.retrieval.evaluate import EvaluateConfig, evaluate
-from mixret.retrieval.search import RetrievalConfig
-from mixret.models.config import ModelConfig
 
 
 def friendly(fn):

@@ -24,11 +24,11 @@ import torch
 from mixret import io
 from mixret.data import bundled_splits, drop_repeated_queries, load_pairs, split_pairs, write_pairs_jsonl
 from mixret.errors import MixretError
-from mixret.options import option
 from mixret.models.config import ModelConfig
 from mixret.models.encode import encode
 from mixret.models.matcher import MatcherConfig
 from mixret.models.zoo import load
+from mixret.options import option
 from mixret.retrieval.bm25 import BM25Params, copy_to_emb_dir, load_bm25
 from mixret.retrieval.embeddings import embed_corpus, load_emb_dir
 from mixret.retrieval.evaluate import evaluate_pairs, format_paired
@@ -36,11 +36,10 @@ from mixret.retrieval.fusion import FUSION_NAME, Fusion
 from mixret.retrieval.index import VectorIndex
 from mixret.tokenizer import make_tokenizer
 from mixret.training.baseline import BaselineConfig, STEncoder, train_baseline
-from mixret.training.finetune import FINETUNE_LOOP, FinetuneConfig, finetune
+from mixret.training.finetune import FINETUNE_LOOP, HARD_NEGATIVES, FinetuneConfig, finetune
 from mixret.training.loop import TRAIN_CONFIG_NAME, LoopConfig, last_metric
 from mixret.training.matcher import matcher_on_pairs
 from mixret.training.pretrain import TrainConfig, pretrain
-from mixret.training.finetune import HARD_NEGATIVES
 
 ARCHS = ("masked-mixer", "llama")
 TRAIN_SHARE = 0.7        # of the budget, for training the architectures (side by side, or half each); the rest: the

@@ -55,13 +55,12 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-
 from mixret.errors import MixretError
 from mixret.models.encode import DTYPES
 from mixret.retrieval.bm25 import BM25Index
-from mixret.retrieval.tfidf import TfidfIndex
 from mixret.retrieval.corpus import Change, WriteLock, WriteLog, apply_change, fold_log
 from mixret.retrieval.search import EMBEDDING_MODES, MODES, Retriever, load_corpus
+from mixret.retrieval.tfidf import TfidfIndex
 from mixret.version import __version__
 
 MAX_BODY_BYTES = 1 << 20    # a request body larger than this is refused (413)

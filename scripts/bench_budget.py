@@ -58,7 +58,6 @@ QUICK_PAIRS = 800  # pairs of the bundled corpus a --quick run uses
 def child(spec: dict) -> dict:
     """Pretrain (share > 0) then fine-tune within the budget, and score the result on the test split."""
     import mixret.training.pretrain
-
     from mixret import io
     from mixret.data import load_pairs, split_pairs, write_pairs_jsonl
     from mixret.models import ModelConfig, load

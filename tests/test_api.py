@@ -11,13 +11,13 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from mixret.cli import main
+from mixret.options import replace_options
 from mixret.retrieval.evaluate import EvaluateConfig, evaluate
 from mixret.retrieval.fusion import Fusion
 from mixret.retrieval.indexing import IndexConfig, build_index
 from mixret.retrieval.search import MODES, RetrievalConfig, Retriever
-from mixret.training.finetune import finetune_config, finetune
+from mixret.training.finetune import finetune, finetune_config
 from mixret.training.matcher import TrainMatcherConfig, run_train_matcher
-from mixret.options import replace_options
 
 SAVED = Path(__file__).resolve().parent / "fixtures" / "folders-0.1.0"
 TIMING = ("queries_per_s", "seconds", "corpus_embed_seconds", "query_embed_seconds")

@@ -5,7 +5,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import mixret.retrieval.embeddings as embed
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -15,6 +14,7 @@ from click.testing import CliRunner
 from close import assert_close
 
 import mixret
+import mixret.retrieval.embeddings as embed
 from mixret.cli import main
 from mixret.data import load_pairs
 from mixret.errors import MixretError

@@ -6,8 +6,6 @@ import textwrap
 from pathlib import Path
 
 import click
-
-from mixret.options import option
 import numpy as np
 import pytest
 import torch
@@ -19,10 +17,11 @@ from mixret import cli
 from mixret.cli import main
 from mixret.models.config import ModelConfig, model_options
 from mixret.models.matcher import MatcherConfig
+from mixret.options import option
 from mixret.training import checkpoint
+from mixret.training.loop import Task
 from mixret.training.matcher import train_matcher
 from mixret.training.pretrain import TrainConfig, pretrain
-from mixret.training.loop import Task
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,9 +10,9 @@ from click.testing import CliRunner
 
 from mixret import cli
 from mixret.errors import MixretError
-from mixret.options import all_options, field_default, flat_options
 from mixret.models.config import ModelConfig
 from mixret.models.generate import SAMPLING
+from mixret.options import all_options, field_default, flat_options
 from mixret.quickstart import QuickstartConfig
 from mixret.retrieval.embeddings import EmbedConfig
 from mixret.retrieval.evaluate import EvaluateConfig

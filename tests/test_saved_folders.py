@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from close import assert_close
 
 import mixret
-from close import assert_close
 from mixret.cli import main
 
 SAVED = Path(__file__).resolve().parent / "fixtures" / "folders-0.1.0"

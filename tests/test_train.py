@@ -17,6 +17,7 @@ import mixret
 from mixret.cli import main
 from mixret.data import bundled_pairs_path, load_texts
 from mixret.errors import MixretError
+from mixret.options import flat_options
 from mixret.tokenizer import ByteTokenizer
 from mixret.training import loop, text_task, train_data
 from mixret.training import pretrain as train
@@ -25,7 +26,6 @@ from mixret.training.loop import LoopConfig, lr_factor
 from mixret.training.pretrain import NextTokenLoss, TrainConfig, pretrain, resolve_options
 from mixret.training.text_task import DEFAULT_STEPS
 from mixret.training.train_data import Stream, document_sequences, micro_batches, packed_sequences
-from mixret.options import flat_options
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = ("the a small package tool library for with and of data files network server client python "

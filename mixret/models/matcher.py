@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from mixret import io
 from mixret.data import drop_repeated_queries  # noqa: F401  (mixret.data.drop_repeated_queries)
 from mixret.errors import MixretError
-from mixret.options import option
 from mixret.models.layers import FeedForward
+from mixret.options import option
 
 FEATURES = ("bm25", "cosine")  # per-candidate score features a matcher may take, in this order
 

@@ -37,13 +37,13 @@ from typing import Sequence
 
 import numpy as np
 
+import mixret.retrieval.milvus  # noqa: F401  (the milvus backend of VectorIndex.load)
 from mixret import io
 from mixret.data import read_corpus
 from mixret.errors import MixretError, where
 from mixret.io import versioned
 from mixret.models.encode import DTYPES, EmbeddingSpec, check_texts, encode_texts, pick_device, truncation_message
 from mixret.retrieval.embeddings import EMB_NAME, IDS_NAME, META_NAME, load_emb_dir, load_model_checked
-import mixret.retrieval.milvus  # noqa: F401  (the milvus backend of VectorIndex.load)
 from mixret.retrieval.index import INDEX_META_NAME, INDEX_NAME, VectorIndex
 
 WAL_NAME = "writes.wal"

@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,9 +54,8 @@ from mixret.models.encode import (
 )
 from mixret.models.matcher import Matcher
 from mixret.models.zoo import load
-from mixret.version import __version__
-from dataclasses import dataclass
 from mixret.options import option
+from mixret.version import __version__
 
 EMB_NAME, IDS_NAME, META_NAME = "embeddings.safetensors", "ids.jsonl", "meta.json"
 

@@ -25,26 +25,22 @@ order of equal scores happens to favour.
 from __future__ import annotations
 
 import time
-from typing import Sequence
-
-import numpy as np
-
-from mixret.data import BUNDLED_TEST_FRACTION, drop_repeated_queries, file_hash
-from mixret.errors import MixretError
-from mixret.retrieval.bm25 import BM25Params
-from mixret.retrieval.search import LEXICAL_MODES, MODES, SHORTLIST_SOURCES, Retriever
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
+
+import numpy as np
+
 from mixret import io
-from mixret.data import load_pairs, split_pairs
-from mixret.options import nested, option
+from mixret.data import BUNDLED_TEST_FRACTION, drop_repeated_queries, file_hash, load_pairs, split_pairs
+from mixret.errors import MixretError
 from mixret.models.encode import POOLINGS, resolve_spec
-from mixret.retrieval.bm25 import BM25_NAME, load_bm25, model_bm25
+from mixret.options import nested, option
+from mixret.retrieval.bm25 import BM25_NAME, BM25Params, load_bm25, model_bm25
 from mixret.retrieval.embeddings import default_model_dir, load_matcher_checked, load_model_checked, matcher_spec
 from mixret.retrieval.fusion import load_fusion
-from mixret.retrieval.search import RetrievalConfig
+from mixret.retrieval.search import LEXICAL_MODES, MODES, SHORTLIST_SOURCES, RetrievalConfig, Retriever
 
 METRICS = {"R@1": "recall@1", "R@10": "recall@10", "MRR@10": "mrr@10", "nDCG@10": "ndcg@10"}
 EVAL_MODES = MODES + ("all",)

@@ -45,8 +45,8 @@ from typing import Sequence
 import numpy as np
 
 from mixret.errors import MixretError
-from mixret.options import option
 from mixret.models.encode import EmbeddingSpec
+from mixret.options import option
 from mixret.retrieval.bm25 import BM25Index, emb_dir_bm25
 from mixret.retrieval.corpus import load_snapshot
 from mixret.retrieval.embeddings import load_emb_dir, load_matcher_checked, load_model_checked

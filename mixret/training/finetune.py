@@ -30,10 +30,10 @@ batches an uninterrupted one saw.
 from __future__ import annotations
 
 import dataclasses
-import os
 import functools
 import hashlib
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -47,17 +47,16 @@ from mixret import io
 from mixret.data import bundled_pairs_path, load_pairs, sources_record, split_pairs
 from mixret.distributed import Distributed
 from mixret.errors import MixretError
-from mixret.options import nested, option, option_fields, read_options_file, replace_options
 from mixret.models.config import ARCHS, ModelConfig
 from mixret.models.encode import POOLINGS, embed_sequences, pad_sequences, pool, token_sequences
 from mixret.models.zoo import build_model, load
+from mixret.options import nested, option, option_fields, read_options_file, replace_options
 from mixret.retrieval.bm25 import BM25_NAME, BM25Index, BM25Params, fit_bm25, save_bm25
 from mixret.retrieval.fusion import FUSION_METHODS, FUSION_NAME, Fusion, fit_weight, mrr_at
 from mixret.retrieval.search import Retriever
 from mixret.tokenizer import load_tokenizer, make_tokenizer
 from mixret.training import loop
-from mixret.training.loop import LoopConfig
-from mixret.training.loop import Task
+from mixret.training.loop import LoopConfig, Task
 
 LENGTH_CHUNK = 50         # batches per length-sorted chunk
 HARD_NEGATIVES = ("none", "bm25")

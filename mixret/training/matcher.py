@@ -28,12 +28,12 @@ the true target twice nor a copy of it as a negative.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
-import dataclasses
 from dataclasses import dataclass
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -44,10 +44,10 @@ from mixret import io
 from mixret.data import load_split, sources_record
 from mixret.distributed import Distributed
 from mixret.errors import MixretError
-from mixret.options import nested, option
 from mixret.models.encode import POOLINGS, EmbeddingSpec, encode, resolve_spec
 from mixret.models.matcher import Matcher, MatcherConfig, score_candidates
 from mixret.models.zoo import load
+from mixret.options import nested, option
 from mixret.retrieval.bm25 import BM25Index
 from mixret.retrieval.embeddings import default_model_dir, load_emb_dir
 from mixret.training import loop

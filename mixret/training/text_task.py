@@ -17,13 +17,13 @@ from mixret import io
 from mixret.data import BUNDLED_TEST_FRACTION, bundled_pairs_path, bundled_training_texts, load_texts, sources_record
 from mixret.distributed import Distributed
 from mixret.errors import MixretError
-from mixret.options import nested, option, option_fields, read_options_file
 from mixret.models.config import ModelConfig, model_options
 from mixret.models.encode import POOLINGS
 from mixret.models.zoo import build_model
+from mixret.options import nested, option, option_fields, read_options_file
 from mixret.tokenizer import BPE_KINDS, load_tokenizer, make_tokenizer
 from mixret.training import loop
-from mixret.training.loop import LoopConfig
+from mixret.training.loop import LoopConfig, Task
 from mixret.training.train_data import (
     BPE_SAMPLE_CHARS,
     Stream,
@@ -37,7 +37,6 @@ from mixret.training.train_data import (
     tokenizer_from_text,
     tokenizer_text,
 )
-from mixret.training.loop import Task
 
 DEFAULT_STEPS = 800
 
