@@ -400,7 +400,7 @@ def folder_encoder(emb_dir: str | os.PathLike, meta: dict, model_dir=None, batch
     model_dir = model_dir or meta.get("model_path")
     if model_dir is None:
         raise MixretError(f"{Path(emb_dir) / META_NAME}: names no model; pass --model DIR")
-    model, _ = load_model_checked(model_dir, meta, emb_dir)
+    model = load_model_checked(model_dir, meta, emb_dir)
     pooling, max_length = meta.get("pooling") or "last", meta.get("max_length") or model.config.context
     dev = pick_device(model, device)
     dtype = DTYPES[meta.get("dtype", "float32")]

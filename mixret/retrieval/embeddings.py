@@ -298,13 +298,12 @@ def gather_shards(dist: Distributed, tmp: Path, E: torch.Tensor, truncated: int)
 
 
 def load_model_checked(model_dir: str | os.PathLike, emb_meta: dict | None = None, emb_dir=None):
-    """Load the language model in model_dir -> (model, weights hash); refuse it when emb_meta (the
+    """Load the language model in model_dir (its weights hash is model.weights_hash); refuse it when emb_meta (the
     meta.json of the EMB_DIR it will be searched against) names another model or dim."""
     model = load(model_dir)
-    model_hash = model.weights_hash
     if emb_meta is not None:
         meta_path = Path(emb_dir) / "meta.json" if emb_dir is not None else "the embeddings"
-        EmbeddingSpec.of(emb_meta).check(EmbeddingSpec(model_hash, None, None),
+        EmbeddingSpec.of(emb_meta).check(EmbeddingSpec(model.weights_hash, None, None),
                                          f"the corpus embeddings ({meta_path}, made by "
                                          f"{emb_meta.get('model_path', 'a model of unknown path')})",
                                          f"the query encoder {model_dir}")
@@ -312,7 +311,7 @@ def load_model_checked(model_dir: str | os.PathLike, emb_meta: dict | None = Non
         if dim is not None and dim != model.config.d_model:
             raise MixretError(f"{meta_path}: the corpus embeddings have dim {dim} but {model_dir} gives "
                               f"{model.config.d_model}-dim embeddings")
-    return model, model_hash
+    return model
 
 
 def load_matcher_checked(matcher_dir: str | os.PathLike, spec=None, what: str = "the corpus embeddings"):

@@ -360,7 +360,7 @@ def evaluate(cfg: EvaluateConfig, say: Callable[[str], None] = lambda m: None) -
         matcher = load_matcher_checked(r.matcher)
         trainers[f"matcher {r.matcher}"] = matcher.config.trained_on
     if needs_model:
-        model, _ = load_model_checked(model_dir)
+        model = load_model_checked(model_dir)
         spec = resolve_spec(model, cfg.pooling, None,
                             [(matcher_spec(matcher), f"the matcher {r.matcher}")] if matcher else [])
         trainers[f"model {model_dir}"] = model.trained_on

@@ -347,7 +347,7 @@ def load_corpus(emb_dir: str | os.PathLike, modes: Sequence[str], model_dir=None
         model_dir = model_dir or meta.get("model_path")
         if model_dir is None:
             raise MixretError(f"{emb_dir}: meta.json names no model; pass --model DIR")
-        model, _ = load_model_checked(model_dir, meta, emb_dir)
+        model = load_model_checked(model_dir, meta, emb_dir)
         with_index = bool({"vector", "fusion"} & set(modes) or ("hybrid" in modes and shortlist_from == "vector"))
     snap, _ = load_snapshot(emb_dir, with_index, loaded)
     emb, ids, texts, index = snap.emb, snap.ids, snap.texts, snap.index
