@@ -245,3 +245,15 @@ def pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def selection_pairs(path: str, size: int | None = None):
+    """Pairs of `path` outside the bundled corpus: the first `size` (None: all) by a hash of the id, repeated
+    queries dropped. The dev file's 1,277 such pairs are the selection pairs of the studies."""
+    import hashlib
+
+    from mixret.data import bundled_pairs_path, drop_repeated_queries, load_pairs
+    bundled = {p.id for p in load_pairs(bundled_pairs_path())}
+    pairs = [p for p in load_pairs(path) if p.id not in bundled]
+    pairs.sort(key=lambda p: hashlib.blake2b(p.id.encode(), person=b"mixret-select").hexdigest())
+    return drop_repeated_queries(pairs[:size])[0]

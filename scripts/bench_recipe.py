@@ -17,7 +17,6 @@ one run of the script). Writes OUT/recipe.md and OUT/recipe.json.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,15 +38,6 @@ RECIPES = {
     "bpe-lower 2k + dropout 0.1 + 2x time": {"tokenizer": "bpe-lower", "vocab_size": 2048, "token_dropout": 0.1,
                                            "minutes": 2.0},
 }
-
-
-def selection_pairs(path: str, size: int):
-    """Pairs of `path` outside the bundled corpus: the first `size` by a hash of the id, repeats dropped."""
-    from mixret.data import bundled_pairs_path, drop_repeated_queries, load_pairs
-    bundled = {p.id for p in load_pairs(bundled_pairs_path())}
-    pairs = [p for p in load_pairs(path) if p.id not in bundled]
-    pairs.sort(key=lambda p: hashlib.blake2b(p.id.encode(), person=b"mixret-select").hexdigest())
-    return drop_repeated_queries(pairs[:size])[0]
 
 
 def child(spec: dict) -> dict:
@@ -78,7 +68,7 @@ def child(spec: dict) -> dict:
     result = {"minutes": minutes, "seconds": time.perf_counter() - start,
               "steps": io.read_json(ft / TRAIN_CONFIG_NAME)["steps"]}
     model, fusion = load(ft), load_fusion(ft)
-    select = selection_pairs(spec["select_pairs"], spec["select_size"])
+    select = bc.selection_pairs(spec["select_pairs"], spec["select_size"])
     for split, pairs in (("select", select), ("test", test)):
         report = evaluate_pairs(pairs, model, modes=list(MODES), fusion=fusion)
         result[f"{split}_n"] = report["n_queries"]
