@@ -8,12 +8,13 @@ For each arch, budget B (minutes), pretraining recipe and share s, one run (a ch
 - s = 0 (fine-tuning alone, whatever the recipe): `mixret.training.finetune` from random init (mixing_init mean, a BPE
   tokenizer trained on the training pairs) with budget_minutes = B;
 - s > 0: `mixret.training.pretrain.pretrain` with the recipe's objective (budget_minutes = s * B) on texts of the
-TRAINING
-  split of the pairs only, then `finetune` from that folder with budget_minutes = (1 - s) * B. Recipe `clm`:
-  next-token prediction on the summary and the document of each pair, as separate documents; recipe `spans`:
-  the span objective (`pretrain --objective spans`: a span of each document against the batch's documents) on
-  the documents alone, as a user with documents and no pairs would have them. Each writes its texts to a
-  temporary JSONL; its own 5 % validation documents give the validation loss (clm) or span R@1 (spans).
+  training split of the pairs only, then `finetune` from that folder with budget_minutes = (1 - s) * B. Recipe
+  `clm`: next-token prediction on the summary and the document of each pair, as separate documents; recipe
+  `spans`: the span objective (`pretrain --objective spans`: a span of each document against the batch's
+  documents) on the documents alone, as a user with documents and no pairs would have them; recipe `clm-spans`
+  (any objectives joined by -): CLM for half the pretraining minutes, then spans from the CLM model (`pretrain
+  --init`) for the other half. Each writes its texts to a temporary JSONL; its own 5 % validation documents give
+  the validation loss (clm) or span R@1 (spans).
 Every budget is resolved by the shared loop (`LoopConfig.budget_minutes`: a few real steps and one evaluation
 are timed, the step count is fixed to fit). Both phases use the same model size and a BPE tokenizer of the same
 size; the pretraining uses the same mixing init as the random-init fine-tuning (--pretrain-init), so the only
@@ -49,7 +50,7 @@ import bench_common as bc
 ARCHS = ("masked-mixer", "llama")
 SHORT = {"masked-mixer": "mixer", "llama": "llama", "hypermixer": "hyper"}
 MODES = ("vector", "fusion", "bm25")
-RECIPES = ("clm", "spans")  # pretraining objectives before fine-tuning
+OBJECTIVES = ("clm", "spans")  # pretraining objectives before fine-tuning; a recipe is one or several, joined by -
 QUICK_PAIRS = 800  # pairs of the bundled corpus a --quick run uses
 
 
@@ -81,16 +82,21 @@ def child(spec: dict) -> dict:
         texts = work / "pretrain-texts.jsonl"  # the training split only: never a test pair's text
         write_pairs_jsonl(train, texts)
         start = time.perf_counter()
-        objective = ({"objective": "spans", "text_field": ["document"]} if recipe == "spans" else
-                     {"text_field": ["summary", "document"], "batch_size": spec["pretrain_batch"]})
-        pt = pretrain(TrainConfig(
-            model=ModelConfig(arch=arch, mixing_init=spec["pretrain_init"], **size), data=[str(texts)],
-            tokenizer="bpe-lower", vocab_size=spec["vocab_size"], budget_minutes=share * budget,
-            out=str(work / "pretrain"), overwrite=True, **objective))
+        objectives = recipe.split("-")  # one after the other, each from the last one's folder, sharing the minutes
+        steps = []
+        for i, objective in enumerate(objectives):
+            options = ({"objective": "spans", "text_field": ["document"]} if objective == "spans" else
+                       {"text_field": ["summary", "document"], "batch_size": spec["pretrain_batch"]})
+            pt = pretrain(TrainConfig(
+                model=ModelConfig(arch=arch, mixing_init=spec["pretrain_init"], **size), data=[str(texts)],
+                tokenizer="bpe-lower", vocab_size=spec["vocab_size"], budget_minutes=share * budget / len(objectives),
+                init=None if i == 0 else init, out=str(work / f"pretrain-{i}-{objective}"), overwrite=True,
+                **options))
+            steps.append(io.read_json(pt / TRAIN_CONFIG_NAME)["steps"])
+            init = str(pt)
         result.update(pretrain_seconds=time.perf_counter() - start,
-                      pretrain_steps=io.read_json(pt / TRAIN_CONFIG_NAME)["steps"],
+                      pretrain_steps=steps[0] if len(steps) == 1 else "+".join(map(str, steps)),
                       pretrain_val_loss=last_metric(pt, "val_loss"), pretrain_val_r1=last_metric(pt, "val_r1"))
-        init = str(pt)
     else:
         result.update(pretrain_seconds=0.0, pretrain_steps=0, pretrain_val_loss=None, pretrain_val_r1=None)
 
@@ -209,7 +215,9 @@ def main() -> None:
     bc.add_common_args(parser, "budget")
     parser.add_argument("--budgets", default="2,5", help="comma-separated wall-clock budgets, minutes")
     parser.add_argument("--shares", default="0,25,50,75", help="comma-separated pretraining shares, percent")
-    parser.add_argument("--recipes", default="clm", help="comma-separated pretraining objectives: clm, spans")
+    parser.add_argument("--recipes", default="clm",
+                        help="comma-separated pretraining recipes: clm, spans, or several one after the other, "
+                             "joined by - (clm-spans: CLM, then spans from the CLM model), sharing the minutes")
     parser.add_argument("--archs", default=",".join(ARCHS))
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
@@ -255,8 +263,9 @@ def main() -> None:
     if args.tabulate and not (args.reuse and args.work):
         parser.error("--tabulate needs --reuse and --work")
     recipes = args.recipes.split(",")
-    if set(recipes) - set(RECIPES):
-        parser.error(f"--recipes: expected names from {', '.join(RECIPES)}, got {args.recipes}")
+    if any(set(r.split("-")) - set(OBJECTIVES) for r in recipes):
+        parser.error(f"--recipes: expected objectives from {', '.join(OBJECTIVES)} (one after the other: joined "
+                     f"by -, e.g. clm-spans), got {args.recipes}")
     specs = [{"arch": arch, "budget": budget, "share": share, "recipe": recipe if share else "finetune",
               "pairs": str(pairs), "threads": args.threads, "pretrain_init": args.pretrain_init, **sizes}
              for budget in sorted(budgets, reverse=True) for share in shares

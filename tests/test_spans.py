@@ -197,3 +197,32 @@ def test_finetune_keeps_the_embedding_of_a_spans_model_and_gives_a_clm_model_the
         heads[objective] = mixret.load(tmp_path / f"ft-{objective}").pool_head is not None
     # the spans model's last position is already an embedding; the CLM model's predicts the next token
     assert heads == {"spans": False, "clm": True}
+
+
+def test_a_run_continues_a_model_folder_with_another_objective(tmp_path):
+    """--init: spans then clm gives a language model again (finetune gives it the head); clm then spans trains
+    the embedding through the head. Each keeps the folder's size and tokenizer, whatever the size options say."""
+    spans = pretrain(tiny(tmp_path / "a", steps=2))
+    result = CliRunner().invoke(main, list(map(str, [
+        "pretrain", "--objective", "clm", "--init", spans, "--data", corpus(tmp_path), "--d-model", 32, "--steps",
+        2, "--batch-size", 8, "--out", tmp_path / "clm"])))
+    assert result.exit_code == 0, result.output
+    start, lm = mixret.load(spans), mixret.load(tmp_path / "clm")
+    assert lm.config == start.config
+    assert (tmp_path / "clm" / "tokenizer.json").read_text() == (spans / "tokenizer.json").read_text()
+    assert lm.embedding_defaults == {} and lm.pool_head is None      # a language model: no pooling recorded
+    assert len(lm.trained_on) == 2
+    before, after = load_file(spans / "model.safetensors"), load_file(tmp_path / "clm" / "model.safetensors")
+    assert before.keys() == after.keys() and not all(torch.equal(before[k], after[k]) for k in before)
+
+    back = pretrain(tiny(tmp_path / "b", steps=2, init=str(tmp_path / "clm")))
+    model = mixret.load(back)
+    assert model.pool_head is not None and model.embedding_defaults["pooling"] == "last"
+    assert len(model.trained_on) == 3
+
+
+def test_spans_from_a_clm_model_retrieve_unseen_documents(tmp_path):
+    clm = pretrain(tiny(tmp_path / "clm", objective="clm", steps=60, batch_size=16, eval_every=60))
+    model = mixret.load(pretrain(tiny(tmp_path / "spans", init=str(clm))))
+    assert model.pool_head is not None
+    assert span_r1(model, planted_documents()[N_TRAIN:]) > 0.3       # chance 0.013

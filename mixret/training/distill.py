@@ -54,7 +54,6 @@ from mixret import io
 from mixret.data import BUNDLED_TEST_FRACTION, load_pairs, sources_record, split_pairs
 from mixret.errors import MixretError
 from mixret.models.encode import embed_sequences, pad_sequences, pool, token_sequences
-from mixret.models.zoo import load
 from mixret.training.finetune import distinct_pairs
 from mixret.training.spans import SpanTask
 from mixret.training.text_task import TextTask
@@ -238,28 +237,6 @@ class DistillTask(SpanTask):
     name = "distill"
     unit = "texts"
     metric_keys = ("val_cos", "val_nn_agree")
-
-    def __init__(self, cfg, dist):
-        self.start = None
-        if cfg.init is not None:                  # the folder's model, size and tokenizer
-            self.start = load(cfg.init)
-            if self.start.tokenizer is None:
-                raise MixretError(f"{cfg.init}: the model folder has no {io.TOKENIZER_NAME}")
-            cfg.model = self.start.config
-        super().__init__(cfg, dist)
-
-    def make_tokenizer(self, column, train_docs):
-        return self.start.tokenizer if self.start is not None else super().make_tokenizer(column, train_docs)
-
-    def build_model(self):
-        if self.start is None:
-            return super().build_model()
-        lm = self.start
-        if self.cfg.pooling != "mean" and lm.pool_head is None and "pooling" not in lm.embedding_defaults:
-            lm.add_pool_head()                    # a language model's last position predicts the next token
-        lm.trained_on = (lm.trained_on or []) + self.trained_on
-        lm.train()
-        return lm
 
     def load_data(self) -> None:
 

@@ -82,6 +82,12 @@ class SpanTask(TextTask):
         """Content tokens -> the model input that encode makes of them."""
         return [self.tokenizer.bos_id, *tokens.tolist(), *self.tail]
 
+    def continue_from(self, lm) -> None:
+        """A trained model's embedding: kept when it was trained to embed (its folder records a pooling); a
+        language model's last position, which predicts the next token, gets the embedding head."""
+        if self.cfg.pooling != "mean" and lm.pool_head is None and "pooling" not in lm.embedding_defaults:
+            lm.add_pool_head()
+
     # -- the objective -----------------------------------------------------------------------------
     def make_objective(self) -> BiEncoder:
         cfg = self.cfg

@@ -19,7 +19,7 @@ from mixret.distributed import Distributed
 from mixret.errors import MixretError
 from mixret.models.config import ModelConfig, model_options
 from mixret.models.encode import POOLINGS
-from mixret.models.zoo import build_model
+from mixret.models.zoo import build_model, load
 from mixret.options import nested, option, option_fields, read_options_file
 from mixret.tokenizer import BPE_KINDS, load_tokenizer, make_tokenizer
 from mixret.training import loop
@@ -105,8 +105,10 @@ class TrainConfig:
               "of the texts are computed once, before training (a --budget-minutes counts the student's training "
               "only), and cached under $MIXRET_CACHE/teacher by the teacher's identity (name or path and a hash of "
               "its weights) and a hash of the texts.")
-    init: str | None = option(None, "distill: a model folder to start from (its size and tokenizer; a language model "
-                                    "gets the embedding head, as in finetune).",
+    init: str | None = option(None, "A model folder to start from (its size and tokenizer; the model options are "
+                                    "then ignored): clm trains it on as a language model, spans and distill train "
+                                    "its embedding (a language model's gets the embedding head, as in finetune). "
+                                    "E.g. spans, then clm from the spans model.",
                               show="a new model of the options' size")
     distill_loss: str = option("cosine", "distill: distance to the teacher's embedding, through a learned isometry "
                                          "between the two widths (it keeps angles, so the student's own embedding, "
@@ -206,6 +208,8 @@ class TrainConfig:
             if self.objective not in owners and getattr(self, name) != defaults[name]:
                 raise MixretError(f"option {name} applies to objective {' or '.join(map(repr, owners))}, "
                                   f"not {self.objective!r}")
+        if self.init is not None and not (Path(self.init) / io.CONFIG_NAME).is_file():
+            raise MixretError(f"{self.init}: no {io.CONFIG_NAME} there; expected a mixret model folder to start from")
         if self.objective == "distill":
             check_distill_options(self)
         if self.pooling not in POOLINGS:
@@ -259,7 +263,7 @@ def _check_int(cfg: TrainConfig, name: str, minimum: int) -> None:
 # Options that only some objectives read: given (not left at the default) with another, they are an error.
 OBJECTIVE_OPTIONS = {"pack": ("clm",), "label_smoothing": ("clm",), "pooling": ("spans", "distill"),
                      "temperature": ("spans", "distill"), "span_min": ("spans",), "span_max": ("spans",),
-                     **{name: ("distill",) for name in ("teacher", "init", "distill_loss", "pairs", "query_field",
+                     **{name: ("distill",) for name in ("teacher", "distill_loss", "pairs", "query_field",
                                                         "target_field")}}
 
 
@@ -323,8 +327,6 @@ def check_distill_options(cfg) -> None:
         raise MixretError("distill needs a teacher: a sentence-transformers model name or folder (--teacher)")
     if cfg.distill_loss not in DISTILL_LOSSES:
         raise MixretError(f"unknown distill loss {cfg.distill_loss!r}; expected one of {', '.join(DISTILL_LOSSES)}")
-    if cfg.init is not None and not (Path(cfg.init) / io.CONFIG_NAME).is_file():
-        raise MixretError(f"{cfg.init}: no {io.CONFIG_NAME} there; expected a mixret model folder to start from")
 
 
 class TextTask(Task):
@@ -336,6 +338,12 @@ class TextTask(Task):
 
     def __init__(self, cfg: TrainConfig, dist: Distributed):
         self.cfg, self.dist = cfg, dist
+        self.start = None
+        if cfg.init is not None:                  # the folder's model, size and tokenizer
+            self.start = load(cfg.init)
+            if self.start.tokenizer is None:
+                raise MixretError(f"{cfg.init}: the model folder has no {io.TOKENIZER_NAME}")
+            cfg.model = self.start.config
         if cfg.out is None:
             cfg.out = dist.broadcast_text(f"runs/{cfg.model.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
         self.out = Path(cfg.out)
@@ -359,10 +367,24 @@ class TextTask(Task):
         loop.say(self.dist, message)
 
     def build_model(self):
-        """A new model of the options' size, with the run's tokenizer and the record of its data."""
+        """A new model of the options' size, with the run's tokenizer and the record of its data; or the --init
+        model, made ready for this objective, with this run's data added to its record."""
+        if self.start is not None:
+            lm = self.start
+            lm.trained_on = (lm.trained_on or []) + self.trained_on
+            self.continue_from(lm)
+            lm.train()
+            return lm
         model = build_model(self.cfg.model_config(self.tokenizer.vocab_size))
         model.tokenizer, model.trained_on = self.tokenizer, self.trained_on
         return model
+
+    def continue_from(self, lm) -> None:
+        """Make a trained model ready for this objective (next-token prediction: a language model again, its
+        embedding head, if any, left as it is and out of training)."""
+        lm.embedding_defaults = {}
+        if lm.pool_head is not None:
+            lm.pool_head.requires_grad_(False)
 
     # -- data ----------------------------------------------------------------------------------
     def load_data(self) -> None:
@@ -397,8 +419,9 @@ class TextTask(Task):
         self.column, self.train_doc_ids, self.val_doc_ids = column, train_docs, val_docs
 
     def make_tokenizer(self, column, train_docs: np.ndarray):
-        """The tokenizer the options ask for (the run's own one when resuming)."""
-
+        """The tokenizer the options ask for (the run's own one when resuming; the --init model's)."""
+        if self.start is not None:
+            return self.start.tokenizer
         saved = self.out / io.TOKENIZER_NAME
         if self.mode == "resume" and saved.is_file():
             return load_tokenizer(saved)
