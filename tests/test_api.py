@@ -63,8 +63,10 @@ def test_train_matcher_from_python_is_the_command(tmp_path, saved):
 
 
 def test_build_index_from_python_is_the_command(tmp_path, saved):
-    shutil.copytree(saved / "emb", tmp_path / "a")
-    shutil.copytree(saved / "emb", tmp_path / "b")
+    for side in ("a", "b"):   # the embeddings' model is the fixture's copy: both copy its BM25 parameters
+        shutil.copytree(saved / "emb", tmp_path / side)
+        meta = json.loads((tmp_path / side / "meta.json").read_text())
+        (tmp_path / side / "meta.json").write_text(json.dumps({**meta, "model_path": str(saved / "model")}))
     invoke("index", tmp_path / "a", "--factory", "Flat", "--metric", "l2")
     done = build_index(tmp_path / "b", IndexConfig(metric="l2"))
     assert done["index"].count == 81
@@ -72,6 +74,7 @@ def test_build_index_from_python_is_the_command(tmp_path, saved):
         a, b = json.loads((tmp_path / "a" / name).read_text()), json.loads((tmp_path / "b" / name).read_text())
         a.pop("updated_at", None), b.pop("updated_at", None)
         assert a == b, name
+    assert json.loads((tmp_path / "a" / "bm25.json").read_text())["model"]["path"] == str(saved / "model")
 
 
 def test_evaluate_from_python_is_the_command(tmp_path, saved):
