@@ -107,8 +107,8 @@ class TrainConfig:
               "its weights) and a hash of the texts.")
     init: str | None = option(None, "A model folder to start from (its size and tokenizer; the model options are "
                                     "then ignored): clm trains it on as a language model, spans and distill train "
-                                    "its embedding (a language model's gets the embedding head, as in finetune). "
-                                    "E.g. spans, then clm from the spans model.",
+                                    "its embedding (a language model's gets the embedding head, as in finetune): e.g. "
+                                    "clm, then spans from the CLM model.",
                               show="a new model of the options' size")
     distill_loss: str = option("cosine", "distill: distance to the teacher's embedding, through a learned isometry "
                                          "between the two widths (it keeps angles, so the student's own embedding, "
