@@ -241,12 +241,28 @@ def test_bench_serve_mixed(tmp_path):
 @pytest.mark.slow
 def test_bench_distill(tmp_path, monkeypatch):
     pytest.importorskip("sentence_transformers")
-    from planted import planted_documents
+    from planted import planted_documents, planted_pairs
+
+    from mixret.data import write_pairs_jsonl
     from st_models import tiny_st_model
     teacher = tiny_st_model(tmp_path / "teacher", planted_documents())
     monkeypatch.setenv("MIXRET_CACHE", str(tmp_path / "cache"))
-    data = run_script("distill", tmp_path / "out", "--teacher", str(teacher))
-    assert [(r["student"], r["loss"]) for r in data["rows"]] == [
-        ("masked-mixer d32 x 1", "cosine"), ("llama d32 x 1", "cosine"), ("masked-mixer d32 x 1", "mse")]
-    assert all(r["steps"] >= 1 and r["docs_per_s"] > 0 and 0 <= r["vector_r1"] <= 1 for r in data["rows"])
+    select = tmp_path / "select.jsonl"                     # pairs outside the bundled corpus: the selection set
+    write_pairs_jsonl(planted_pairs(), select)
+    data = run_script("distill", tmp_path / "out", "--teacher", str(teacher), "--variants",
+                      "masked-mixer:cosine,llama:cosine", "--finetune-minutes", "0.05", "--select-pairs", str(select))
+    assert [(r["student"], r["recipe"].split(",")[0].split(" ")[0]) for r in data["rows"]] == [
+        ("masked-mixer d32 x 1", "distilled"), ("masked-mixer d32 x 1", "distilled"),
+        ("llama d32 x 1", "distilled"), ("llama d32 x 1", "distilled"),
+        ("masked-mixer d32 x 1", "fine-tuned"), ("llama d32 x 1", "fine-tuned")]
+    distilled, then_tuned = data["rows"][0], data["rows"][1]
+    assert then_tuned["recipe"] == "distilled, then fine-tuned 0.05 min" and then_tuned["ft_steps"] >= 1
+    assert then_tuned["steps"] == distilled["steps"] >= 1 and "ft_steps" not in distilled
+    assert data["rows"][4]["minutes"] == pytest.approx(0.1)          # the reference: the student's whole time
+    for r in [data["teacher"], *data["rows"]]:
+        assert r["docs_per_s"] > 0 and r["selection_n"] == 200 and r["test_n"] == 60
+        for mode in ("vector", "fusion", "bm25"):
+            total = (r[f"test_{mode}_r1"] * 60 + r[f"selection_{mode}_r1"] * 200) / 260
+            assert r[f"all_{mode}_r1"] == pytest.approx(total, abs=1e-4)
     assert data["teacher"]["texts"] == 300 and data["teacher"]["seconds"] is not None
+    assert_png(tmp_path / "out" / "distill.png")
