@@ -199,6 +199,7 @@ def main() -> None:
     teacher, rows = run(args, work)
     info = bc.finish_info(info)
     sets = ["test", "selection"] if args.select_pairs else ["test"]
+    shown = sets + ["all"] if args.select_pairs else sets  # the sets whose R@1 is shown, `all` for both
     key = "all" if args.select_pairs else "test"
     t_row = {"student": f"teacher ({Path(args.teacher.rstrip('/')).name})", "recipe": "as shipped", "loss": "-",
              **teacher}
@@ -212,8 +213,7 @@ def main() -> None:
                             else r["minutes"])
     columns = [("student", "model"), ("recipe", "recipe"), ("loss", "loss"), ("params", "parameters"),
                ("steps", "distill steps"), ("ft_steps", "finetune steps"), ("val_cos", "held-out cos"),
-               *[(f"{name}_{mode}_r1", f"{name} {mode} R@1") for name in [*sets, *(["all"] if len(sets) > 1 else [])]
-                 for mode in ("vector", "fusion")],
+               *[(f"{name}_{mode}_r1", f"{name} {mode} R@1") for name in shown for mode in ("vector", "fusion")],
                ("vector_vs_teacher", f"x teacher ({key} vector)"), ("fusion_vs_teacher", f"- teacher ({key} fusion)"),
                ("docs_per_s", "docs/s"), ("speed_vs_teacher", "x teacher speed"),
                ("cpu_minutes", "training min (with the teacher's pass)")]
@@ -233,8 +233,7 @@ def main() -> None:
              + (f" (the selection pairs: {args.select_pairs} outside the bundled corpus; `all` counts the queries "
                 f"of both)" if args.select_pairs else "")
              + "; each query against its own set's documents. Fusion with the default BM25 (R@1 alone: "
-             + ", ".join(f"{name} {teacher[f'{name}_bm25_r1']:.3f}" for name in [*sets, *(['all'] if len(sets) > 1
-                                                                                       else [])])
+             + ", ".join(f"{name} {teacher[f'{name}_bm25_r1']:.3f}" for name in shown)
              + f"), its weight fitted on {FUSION_PAIRS} training pairs that no distillation or fine-tuning saw. "
              f"Held-out cos: the distillation's own validation (5% of the texts), mean cosine with the teacher "
              f"through the isometry. Docs/s: the test documents embedded per second on the same threads. Training "

@@ -104,6 +104,12 @@ class CausalLM(nn.Module):
             return h[:, -1]
         return h[torch.arange(h.shape[0], device=h.device), last_index(attention_mask)]
 
+    def needs_pool_head(self, pooling: str) -> bool:
+        """Whether embedding with `pooling` needs the embedding head first: last/eos pooling of a model without one
+        that was not trained to embed (its folder records no pooling), whose last position predicts the next
+        token. A model trained to embed keeps its own embedding."""
+        return pooling != "mean" and self.pool_head is None and "pooling" not in self.embedding_defaults
+
     def add_pool_head(self) -> None:
         """Give the model a fresh embedding head (PoolHead, the running mean), recorded in its config."""
         self.config = dataclasses.replace(self.config, pool_head=True)

@@ -416,19 +416,13 @@ class FinetuneTask(Task):
             torch.manual_seed(cfg.seed)
             lm = build_model(dataclasses.replace(cfg.model, arch=cfg.init, vocab_size=self.tokenizer.vocab_size))
             lm.tokenizer = self.tokenizer
-        if cfg.pool_head and cfg.pooling != "mean" and lm.pool_head is None and not self.is_embedder(lm):
+        if cfg.pool_head and lm.needs_pool_head(cfg.pooling):
             lm.add_pool_head()
         lm.trained_on = (lm.trained_on or []) + sources_record([self.source], self.cfg.test_fraction or None)
         if not lm.config.tie_embeddings:       # embeddings never use the LM head: frozen, as DDP needs every
             lm.lm_head.requires_grad_(False)   # trained parameter to get a gradient
         self.lm = lm.to(self.dist.device)
         self.lm.train()
-
-    def is_embedder(self, lm) -> bool:
-        """Whether the starting model was already trained to embed (by finetune or the span objective: its folder
-        records a pooling). Its embedding is kept as it is; a language model's last position, which predicts the
-        next token, gets the embedding head."""
-        return self.from_folder and "pooling" in lm.embedding_defaults
 
     # -- what the loop asks for ----------------------------------------------------------------------
     def batches(self, start: int, dist: Distributed, grad_accum: int) -> Iterator[list]:

@@ -83,9 +83,8 @@ class SpanTask(TextTask):
         return [self.tokenizer.bos_id, *tokens.tolist(), *self.tail]
 
     def continue_from(self, lm) -> None:
-        """A trained model's embedding: kept when it was trained to embed (its folder records a pooling); a
-        language model's last position, which predicts the next token, gets the embedding head."""
-        if self.cfg.pooling != "mean" and lm.pool_head is None and "pooling" not in lm.embedding_defaults:
+        """A trained model's embedding: kept when it was trained to embed; a language model's gets the head."""
+        if lm.needs_pool_head(self.cfg.pooling):
             lm.add_pool_head()
 
     # -- the objective -----------------------------------------------------------------------------
