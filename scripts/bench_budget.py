@@ -64,8 +64,8 @@ def child(spec: dict) -> dict:
     from mixret.models import ModelConfig, load
     from mixret.retrieval.evaluate import evaluate_pairs
     from mixret.retrieval.fusion import FUSION_NAME, Fusion
-    from mixret.training.finetune import FINETUNE_LOOP, FinetuneConfig, finetune
-    from mixret.training.loop import TRAIN_CONFIG_NAME, LoopConfig, last_metric
+    from mixret.training.finetune import FinetuneConfig, finetune
+    from mixret.training.loop import TRAIN_CONFIG_NAME, last_metric
     from mixret.training.pretrain import TrainConfig, pretrain
 
     mixret.training.pretrain.sample_hook = None  # no text samples at each evaluation: time the study does not need
@@ -104,7 +104,7 @@ def child(spec: dict) -> dict:
     ft = finetune(FinetuneConfig(
         pairs=spec["pairs"], init=init, model=ModelConfig(arch=arch, mixing_init="mean", **size),
         vocab_size=spec["vocab_size"], val_pairs=spec["val_pairs"], batch_size=spec["finetune_batch"],
-        loop=LoopConfig(budget_minutes=(1 - share) * budget, progress=False, **{**FINETUNE_LOOP, "steps": None}),
+        loop=bc.finetune_loop((1 - share) * budget),
         out=str(work / "finetune"), overwrite=True))
     result.update(finetune_seconds=time.perf_counter() - start,
                   finetune_steps=io.read_json(ft / TRAIN_CONFIG_NAME)["steps"],
@@ -165,30 +165,37 @@ def name_of(spec: dict) -> str:
     return f"{SHORT.get(spec['arch'], spec['arch'])}-b{spec['budget']:g}-s{spec['share']}{recipe}"
 
 
+def recipe_label(row: dict) -> str:
+    return "fine-tuning alone" if row["share"] == 0 else f"{row['share']:g} % {row.get('recipe', 'clm')}"
+
+
 def plot(rows: list[dict], bm25: float | None, path: Path, title: str) -> None:
+    """Test R@1 against the budget (minutes, log scale): a line per arch and recipe, vector and fusion side by
+    side, so that where a pretraining recipe crosses fine-tuning alone, and how far apart the archs are, show."""
     plt = bc.pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    budgets = sorted({r["budget"] for r in rows})
-    styles = ["-", "--", ":", "-."]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
     colors = {"masked-mixer": "tab:blue", "llama": "tab:orange", "hypermixer": "tab:green"}
+    order = sorted(rows, key=lambda r: (r["share"], r.get("recipe", "")))
+    recipes = list(dict.fromkeys(recipe_label(r) for r in order))
     for ax, mode in zip(axes, ("vector", "fusion")):
-        recipes = [x for x in dict.fromkeys(r.get("recipe", "clm") for r in rows) if x != "finetune"] or ["clm"]
         for arch in dict.fromkeys(r["arch"] for r in rows):
-            for i, budget in enumerate(budgets):
-                for j, recipe in enumerate(recipes):
-                    pts = sorted((r["share"], r[f"{mode}_r1"]) for r in rows
-                                 if r["arch"] == arch and r["budget"] == budget and r.get(f"{mode}_r1") is not None
-                                 and (r["share"] == 0 or r.get("recipe", "clm") == recipe))
-                    if pts:
-                        ax.plot(*zip(*pts), marker="os^v"[j % 4], linestyle=styles[i % len(styles)],
-                                color=colors.get(arch), label=f"{arch}, {budget:g} min, {recipe}")
+            for j, recipe in enumerate(recipes):
+                pts = sorted((r["budget"], r[f"{mode}_r1"]) for r in rows if r["arch"] == arch
+                             and recipe_label(r) == recipe and r.get(f"{mode}_r1") is not None)
+                if pts:
+                    ax.plot(*zip(*pts), marker="osv^Dx"[j % 6], linestyle=["-", "--", ":", "-."][j % 4],
+                            color=colors.get(arch), label=f"{arch}, {recipe}")
         if bm25 is not None:
             ax.axhline(bm25, color="gray", linestyle="--", linewidth=1, label="BM25")
-        ax.set_xlabel("pretraining share of the budget (%)")
+        ax.set_xscale("log")
+        budgets = sorted({r["budget"] for r in rows})
+        ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
+        ax.minorticks_off()
+        ax.set_xlabel("wall-clock budget (minutes, pretraining + fine-tuning)")
         ax.set_ylabel(f"test R@1 ({mode})")
         ax.set_title(mode)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
     fig.suptitle(title, fontsize=9)
     bc.save_figure(fig, path)
 
@@ -326,7 +333,9 @@ def main() -> None:
     intro = (
         f"Each run gets a fixed wall-clock budget, split between pretraining (recipe clm: next-token prediction on "
         f"the summaries and documents of the training split only; spans: the span objective on its documents "
-        f"only) and contrastive fine-tuning (the rest; recipe finetune: all of it); both phases are sized by "
+        f"only; recipes joined by -, e.g. clm-spans: one after the other, each from the last one's model, sharing "
+        f"the pretraining minutes) and contrastive fine-tuning (the rest; recipe finetune: all of it); every phase "
+        f"is sized by "
         f"`budget_minutes` (steps timed on this machine; tokenizer training, data loading and the test evaluation "
         f"are outside the budget: see `pretrain s` and `finetune s` for the phases' real wall time, budget timing "
         f"included). Models: d_model {sizes['d_model']}, {sizes['layers']} layers, context {sizes['context']}, "
@@ -343,7 +352,7 @@ def main() -> None:
            if any(r.get("reused") for r in ok) else "") + ".")
     sections = [("Runs", table),
                 ("Mixer against llama at equal wall-clock budget", bc.markdown_table(pairs_cmp, cmp_cols)),
-                ("Plot", "![test R@1 against pretraining share](budget.png)")]
+                ("Plot", "![test R@1 against the budget, a line per arch and recipe](budget.png)")]
     text = bc.write_report(args.out, "budget", "Budget study: pretraining against contrastive fine-tuning", info,
                            intro, sections,
                            {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()

@@ -247,6 +247,14 @@ def pyplot():
     return plt
 
 
+def finetune_loop(minutes: float, **overrides):
+    """`finetune`'s loop defaults, run for `minutes` of wall-clock rather than a number of steps, with no
+    progress bar; `overrides` replace further fields (eval_every, ...)."""
+    from mixret.training.finetune import FINETUNE_LOOP
+    from mixret.training.loop import LoopConfig
+    return LoopConfig(**{**FINETUNE_LOOP, "steps": None, "budget_minutes": minutes, "progress": False, **overrides})
+
+
 def selection_pairs(path: str, size: int | None = None):
     """Pairs of `path` outside the bundled corpus: the first `size` (None: all) by a hash of the id, repeated
     queries dropped. The dev file's 1,277 such pairs are the selection pairs of the studies."""

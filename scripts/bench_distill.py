@@ -88,8 +88,8 @@ def run(args, work: Path) -> tuple[dict, list[dict]]:
     from mixret.data import bundled_splits, write_pairs_jsonl
     from mixret.models import ModelConfig
     from mixret.training.baseline import STEncoder
-    from mixret.training.finetune import FINETUNE_LOOP, FinetuneConfig, finetune
-    from mixret.training.loop import TRAIN_CONFIG_NAME, LoopConfig, last_metric
+    from mixret.training.finetune import FinetuneConfig, finetune
+    from mixret.training.loop import TRAIN_CONFIG_NAME, last_metric
     from mixret.training.pretrain import TrainConfig, pretrain
 
     torch.set_num_threads(args.threads)
@@ -110,8 +110,7 @@ def run(args, work: Path) -> tuple[dict, list[dict]]:
         start = time.perf_counter()
         ft = finetune(FinetuneConfig(
             pairs=str(ft_pairs), test_fraction=0.0, init=init, model=ModelConfig(arch=arch, **size, **heads(arch)),
-            loop=LoopConfig(budget_minutes=minutes, progress=False,
-                            **{**FINETUNE_LOOP, "steps": None, "eval_every": 10**9}),
+            loop=bc.finetune_loop(minutes, eval_every=10**9),
             out=str(out), overwrite=True))
         model = mixret.load(ft)
         return {"ft_steps": io.read_json(ft / TRAIN_CONFIG_NAME)["steps"], "params": model.num_params(),

@@ -46,8 +46,8 @@ def child(spec: dict) -> dict:
     from mixret.models import ModelConfig, load
     from mixret.retrieval.evaluate import evaluate_pairs
     from mixret.retrieval.fusion import load_fusion
-    from mixret.training.finetune import FINETUNE_LOOP, FINETUNE_MODEL, FinetuneConfig, finetune
-    from mixret.training.loop import TRAIN_CONFIG_NAME, LoopConfig
+    from mixret.training.finetune import FINETUNE_MODEL, FinetuneConfig, finetune
+    from mixret.training.loop import TRAIN_CONFIG_NAME
 
     work = Path(spec["work"])
     work.mkdir(parents=True, exist_ok=True)
@@ -62,8 +62,7 @@ def child(spec: dict) -> dict:
     start = time.perf_counter()
     ft = finetune(FinetuneConfig(
         pairs=str(work / "train.jsonl.gz"), test_fraction=0.0, init="masked-mixer", model=model, **options,
-        loop=LoopConfig(budget_minutes=minutes, progress=False,
-                        **{**FINETUNE_LOOP, "steps": None, "eval_every": 10**9}),
+        loop=bc.finetune_loop(minutes, eval_every=10**9),
         out=str(work / "model"), overwrite=True))
     result = {"minutes": minutes, "seconds": time.perf_counter() - start,
               "steps": io.read_json(ft / TRAIN_CONFIG_NAME)["steps"]}

@@ -110,6 +110,12 @@ class CausalLM(nn.Module):
         token. A model trained to embed keeps its own embedding."""
         return pooling != "mean" and self.pool_head is None and "pooling" not in self.embedding_defaults
 
+    def freeze_lm_head(self) -> None:
+        """For training the embedding, which never uses the LM head: an untied head is frozen (DDP needs every
+        trained parameter to get a gradient); a tied one is the token embedding and trains with it."""
+        if not self.config.tie_embeddings:
+            self.lm_head.requires_grad_(False)
+
     def add_pool_head(self) -> None:
         """Give the model a fresh embedding head (PoolHead, the running mean), recorded in its config."""
         self.config = dataclasses.replace(self.config, pool_head=True)

@@ -281,8 +281,7 @@ class DistillTask(SpanTask):
     def make_objective(self) -> DistillLoss:
         cfg = self.cfg
         self.model.embedding_defaults = {"pooling": cfg.pooling, "max_length": cfg.model.context}
-        if self.model.lm_head.weight is not self.model.wte.weight:
-            self.model.lm_head.requires_grad_(False)
+        self.model.freeze_lm_head()
         self.val_texts = [self.text(self.content(self.val_seqs, i)) for i in range(len(self.val_seqs))]
         self.last_metrics: dict = {}
         return DistillLoss(self.model, self.teacher_train.shape[1], cfg.pooling, cfg.distill_loss,

@@ -419,8 +419,7 @@ class FinetuneTask(Task):
         if cfg.pool_head and lm.needs_pool_head(cfg.pooling):
             lm.add_pool_head()
         lm.trained_on = (lm.trained_on or []) + sources_record([self.source], self.cfg.test_fraction or None)
-        if not lm.config.tie_embeddings:       # embeddings never use the LM head: frozen, as DDP needs every
-            lm.lm_head.requires_grad_(False)   # trained parameter to get a gradient
+        lm.freeze_lm_head()
         self.lm = lm.to(self.dist.device)
         self.lm.train()
 

@@ -91,8 +91,7 @@ class SpanTask(TextTask):
     def make_objective(self) -> BiEncoder:
         cfg = self.cfg
         self.model.embedding_defaults = {"pooling": cfg.pooling, "max_length": cfg.model.context}
-        if self.model.lm_head.weight is not self.model.wte.weight:
-            self.model.lm_head.requires_grad_(False)
+        self.model.freeze_lm_head()
         rng = np.random.default_rng([cfg.seed, VALIDATION_KEY])
         self.val_queries, self.val_texts = [], []
         for i in range(len(self.val_seqs)):
